@@ -1,0 +1,579 @@
+"""Linear algebra on matrix-free symmetric operators ``matvec: pytree -> pytree``.
+
+Pytrees at the boundary: every function takes a ``template`` pytree (usually the params)
+that fixes the vector space; flat vectors exist only inside the algorithms.
+
+* Exact: :func:`dense`, :func:`diagonal_exact`, :func:`trace_exact`,
+  :func:`frobenius_squared_exact` — one matvec per basis vector, ``chunk_size`` basis
+  vectors at a time.
+* Eigenvalues: :func:`lanczos_top_k` (full reorthogonalisation, breakdown-safe, optional
+  convergence stop, warm start), :func:`power_iteration`, :func:`lobpcg_top_k`.
+* Stochastic, each with an explicit key and probe count and a standard error:
+  :func:`hutchinson_trace`, :func:`hutchinson_diagonal`, :func:`xtrace`,
+  :func:`frobenius_squared` (integrands and samplers from ``matfree.stochtrace``), and the
+  spectral density :func:`spectral_density` (stochastic Lanczos quadrature).
+
+Lanczos is written here rather than taken from ``matfree.decomp.tridiag_sym`` because the
+latter neither survives a Krylov breakdown (it returns wrong Ritz values once the Krylov space
+becomes invariant, which happens for the low-rank C and for small models) nor stops at a
+tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from matfree import stochtrace
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+__all__ = [
+    "Eigen",
+    "Estimate",
+    "SpectralDensity",
+    "dense",
+    "diagonal_exact",
+    "flatten_operator",
+    "frobenius_squared",
+    "frobenius_squared_exact",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "lanczos_top_k",
+    "lobpcg_top_k",
+    "power_iteration",
+    "spectral_density",
+    "trace_exact",
+    "xtrace",
+]
+
+
+class Estimate(NamedTuple):
+    """A stochastic estimate: ``value`` ± ``stderr`` (standard error of the mean) from
+    ``num_probes`` probe vectors. For diagonals, value and stderr are pytrees."""
+
+    value: Any
+    stderr: Any
+    num_probes: int
+
+
+class Eigen(NamedTuple):
+    """Top eigenpairs of a symmetric operator.
+
+    Attributes:
+      values: ``(k,)`` eigenvalues, descending.
+      vectors: pytree like the template with a leading axis k, unit norm.
+      residuals: ``(k,)`` residual norms ‖A u − λ u‖ (Lanczos: the exact-arithmetic bound
+        |β_m s_mi|; LOBPCG and power iteration: computed).
+      num_matvecs: matvecs spent.
+    """
+
+    values: jax.Array
+    vectors: PyTree
+    residuals: jax.Array
+    num_matvecs: jax.Array
+
+
+class SpectralDensity(NamedTuple):
+    """A smoothed spectral density ∫ density = 1 (the eigenvalue distribution (1/P) Σ δ_λi
+    convolved with a Gaussian of standard deviation ``sigma``)."""
+
+    grid: jax.Array
+    density: jax.Array
+    sigma: jax.Array
+    num_probes: int
+    num_iters: int
+
+
+def flatten_operator(matvec: MatVec, template: PyTree):
+    """``(flat_matvec, flat_template, unravel)`` for a pytree operator."""
+    flat, unravel = ravel_pytree(template)
+
+    def flat_matvec(x):
+        return ravel_pytree(matvec(unravel(x)))[0]
+
+    return flat_matvec, flat, unravel
+
+
+def _check_template(template: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(template)
+    if not leaves:
+        raise TypeError("the template pytree is empty")
+    dtypes = {jnp.result_type(leaf) for leaf in leaves}
+    if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
+        raise TypeError(f"operators need one floating dtype across the template, got {dtypes}")
+    return int(sum(jnp.size(leaf) for leaf in leaves))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _basis_map(fn, size: int, chunk_size: int | None):
+    """fn(i) for i in range(size), ``chunk_size`` at a time (None: all at once)."""
+    idx = jnp.arange(size)
+    if chunk_size is None:
+        return jax.vmap(fn)(idx)
+    _check_positive_int("chunk_size", chunk_size)
+    return jax.lax.map(fn, idx, batch_size=min(chunk_size, size))
+
+
+def dense(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
+    """The P × P matrix of the operator in the flat (``ravel_pytree``) basis.
+
+    Args:
+      matvec: the operator.
+      template: a pytree of the vector space (e.g. params).
+      chunk_size: basis vectors per batched matvec (bounds the intermediate memory).
+    """
+    size = _check_template(template)
+    mv, flat, _ = flatten_operator(matvec, template)
+    cols = _basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype)), size, chunk_size)
+    return cols.T
+
+
+def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> PyTree:
+    """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template``."""
+    size = _check_template(template)
+    mv, flat, unravel = flatten_operator(matvec, template)
+    diag = _basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype))[i], size, chunk_size)
+    return unravel(diag)
+
+
+def trace_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
+    """tr(A) = Σ_i e_iᵀ A e_i exactly (P matvecs)."""
+    return sum(
+        jnp.sum(d)
+        for d in jax.tree_util.tree_leaves(diagonal_exact(matvec, template, chunk_size=chunk_size))
+    )
+
+
+def frobenius_squared_exact(
+    matvec: MatVec, template: PyTree, *, chunk_size: int | None = None
+) -> jax.Array:
+    """‖A‖_F² = Σ_i ‖A e_i‖² exactly (P matvecs)."""
+    size = _check_template(template)
+    mv, flat, _ = flatten_operator(matvec, template)
+    sq = _basis_map(
+        lambda i: jnp.sum(jnp.square(mv(jax.nn.one_hot(i, size, dtype=flat.dtype)))),
+        size,
+        chunk_size,
+    )
+    return jnp.sum(sq)
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+def _tridiagonal(alpha, beta_off):
+    return jnp.diag(alpha) + jnp.diag(beta_off, 1) + jnp.diag(beta_off, -1)
+
+
+def _ritz(alpha, beta, used):
+    """Eigen-decomposition of the leading ``used`` × ``used`` block of the Lanczos matrix.
+
+    Unused rows are decoupled and pushed below every Ritz value (Gershgorin), so the
+    descending order puts the real Ritz pairs first. Returns ``(values, S, residuals)`` with
+    residual bounds |β_last s_last,i| (exact arithmetic), sorted descending.
+    """
+    m = alpha.shape[0]
+    used = jnp.asarray(used, jnp.int32)
+    active = jnp.arange(m, dtype=jnp.int32) < used
+    off = jnp.where(jnp.arange(m - 1, dtype=jnp.int32) < used - 1, beta[:-1], 0)
+    bound = jnp.max(jnp.where(active, jnp.abs(alpha), 0)) + 2 * jnp.max(jnp.abs(beta)) + 1
+    diag = jnp.where(active, alpha, -bound - 1 - jnp.arange(m, dtype=alpha.dtype))
+    vals, vecs = jnp.linalg.eigh(_tridiagonal(diag, off))
+    order = jnp.argsort(-vals)
+    vals, vecs = vals[order], vecs[:, order]
+    last = jnp.take(vecs, used - 1, axis=0)
+    residuals = jnp.abs(jnp.take(beta, used - 1) * last)
+    return vals, vecs, residuals
+
+
+def _orthogonalise(w, basis):
+    """w minus its projection on the rows of ``basis``, twice (unused rows are zero)."""
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+def _lanczos(mv, v0, *, num_iters, key, k, tol):
+    """Lanczos with full reorthogonalisation; restarts with a random orthogonal vector on
+    breakdown (the Lanczos matrix then gets a zero coupling, which is exact).
+
+    Returns ``(alpha, beta, Q, used)``.
+    """
+    size = v0.shape[0]
+    dtype = v0.dtype
+    eps = jnp.finfo(dtype).eps
+    q0 = v0 / jnp.linalg.norm(v0)
+
+    def step(state):
+        j, basis, alpha, beta, q, _ = state
+        basis = basis.at[j].set(q)
+        w = mv(q)
+        a = jnp.vdot(q, w)
+        w = _orthogonalise(w, basis)
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.abs(a)) + jnp.max(beta)
+        broke = b <= jnp.sqrt(eps) * jnp.maximum(scale, jnp.finfo(dtype).tiny)
+        fresh = _orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (size,), dtype), basis)
+        q_next = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1, b))
+        alpha = alpha.at[j].set(a)
+        beta = beta.at[j].set(jnp.where(broke, 0, b))
+        converged = jnp.bool_(False)
+        if tol is not None:
+            vals, _, res = _ritz(alpha, beta, j + 1)
+            top = jnp.abs(vals[:k])
+            converged = (j + 1 >= k) & ~broke & jnp.all(res[:k] <= tol * top)
+        return j + 1, basis, alpha, beta, q_next, converged
+
+    def cond(state):
+        j, *_, converged = state
+        return (j < num_iters) & ~converged
+
+    init = (
+        jnp.int32(0),
+        jnp.zeros((num_iters, size), dtype),
+        jnp.zeros((num_iters,), dtype),
+        jnp.zeros((num_iters,), dtype),
+        q0,
+        jnp.bool_(False),
+    )
+    used, basis, alpha, beta, _, _ = jax.lax.while_loop(cond, step, init)
+    return alpha, beta, basis, used
+
+
+def _start_vector(template, flat, key, init):
+    """A start vector: the (sum of the normalised) warm-start vectors plus a little noise."""
+    noise = jax.random.normal(key, flat.shape, flat.dtype)
+    noise = noise / jnp.linalg.norm(noise)
+    if init is None:
+        return noise
+    init_leaves = jax.tree_util.tree_leaves(init)
+    tmpl_leaves = jax.tree_util.tree_leaves(template)
+    if jax.tree_util.tree_structure(init) != jax.tree_util.tree_structure(template):
+        raise ValueError("init must have the template's tree structure")
+    if all(a.shape == b.shape for a, b in zip(init_leaves, tmpl_leaves, strict=True)):
+        init = jax.tree_util.tree_map(lambda a: a[None], init)
+    elif not all(a.shape[1:] == b.shape for a, b in zip(init_leaves, tmpl_leaves, strict=True)):
+        raise ValueError("init must be shaped like the template, or stacked along a leading axis")
+    rows = jax.vmap(lambda t: ravel_pytree(t)[0])(init).astype(flat.dtype)
+    rows = rows / jnp.maximum(
+        jnp.linalg.norm(rows, axis=1, keepdims=True), jnp.finfo(flat.dtype).tiny
+    )
+    v0 = jnp.sum(rows, axis=0)
+    return v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(flat.dtype).tiny) + 1e-3 * noise
+
+
+def lanczos_top_k(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    k: int = 1,
+    num_iters: int = 50,
+    key: jax.Array | None = None,
+    init: PyTree | None = None,
+    tol: float | None = None,
+) -> Eigen:
+    """Top-k (largest algebraic) eigenpairs of a symmetric operator by Lanczos.
+
+    Full reorthogonalisation against all previous Lanczos vectors (twice), restart with a
+    random orthogonal vector on breakdown. With ``tol`` the iteration stops as soon as every
+    one of the top k Ritz pairs has residual bound |β_m s_mi| ≤ tol · |θ_i|; the eigenvalue
+    error is then below about tol² |θ| / gap.
+
+    Args:
+      matvec: symmetric operator.
+      template: pytree of the vector space.
+      k: number of eigenpairs.
+      num_iters: maximum Krylov dimension (capped at P).
+      key: PRNG key for the start vector (default ``PRNGKey(0)``).
+      init: warm start, one vector or k vectors stacked along a leading axis (e.g. the
+        previous training step's eigenvectors).
+      tol: relative residual tolerance for early stopping (``None``: run all iterations).
+
+    Returns:
+      :class:`Eigen` with memory O(num_iters · P).
+
+    Raises:
+      ValueError: if k exceeds P or num_iters, or the counts are not positive ints.
+    """
+    size = _check_template(template)
+    _check_positive_int("k", k)
+    _check_positive_int("num_iters", num_iters)
+    if k > size:
+        raise ValueError(f"k={k} exceeds the number of parameters P={size}")
+    num_iters = min(num_iters, size)
+    if k > num_iters:
+        raise ValueError(f"k={k} needs num_iters >= k, got num_iters={num_iters}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    mv, flat, unravel = flatten_operator(matvec, template)
+    start_key, restart_key = jax.random.split(key)
+    v0 = _start_vector(template, flat, start_key, init)
+    alpha, beta, basis, used = _lanczos(mv, v0, num_iters=num_iters, key=restart_key, k=k, tol=tol)
+    vals, vecs, residuals = _ritz(alpha, beta, used)
+    ritz_vectors = vecs[:, :k].T @ basis
+    return Eigen(vals[:k], jax.vmap(unravel)(ritz_vectors), residuals[:k], used)
+
+
+def power_iteration(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    num_iters: int = 100,
+    tol: float = 1e-6,
+    key: jax.Array | None = None,
+    init: PyTree | None = None,
+) -> Eigen:
+    """The eigenpair of largest |λ| by power iteration (stops when the Rayleigh quotient
+    changes by less than ``tol`` relative). Returns an :class:`Eigen` with k = 1."""
+    _check_template(template)
+    _check_positive_int("num_iters", num_iters)
+    key = jax.random.PRNGKey(0) if key is None else key
+    mv, flat, unravel = flatten_operator(matvec, template)
+    v0 = _start_vector(template, flat, key, init)
+    v0 = v0 / jnp.linalg.norm(v0)
+
+    def cond(state):
+        i, _, _, lam, lam_prev = state
+        return (i < num_iters) & (jnp.abs(lam - lam_prev) > tol * jnp.abs(lam))
+
+    def step(state):
+        i, v, av, lam, _ = state
+        v = av / jnp.maximum(jnp.linalg.norm(av), jnp.finfo(av.dtype).tiny)
+        av_new = mv(v)
+        return i + 1, v, av_new, jnp.vdot(v, av_new), lam
+
+    av0 = mv(v0)
+    lam0 = jnp.vdot(v0, av0)
+    init_state = (jnp.int32(1), v0, av0, lam0, lam0 + 1 + jnp.abs(lam0))
+    iters, v, av, lam, _ = jax.lax.while_loop(cond, step, init_state)
+    residual = jnp.linalg.norm(av - lam * v)
+    return Eigen(lam[None], jax.vmap(unravel)(v[None]), residual[None], iters)
+
+
+def lobpcg_top_k(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    k: int = 1,
+    num_iters: int = 100,
+    key: jax.Array | None = None,
+    init: PyTree | None = None,
+    tol: float | None = None,
+) -> Eigen:
+    """Top-k eigenpairs by LOBPCG (``jax.experimental.sparse.linalg.lobpcg_standard``).
+
+    Needs 5k < P. ``init`` (k stacked vectors) warm-starts the block. Residuals are computed
+    with k extra matvecs.
+    """
+    size = _check_template(template)
+    _check_positive_int("k", k)
+    _check_positive_int("num_iters", num_iters)
+    if not 5 * k < size:
+        raise ValueError(f"LOBPCG needs 5k < P; got k={k}, P={size}. Use lanczos_top_k.")
+    from jax.experimental.sparse.linalg import lobpcg_standard
+
+    key = jax.random.PRNGKey(0) if key is None else key
+    mv, flat, unravel = flatten_operator(matvec, template)
+    block = jax.random.normal(key, (size, k), flat.dtype)
+    if init is not None:
+        rows = jax.vmap(lambda t: ravel_pytree(t)[0])(init).astype(flat.dtype)
+        if rows.shape != (k, size):
+            raise ValueError(f"init must stack k={k} vectors, got {rows.shape[0]}")
+        block = rows.T + 1e-3 * block / jnp.sqrt(size)
+    matmat = jax.vmap(mv, in_axes=1, out_axes=1)
+    vals, vecs, iters = lobpcg_standard(matmat, block, num_iters, tol)
+    order = jnp.argsort(-vals)
+    vals, vecs = vals[order], vecs[:, order]
+    residuals = jnp.linalg.norm(matmat(vecs) - vecs * vals[None, :], axis=0)
+    return Eigen(vals, jax.vmap(unravel)(vecs.T), residuals, (iters + 1) * k)
+
+
+# -------------------------------------------------------------------- stochastic estimators
+
+
+def _probe_values(integrand, matvec, template, key, num_probes, probe_chunk, sampler):
+    """Per-probe integrand values, ``probe_chunk`` probes at a time; leading axis num_probes."""
+    _check_template(template)
+    _check_positive_int("num_probes", num_probes)
+    chunk = num_probes if probe_chunk is None else min(probe_chunk, num_probes)
+    _check_positive_int("probe_chunk", chunk)
+    num_chunks = -(-num_probes // chunk)
+    draw = sampler(template, num=chunk)
+    keys = jax.random.split(key, num_chunks)
+
+    def one_chunk(k):
+        return jax.vmap(lambda z: integrand(matvec, z))(draw(k))
+
+    values = jax.lax.map(one_chunk, keys)
+    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:num_probes], values)
+
+
+def _mean_and_sem(samples):
+    m = samples.shape[0]
+    mean = jnp.mean(samples, axis=0)
+    sem = jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(m) if m > 1 else jnp.full_like(mean, jnp.inf)
+    return mean, sem
+
+
+def hutchinson_trace(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int,
+    probe_chunk: int | None = None,
+) -> Estimate:
+    """Hutchinson's tr(A) ≈ (1/m) Σ_j z_jᵀ A z_j with Rademacher z; SE from the m samples.
+
+    Args:
+      probe_chunk: probes evaluated together (bounds memory; default all).
+    """
+    values = _probe_values(
+        stochtrace.monte_carlo_trace(),
+        matvec,
+        template,
+        key,
+        num_probes,
+        probe_chunk,
+        stochtrace.sampler_signs,
+    )
+    mean, sem = _mean_and_sem(values)
+    return Estimate(mean, sem, num_probes)
+
+
+def hutchinson_diagonal(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int,
+    probe_chunk: int | None = None,
+) -> Estimate:
+    """Hutchinson's diag(A) ≈ (1/m) Σ_j z_j ⊙ A z_j (Rademacher); value and SE are pytrees."""
+    values = _probe_values(
+        stochtrace.monte_carlo_diagonal(),
+        matvec,
+        template,
+        key,
+        num_probes,
+        probe_chunk,
+        stochtrace.sampler_signs,
+    )
+    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
+    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
+    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
+    return Estimate(mean, sem, num_probes)
+
+
+def frobenius_squared(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int,
+    probe_chunk: int | None = None,
+) -> Estimate:
+    """‖A‖_F² ≈ (1/m) Σ_j ‖A z_j‖² (Rademacher z, E zzᵀ = I)."""
+    values = _probe_values(
+        stochtrace.monte_carlo_frobeniusnorm_squared(),
+        matvec,
+        template,
+        key,
+        num_probes,
+        probe_chunk,
+        stochtrace.sampler_signs,
+    )
+    mean, sem = _mean_and_sem(values)
+    return Estimate(mean, sem, num_probes)
+
+
+def xtrace(matvec: MatVec, template: PyTree, /, *, key: jax.Array, num_probes: int) -> Estimate:
+    """XTrace (Epperly, Tropp & Webber 2024), the exchangeable successor of Hutch++.
+
+    A rank-``num_probes`` range finder captures the top of the spectrum exactly and Hutchinson
+    handles the rest, leaving each probe out in turn; the SE is that of the leave-one-out
+    estimates. Memory O(num_probes · P). Much lower variance than Hutchinson when the spectrum
+    decays (Hessians, C).
+    """
+    size = _check_template(template)
+    _check_positive_int("num_probes", num_probes)
+    if num_probes > size:
+        raise ValueError(f"xtrace needs num_probes <= P={size}, got {num_probes}")
+    estimate = stochtrace.estimator_leave_one_out_mean_and_sem(
+        stochtrace.leave_one_out_xtrace(), stochtrace.sampler_sphere(template, num=num_probes)
+    )
+    # matfree's XTrace relies on implicit rank promotion; allow it for this call only.
+    with jax.numpy_rank_promotion("allow"):
+        mean, sem = estimate(matvec, key)
+    return Estimate(mean, sem, num_probes)
+
+
+def spectral_density(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int = 8,
+    num_iters: int = 64,
+    sigma: float | None = None,
+    grid: jax.Array | None = None,
+    num_points: int = 512,
+) -> SpectralDensity:
+    """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin et al.).
+
+    For each Rademacher probe z (‖z‖² = P), Lanczos from z gives nodes θ_j and weights
+    τ_j = (e_1ᵀ s_j)²; the density is (1/m) Σ_probes Σ_j τ_j N(t; θ_j, σ²), an estimate of
+    (1/P) Σ_i N(t; λ_i, σ²), which integrates to 1.
+
+    Args:
+      sigma: Gaussian smoothing width; default 1% of the Ritz-value range (stated in the
+        result).
+      grid: evaluation points; default ``num_points`` points spanning the Ritz values ± 5σ.
+
+    Returns:
+      :class:`SpectralDensity`.
+    """
+    size = _check_template(template)
+    _check_positive_int("num_probes", num_probes)
+    _check_positive_int("num_iters", num_iters)
+    num_iters = min(num_iters, size)
+    mv, flat, _ = flatten_operator(matvec, template)
+    keys = jax.random.split(key, num_probes)
+
+    def one_probe(k):
+        zkey, rkey = jax.random.split(k)
+        z = jax.random.rademacher(zkey, flat.shape, flat.dtype)
+        alpha, beta, _, used = _lanczos(mv, z, num_iters=num_iters, key=rkey, k=1, tol=None)
+        vals, vecs, _ = _ritz(alpha, beta, used)
+        weights = jnp.where(jnp.arange(num_iters, dtype=jnp.int32) < used, jnp.square(vecs[0]), 0)
+        return vals, weights
+
+    nodes, weights = jax.lax.map(one_probe, keys)
+    real = weights > 0
+    lo = jnp.min(jnp.where(real, nodes, jnp.inf))
+    hi = jnp.max(jnp.where(real, nodes, -jnp.inf))
+    if sigma is None:
+        sigma = 0.01 * jnp.maximum(hi - lo, jnp.finfo(flat.dtype).eps * (1 + jnp.abs(hi)))
+    sigma = jnp.asarray(sigma, flat.dtype)
+    if grid is None:
+        grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=flat.dtype)
+    z = (grid[:, None, None] - nodes[None]) / sigma
+    gauss = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
+    density = jnp.sum(gauss * weights[None], axis=(1, 2)) / num_probes
+    return SpectralDensity(grid, density, sigma, num_probes, num_iters)

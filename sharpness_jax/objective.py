@@ -1,0 +1,236 @@
+"""Objectives: a per-example model, a per-example loss, and the batch they average over.
+
+The objective of this library is always the *mean* over examples,
+
+    L(θ) = (1/n) Σ_p ℓ_p(θ),    ℓ_p(θ) = loss(predict(θ, x_p), y_p),
+
+where ``predict(params, x)`` maps ONE example to a vector of outputs (logits or regression
+outputs, shape ``(K,)``) and ``loss(outputs, y)`` maps one output vector and one target to a
+scalar.
+
+Every loss also knows, in closed form,
+
+* its output-space Hessian Λ(f, y) = ∇²_f loss(f, y) (a ``(K, K)`` matrix), so that
+  Gauss–Newton products need no generic second derivative of the loss;
+* a factor B(f) of the Fisher information of its predictive distribution in output space,
+  F_out(f) = B(f) B(f)ᵀ, so that the true Fisher needs no sampling;
+* how to draw a target from its predictive distribution and return the gradient
+  ∇_f (−log p(ŷ | f)), for the Monte-Carlo Fisher.
+
+For softmax cross-entropy on logits and for squared error, F_out = Λ, so the true Fisher
+equals the Gauss–Newton matrix (a test checks this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+__all__ = [
+    "LOSSES",
+    "Batch",
+    "Loss",
+    "Objective",
+    "get_loss",
+    "softmax_cross_entropy",
+    "squared_error",
+]
+
+
+class Batch(NamedTuple):
+    """A batch of examples: two pytrees whose leaves share a leading example axis.
+
+    Attributes:
+      inputs: model inputs, leading axis n.
+      targets: integer class labels of shape ``(n,)`` or real targets of shape ``(n, K)``.
+    """
+
+    inputs: PyTree
+    targets: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A per-example loss ``value(f, y) -> scalar`` with its closed-form curvature.
+
+    Attributes:
+      name: a name that says which loss and which normalisation.
+      value: ``(outputs (K,), target) -> scalar``.
+      output_hessian: ``(outputs, target) -> (K, K)``, Λ = ∇²_f value(f, y).
+      output_fisher_factor: ``outputs -> (K, K)`` matrix B with F_out(f) = B Bᵀ, the Fisher
+        information of the predictive distribution p(y | f) in output space.
+      sample_output_grad: ``(key, outputs) -> (K,)``, the gradient ∇_f(−log p(ŷ | f)) at a
+        target ŷ drawn from p(· | f). Its second moment is F_out.
+    """
+
+    name: str
+    value: Callable[[jax.Array, jax.Array], jax.Array]
+    output_hessian: Callable[[jax.Array, jax.Array], jax.Array]
+    output_fisher_factor: Callable[[jax.Array], jax.Array]
+    sample_output_grad: Callable[[jax.Array, jax.Array], jax.Array]
+
+    def __call__(self, outputs: jax.Array, target: jax.Array) -> jax.Array:
+        _check_outputs(outputs, self.name)
+        return self.value(outputs, target)
+
+
+def _check_outputs(outputs: jax.Array, name: str) -> None:
+    if jnp.ndim(outputs) != 1:
+        raise ValueError(
+            f"loss {name!r} takes the outputs of ONE example, a vector of shape (K,); got shape "
+            f"{jnp.shape(outputs)}. Models must return shape (K,) per example (use (1,) for a "
+            "scalar output)."
+        )
+
+
+def _as_dense_target(outputs: jax.Array, target: jax.Array) -> jax.Array:
+    """Integer class label -> one-hot vector; real target -> itself (shape-checked)."""
+    target = jnp.asarray(target)
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        if target.ndim != 0:
+            raise ValueError(f"an integer target must be a scalar label, got shape {target.shape}")
+        return jax.nn.one_hot(target, outputs.shape[-1], dtype=outputs.dtype)
+    if target.shape != outputs.shape:
+        raise ValueError(
+            f"a real-valued target must have the outputs' shape {outputs.shape}, got {target.shape}"
+        )
+    return target.astype(outputs.dtype)
+
+
+def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
+    """Softmax cross-entropy on logits with integer labels.
+
+    ℓ(f, y) = −Σ_k q_k log softmax(f)_k, with q = (1 − α) onehot(y) + α/K (α = label smoothing).
+    Λ = diag(p) − ppᵀ with p = softmax(f) (independent of y and α); F_out = Λ with the factor
+    B = diag(√p) − p √pᵀ.
+
+    Args:
+      label_smoothing: α in [0, 1).
+
+    Returns:
+      The :class:`Loss`.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+
+    def value(f, y):
+        y = jnp.asarray(y)
+        if not jnp.issubdtype(y.dtype, jnp.integer) or y.ndim != 0:
+            raise TypeError(
+                f"softmax cross-entropy takes a scalar integer label, got dtype {y.dtype} shape "
+                f"{y.shape}"
+            )
+        q = jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)
+        if label_smoothing:
+            q = optax.smooth_labels(q, label_smoothing)
+        return optax.softmax_cross_entropy(f, q)
+
+    def output_hessian(f, y):
+        del y
+        p = jax.nn.softmax(f)
+        return jnp.diag(p) - jnp.outer(p, p)
+
+    def output_fisher_factor(f):
+        p = jax.nn.softmax(f)
+        s = jnp.sqrt(p)
+        return jnp.diag(s) - jnp.outer(p, s)
+
+    def sample_output_grad(key, f):
+        y = jax.random.categorical(key, f)
+        return jax.nn.softmax(f) - jax.nn.one_hot(y, f.shape[-1], dtype=f.dtype)
+
+    name = "cross_entropy" if not label_smoothing else f"cross_entropy(smoothing={label_smoothing})"
+    return Loss(name, value, output_hessian, output_fisher_factor, sample_output_grad)
+
+
+def squared_error(scale: float = 0.5) -> Loss:
+    """Squared error ℓ(f, y) = scale · Σ_k (f_k − y_k)².
+
+    ``scale=0.5`` is the convention of Cohen et al. (½‖f − y‖²); ``scale=1.0`` that of the
+    edge-of-stochastic-stability code (‖f − y‖², no ½). The factor matters: it multiplies λ_max.
+    Integer targets are one-hot encoded with K = outputs' size.
+
+    The matching likelihood is N(y; f, σ²I) with σ² = 1/(2·scale), so Λ = F_out = 2·scale·I.
+
+    Args:
+      scale: the positive factor in front of the sum of squares.
+
+    Returns:
+      The :class:`Loss`.
+    """
+    if not scale > 0:
+        raise ValueError(f"squared_error scale must be positive, got {scale}")
+
+    def value(f, y):
+        return scale * jnp.sum(jnp.square(f - _as_dense_target(f, y)))
+
+    def output_hessian(f, y):
+        del y
+        return 2.0 * scale * jnp.eye(f.shape[-1], dtype=f.dtype)
+
+    def output_fisher_factor(f):
+        return jnp.sqrt(2.0 * scale) * jnp.eye(f.shape[-1], dtype=f.dtype)
+
+    def sample_output_grad(key, f):
+        # ŷ = f + σ ε with σ = (2·scale)^(-1/2); ∇_f scale‖f − ŷ‖² = −2·scale·σ ε.
+        eps = jax.random.normal(key, f.shape, f.dtype)
+        return -jnp.sqrt(2.0 * scale) * eps
+
+    name = {0.5: "squared_error_half", 1.0: "squared_error_sum"}.get(
+        scale, f"squared_error(scale={scale})"
+    )
+    return Loss(name, value, output_hessian, output_fisher_factor, sample_output_grad)
+
+
+LOSSES: dict[str, Callable[[], Loss]] = {
+    "cross_entropy": softmax_cross_entropy,
+    "squared_error_half": lambda: squared_error(0.5),
+    "squared_error_sum": lambda: squared_error(1.0),
+}
+
+
+def get_loss(name: str, *, label_smoothing: float = 0.0) -> Loss:
+    """Returns the loss registered under ``name`` (see ``LOSSES``).
+
+    Raises:
+      ValueError: for an unknown name, or label smoothing with a loss that has none.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if name == "cross_entropy":
+        return softmax_cross_entropy(label_smoothing)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing applies to cross_entropy only, not to {name!r}")
+    return LOSSES[name]()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The mean loss L(θ) = (1/n) Σ_p loss(predict(θ, x_p), y_p).
+
+    Attributes:
+      predict: per-example model ``(params, x) -> outputs`` of shape ``(K,)``.
+      loss: a :class:`Loss` (or any callable ``(outputs, y) -> scalar`` for value-only use).
+    """
+
+    predict: Callable[[PyTree, PyTree], jax.Array]
+    loss: Loss
+
+    def example_loss(self, params: PyTree, x: PyTree, y: PyTree) -> jax.Array:
+        """ℓ(θ; x, y) for one example."""
+        return self.loss(self.predict(params, x), y)
+
+    def batch_outputs(self, params: PyTree, inputs: PyTree) -> jax.Array:
+        """Outputs of a batch of examples, shape ``(n, K)``."""
+        return jax.vmap(self.predict, in_axes=(None, 0))(params, inputs)
+
+    def batch_losses(self, params: PyTree, batch: Batch) -> jax.Array:
+        """Per-example losses ℓ_p(θ), shape ``(n,)``."""
+        return jax.vmap(self.example_loss, in_axes=(None, 0, 0))(params, *batch)

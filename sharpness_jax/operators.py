@@ -1,0 +1,430 @@
+"""Exact matrix-free curvature products.
+
+Each constructor takes ``(objective, params, batch)`` and returns ``matvec: v -> A v`` over
+pytrees shaped like ``params``. Every matrix is normalised as a MEAN over the n examples of
+the batch. No product samples anything except :func:`fisher_monte_carlo`, whose randomness is
+fixed by its key (so it is one fixed PSD matrix).
+
+Notation: ℓ_p(θ) = loss(f_p, y_p) with f_p = predict(θ, x_p) ∈ R^K; g_p = ∇ℓ_p;
+h_p = ∇²ℓ_p; J_p = ∂f_p/∂θ (K × P); r_p = ∇_f loss(f_p, y_p); Λ_p = ∇²_f loss(f_p, y_p);
+ḡ = (1/n) Σ_p g_p.
+
+==========================  ===============================================================
+constructor                 matvec
+==========================  ===============================================================
+hessian                     H v = (1/n) Σ_p h_p v            (forward-over-reverse)
+ggn                         G v = (1/n) Σ_p J_pᵀ Λ_p J_p v
+fisher                      F v = (1/n) Σ_p J_pᵀ B_p B_pᵀ J_p v, F_out = B Bᵀ   (exact)
+fisher_monte_carlo          F̂ v = (1/n) Σ_p (1/S) Σ_s J_pᵀ r̂_ps r̂_psᵀ J_p v, ŷ_ps ∼ p(·|f_p)
+empirical_fisher            F_emp v = (1/n) Σ_p g_p g_pᵀ v
+gradient_covariance         C v = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ v
+hessian_second_moment       E_p[h_p²] v = (1/n) Σ_p h_p (h_p v)
+jacobian_vp / jacobian_tvp  v -> (J_p v)_p (shape (n, K));  u -> Σ_p J_pᵀ u_p
+==========================  ===============================================================
+
+Every constructor takes ``chunk_size`` (memory is bounded by it, see
+:mod:`sharpness_jax.per_example`) and ``subset`` (restrict to some parameter leaves, see
+:mod:`sharpness_jax.subsets`; vectors are then ``{path: leaf}`` dicts of the subset and the
+result is the diagonal block of the full matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sharpness_jax import checks, subsets
+from sharpness_jax.objective import Batch, Objective
+from sharpness_jax.per_example import example_hvp, map_examples, sum_over_chunks
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+__all__ = [
+    "empirical_fisher",
+    "fisher",
+    "fisher_monte_carlo",
+    "ggn",
+    "gradient",
+    "gradient_covariance",
+    "hessian",
+    "hessian_second_moment",
+    "jacobian_tvp",
+    "jacobian_vp",
+    "loss_value",
+    "prepare",
+]
+
+
+def prepare(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    subset: subsets.Selector | None = None,
+) -> tuple[Objective, PyTree, int]:
+    """Validates the inputs and applies the subset restriction.
+
+    Returns:
+      ``(objective, params, n)`` where objective/params are restricted when ``subset`` is set.
+
+    Raises:
+      ValueError / TypeError: on a malformed batch, non-float params or a bad chunk size.
+    """
+    if not isinstance(batch, Batch):
+        if isinstance(batch, tuple) and len(batch) == 2:
+            batch = Batch(*batch)
+        else:
+            raise TypeError(f"batch must be a Batch(inputs, targets), got {type(batch).__name__}")
+    checks.check_params(params)
+    checks.check_chunk_size(chunk_size)
+    n = checks.num_examples(batch)
+    if subset is not None:
+        objective, params = subsets.restrict(objective, params, subset)
+    return objective, params, n
+
+
+def _scale(tree: PyTree, s: float) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: a * s, tree)
+
+
+def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, values, 0))
+
+
+def loss_value(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> jax.Array:
+    """L(θ) = (1/n) Σ_p ℓ_p(θ)."""
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        return _masked_sum(objective.batch_losses(params, Batch(*chunk)), mask)
+
+    return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size) / n
+
+
+def gradient(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> PyTree:
+    """ḡ = ∇L(θ) = (1/n) Σ_p g_p."""
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        return jax.grad(lambda p: _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask))(
+            params
+        )
+
+    return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
+
+
+def hessian(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+    method: str = "fwd_rev",
+) -> MatVec:
+    """H v = (1/n) Σ_p ∇²ℓ_p(θ) v.
+
+    Args:
+      objective, params, batch: the mean loss and where to take its Hessian.
+      chunk_size: examples per chunk.
+      subset: restrict to these parameter leaves (the diagonal block of H).
+      method: ``"fwd_rev"`` (jvp of the gradient, the fast default) or ``"rev_rev"``
+        (gradient of ⟨∇L, v⟩, for cross-checks).
+
+    Returns:
+      The matvec ``v -> H v``.
+    """
+    if method not in ("fwd_rev", "rev_rev"):
+        raise ValueError(f"method must be 'fwd_rev' or 'rev_rev', got {method!r}")
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def matvec(v):
+        checks.check_vector(v, params)
+
+        def chunk_fn(chunk, mask, index):
+            del index
+
+            def chunk_loss(p):
+                return _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask)
+
+            if method == "fwd_rev":
+                return jax.jvp(jax.grad(chunk_loss), (params,), (v,))[1]
+            return jax.grad(lambda p: optax.tree.vdot(jax.grad(chunk_loss)(p), v))(params)
+
+        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
+
+    return matvec
+
+
+def _output_sandwich(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    n: int,
+    chunk_size: int | None,
+    middle: Callable[..., jax.Array],
+) -> MatVec:
+    """v -> (1/n) Σ_p J_pᵀ u_p with u_p = middle(f_p, y_p, J_p v, p) (vectorised over p).
+
+    One linearisation of the chunk's outputs gives J v and, transposed, Jᵀ u: about the cost
+    of one forward and one backward pass per chunk.
+    """
+
+    def matvec(v):
+        checks.check_vector(v, params)
+
+        def chunk_fn(chunk, mask, index):
+            inputs, targets = chunk
+            outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
+            u = middle(outputs, targets, f_jvp(v), index)
+            u = jnp.where(mask[:, None], u, 0)
+            return jax.linear_transpose(f_jvp, params)(u)[0]
+
+        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
+
+    return matvec
+
+
+def ggn(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """Generalised Gauss–Newton G v = (1/n) Σ_p J_pᵀ Λ_p J_p v, Λ_p = ∇²_f loss(f_p, y_p)."""
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def middle(outputs, targets, jv, index):
+        del index
+        lam = jax.vmap(objective.loss.output_hessian)(outputs, targets)
+        return jnp.einsum("pkl,pl->pk", lam, jv)
+
+    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+
+
+def fisher(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """True Fisher F v = (1/n) Σ_p J_pᵀ F_out(f_p) J_p v, exactly.
+
+    F_out(f) = E_{ŷ∼p(·|f)}[∇_f log p(ŷ|f) ∇_f log p(ŷ|f)ᵀ] = B(f) B(f)ᵀ is applied through
+    the loss's closed-form factor B; no targets are sampled. Equals the GGN for softmax
+    cross-entropy and squared error.
+    """
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def middle(outputs, targets, jv, index):
+        del targets, index
+        b = jax.vmap(objective.loss.output_fisher_factor)(outputs)
+        return jnp.einsum("pkl,pml,pm->pk", b, b, jv)
+
+    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+
+
+def fisher_monte_carlo(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    key: jax.Array,
+    num_samples: int = 1,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """Monte-Carlo Fisher F̂ v = (1/n) Σ_p (1/S) Σ_s J_pᵀ r̂_ps (r̂_psᵀ J_p v).
+
+    r̂_ps = ∇_f(−log p(ŷ_ps | f_p)) at targets ŷ_ps drawn from the model's predictive
+    distribution. The draws depend only on (key, example index, s), so F̂ is the same matrix
+    for every matvec and for every ``chunk_size``. E[F̂] = F (the true Fisher).
+
+    Args:
+      key: PRNG key fixing the sampled targets.
+      num_samples: S, targets drawn per example.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    sample = objective.loss.sample_output_grad
+
+    def middle(outputs, targets, jv, index):
+        del targets
+
+        def per_example(f, t, i):
+            keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
+            r = jax.vmap(sample, in_axes=(0, None))(keys, f)  # (S, K)
+            return r.T @ (r @ t) / num_samples
+
+        return jax.vmap(per_example)(outputs, jv, index)
+
+    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+
+
+def _output_grads(objective: Objective, outputs: jax.Array, targets: PyTree) -> jax.Array:
+    return jax.vmap(jax.grad(objective.loss))(outputs, targets)
+
+
+def empirical_fisher(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """Empirical Fisher F_emp v = (1/n) Σ_p g_p (g_pᵀ v); g_p = J_pᵀ r_p is never stored."""
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def middle(outputs, targets, jv, index):
+        del index
+        r = _output_grads(objective, outputs, targets)
+        return r * jnp.sum(r * jv, axis=1, keepdims=True)
+
+    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+
+
+def gradient_covariance(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """SGD-noise covariance C v = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ v, exactly.
+
+    The per-example directional derivatives s_p = g_pᵀ v (a JVP) are centred by ḡᵀv before the
+    VJP, C v = (1/n) Σ_p g_p (s_p − ḡᵀv) − ḡ (1/n) Σ_p (s_p − ḡᵀv), so no per-example
+    gradient is stored and no F_emp − ḡḡᵀ cancellation occurs. ḡ is computed once, here.
+    The mini-batch gradient covariance is C/B (with replacement) or C (n−B)/(B(n−1))
+    (without); see ``sharpness_jax.noise``.
+    """
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    g_bar = gradient(objective, params, batch, chunk_size=chunk_size)
+
+    def matvec(v):
+        checks.check_vector(v, params)
+        gv = optax.tree.vdot(g_bar, v)
+
+        def chunk_fn(chunk, mask, index):
+            del index
+            inputs, targets = chunk
+            outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
+            r = _output_grads(objective, outputs, targets)
+            centred = jnp.where(mask, jnp.sum(r * f_jvp(v), axis=1) - gv, 0)
+            back = jax.linear_transpose(f_jvp, params)(r * centred[:, None])[0]
+            return back, jnp.sum(centred)
+
+        back, total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+        return jax.tree_util.tree_map(lambda b, g: (b - g * total) / n, back, g_bar)
+
+    return matvec
+
+
+def hessian_second_moment(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> MatVec:
+    """E_p[h_p²] v = (1/n) Σ_p h_p (h_p v), exactly, by two per-example HVPs.
+
+    Memory per chunk is ``chunk_size`` × P (the per-example products h_p v).
+    """
+    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+
+    def matvec(v):
+        checks.check_vector(v, params)
+
+        def chunk_fn(chunk, mask, index):
+            del index
+
+            def one(x, y, keep):
+                hv = example_hvp(objective, params, x, y, v)
+                hhv = example_hvp(objective, params, x, y, hv)
+                return jax.tree_util.tree_map(lambda a: jnp.where(keep, a, 0), hhv)
+
+            per = jax.vmap(one)(*chunk, mask)
+            return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per)
+
+        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
+
+    return matvec
+
+
+def jacobian_vp(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> Callable[[PyTree], jax.Array]:
+    """v -> (J_p v)_p, the change of every example's outputs along v; shape ``(n, K)``."""
+    checks.check_params(params)
+    checks.num_examples(inputs)
+
+    def matvec(v):
+        checks.check_vector(v, params)
+
+        def one(x):
+            return jax.jvp(lambda p: predict(p, x), (params,), (v,))[1]
+
+        return map_examples(one, inputs, chunk_size=chunk_size)
+
+    return matvec
+
+
+def jacobian_tvp(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> Callable[[jax.Array], PyTree]:
+    """u -> Σ_p J_pᵀ u_p for output cotangents u of shape ``(n, K)`` (a SUM over examples)."""
+    checks.check_params(params)
+    n = checks.num_examples(inputs)
+
+    def rmatvec(u):
+        if jnp.shape(u)[:1] != (n,):
+            raise ValueError(f"cotangents need a leading axis of n={n}, got shape {jnp.shape(u)}")
+
+        def chunk_fn(chunk, mask, index):
+            del index
+            x, uc = chunk
+            _, vjp = jax.vjp(lambda p: jax.vmap(predict, (None, 0))(p, x), params)
+            return vjp(jnp.where(mask.reshape((-1,) + (1,) * (uc.ndim - 1)), uc, 0))[0]
+
+        return sum_over_chunks(chunk_fn, (inputs, u), chunk_size=chunk_size)
+
+    return rmatvec

@@ -1,0 +1,180 @@
+"""Per-example quantities and THE chunked reduction over examples.
+
+Every sum over examples in this library goes through :func:`sum_over_chunks`. It splits the
+batch into ``ceil(n / chunk_size)`` chunks, evaluates a chunk function on one chunk at a time
+inside ``lax.fori_loop`` and accumulates the result, so peak memory is set by
+``chunk_size``, not by n. The last chunk is padded with copies of an example and a boolean
+``mask`` marks the real ones.
+
+Chunk ``i`` holds the examples ``p = j · num_chunks + i`` (j = 0 … chunk_size − 1): a strided
+rather than contiguous slice. When the batch is sharded over a 1-D device mesh along the
+example axis in contiguous blocks, every chunk therefore draws equally from every device, and
+the same code runs data-parallel under ``jax.jit`` with no change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sharpness_jax import checks
+from sharpness_jax.objective import Batch, Objective
+
+PyTree = Any
+
+__all__ = [
+    "map_examples",
+    "per_example_grads",
+    "per_example_hvps",
+    "per_example_jacobians",
+    "per_example_losses",
+    "sum_examples",
+    "sum_over_chunks",
+]
+
+
+def sum_over_chunks(
+    chunk_fn: Callable[[PyTree, jax.Array, jax.Array], PyTree],
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """Σ over chunks of ``chunk_fn(chunk, mask, index)``.
+
+    Args:
+      chunk_fn: ``(chunk, mask, index) -> pytree``. ``chunk`` is ``batch`` restricted to at
+        most ``chunk_size`` examples, ``mask`` (bool, one per example) is False on padding,
+        ``index`` holds each example's position in ``batch``. The function must give padded
+        examples zero weight (e.g. ``jnp.where(mask, ...)``).
+      batch: a pytree whose leaves share a leading example axis of size n.
+      chunk_size: examples per chunk; ``None`` evaluates the whole batch at once.
+
+    Returns:
+      The sum of ``chunk_fn`` over all chunks.
+    """
+    n = checks.num_examples(batch)
+    checks.check_chunk_size(chunk_size)
+    if chunk_size is None or chunk_size >= n:
+        return chunk_fn(batch, jnp.ones((n,), bool), jnp.arange(n))
+
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+
+    def arrange(a):
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
+        return a.reshape(chunk_size, num_chunks, *a.shape[1:])
+
+    arranged = jax.tree_util.tree_map(arrange, batch)
+    index = jnp.arange(num_chunks * chunk_size).reshape(chunk_size, num_chunks)
+
+    def take(i):
+        def col(a):
+            return jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)
+
+        chunk = jax.tree_util.tree_map(col, arranged)
+        idx = col(index)
+        return chunk_fn(chunk, idx < n, idx)
+
+    def body(i, acc):
+        return jax.tree_util.tree_map(jnp.add, acc, take(i))
+
+    return jax.lax.fori_loop(1, num_chunks, body, take(0))
+
+
+def sum_examples(
+    fn: Callable[[PyTree], PyTree], batch: PyTree, *, chunk_size: int | None = None
+) -> PyTree:
+    """Σ_p fn(example_p), vectorised within a chunk, chunked across.
+
+    Args:
+      fn: maps ONE example (a pytree like ``batch`` without the leading axis) to a pytree.
+      batch: the examples.
+      chunk_size: examples per chunk (``None``: all at once).
+    """
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        out = jax.vmap(fn)(chunk)
+        return jax.tree_util.tree_map(
+            lambda a: jnp.sum(jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0), 0),
+            out,
+        )
+
+    return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+
+
+def map_examples(
+    fn: Callable[[PyTree], PyTree], batch: PyTree, *, chunk_size: int | None = None
+) -> PyTree:
+    """``fn`` applied to every example, stacked along a leading axis of size n.
+
+    The output is O(n) by nature; ``chunk_size`` bounds the intermediate memory of ``fn``.
+    """
+    checks.num_examples(batch)
+    checks.check_chunk_size(chunk_size)
+    if chunk_size is None:
+        return jax.vmap(fn)(batch)
+    return jax.lax.map(fn, batch, batch_size=chunk_size)
+
+
+def per_example_losses(
+    objective: Objective, params: PyTree, batch: Batch, *, chunk_size: int | None = None
+) -> jax.Array:
+    """ℓ_p(θ) for every example, shape ``(n,)``."""
+    return map_examples(
+        lambda ex: objective.example_loss(params, *ex), batch, chunk_size=chunk_size
+    )
+
+
+def per_example_grads(
+    objective: Objective, params: PyTree, batch: Batch, *, chunk_size: int | None = None
+) -> PyTree:
+    """g_p = ∇_θ ℓ_p(θ) for every example: params' structure with a leading axis n.
+
+    This stores n × P numbers; prefer the operators (which never store them) when only
+    products with C or the empirical Fisher are needed.
+    """
+    checks.check_params(params)
+    grad = jax.grad(objective.example_loss)
+    return map_examples(lambda ex: grad(params, *ex), batch, chunk_size=chunk_size)
+
+
+def example_hvp(objective: Objective, params: PyTree, x, y, v: PyTree) -> PyTree:
+    """h_p v for one example, forward-over-reverse: ∂/∂ε ∇ℓ(θ + εv; x, y) at ε = 0."""
+    return jax.jvp(lambda p: jax.grad(objective.example_loss)(p, x, y), (params,), (v,))[1]
+
+
+def per_example_hvps(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    v: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """h_p v for every example (h_p = ∇²ℓ_p): params' structure with a leading axis n."""
+    checks.check_params(params)
+    checks.check_vector(v, params)
+    return map_examples(
+        lambda ex: example_hvp(objective, params, *ex, v), batch, chunk_size=chunk_size
+    )
+
+
+def per_example_jacobians(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """J_p = ∂ predict(θ, x_p) / ∂θ: params' structure with leading axes ``(n, K)``.
+
+    Dense in P per example; for small models and references.
+    """
+    checks.check_params(params)
+    jac = jax.jacrev(predict)
+    return map_examples(lambda x: jac(params, x), inputs, chunk_size=chunk_size)
