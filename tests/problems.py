@@ -87,7 +87,11 @@ def all_problems():
 
 
 class Dense:
-    """Dense references for one problem, by per-example Python loops."""
+    """Dense references for one problem, by explicit Python loops over examples.
+
+    Each per-example quantity comes from one jitted function of (flat params, x, y) called
+    once per example, so the reference shares no code path with the library.
+    """
 
     def __init__(self, prob: Problem):
         self.prob = prob
@@ -96,26 +100,32 @@ class Dense:
         obj = prob.objective
         xs, ys = prob.batch
         n = prob.n
+
+        def loss(f, x, y):
+            return obj.example_loss(unravel(f), x, y)
+
+        def predict(f, x):
+            return obj.predict(unravel(f), x)
+
+        grad_fn = jax.jit(jax.grad(loss))
+        hess_fn = jax.jit(jax.hessian(loss))
+        jac_fn = jax.jit(jax.jacfwd(predict))
+        out_hess_fn = jax.jit(jax.hessian(lambda f, y: obj.loss(f, y)))
+        loss_fn = jax.jit(loss)
         self.losses = [
-            (lambda f, x=xs[p], y=ys[p]: obj.example_loss(unravel(f), x, y)) for p in range(n)
+            (lambda f, x=xs[p], y=ys[p]: loss_fn(f, x, y)) for p in range(n)
         ]
-        self.g = np.stack([np.asarray(jax.grad(lp)(flat)) for lp in self.losses])
-        self.h = np.stack([np.asarray(jax.hessian(lp)(flat)) for lp in self.losses])
-        self.J = np.stack(
-            [
-                np.asarray(jax.jacfwd(lambda f, x=xs[p]: obj.predict(unravel(f), x))(flat))
-                for p in range(n)
-            ]
-        )
-        outs = [obj.predict(prob.params, xs[p]) for p in range(n)]
+        self.g = np.stack([np.asarray(grad_fn(flat, xs[p], ys[p])) for p in range(n)])
+        self.h = np.stack([np.asarray(hess_fn(flat, xs[p], ys[p])) for p in range(n)])
+        self.J = np.stack([np.asarray(jac_fn(flat, xs[p])) for p in range(n)])
         self.lam = np.stack(
-            [np.asarray(jax.hessian(lambda f, y=ys[p]: obj.loss(f, y))(outs[p])) for p in range(n)]
+            [np.asarray(out_hess_fn(predict(flat, xs[p]), ys[p])) for p in range(n)]
         )
         self.H = self.h.mean(0)
         self.H_direct = np.asarray(
-            jax.hessian(lambda f: jnp.mean(jnp.stack([lp(f) for lp in self.losses])))(flat)
+            jax.hessian(lambda f: jnp.mean(jax.vmap(loss, (None, 0, 0))(f, xs, ys)))(flat)
         )
-        self.G = np.mean([Jp.T @ Lp @ Jp for Jp, Lp in zip(self.J, self.lam)], axis=0)
+        self.G = np.mean([Jp.T @ Lp @ Jp for Jp, Lp in zip(self.J, self.lam, strict=True)], axis=0)
         self.gbar = self.g.mean(0)
         self.Femp = np.mean([np.outer(gp, gp) for gp in self.g], axis=0)
         self.C = np.mean([np.outer(gp - self.gbar, gp - self.gbar) for gp in self.g], axis=0)

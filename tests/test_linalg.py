@@ -1,0 +1,141 @@
+"""Eigen-solvers and trace / diagonal estimators on explicit matrices and on a model Hessian."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from problems import Dense, mlp_problem
+
+import sharpness_jax as sj
+
+P = 30
+
+
+def _template():
+    return {"a": jnp.zeros((4, 5), jnp.float64), "b": jnp.zeros((10,), jnp.float64)}
+
+
+def _operator(mat):
+    template = _template()
+    _, unravel = ravel_pytree(template)
+    return (lambda v: unravel(mat @ ravel_pytree(v)[0])), template
+
+
+def _sym(eigs, seed=0):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(eigs), len(eigs))))
+    return jnp.asarray((q * np.asarray(eigs)) @ q.T)
+
+
+SPECTRA = {
+    "indefinite": np.linspace(-3.0, 5.0, P) ** 3 / 25,
+    "repeated": np.array([5.0, 3.0, 1.0] + [0.0] * (P - 3)),  # breakdown after 4 steps
+    "low_rank_psd": np.concatenate([np.geomspace(10.0, 0.1, 6), np.zeros(P - 6)]),
+    "clustered_top": np.concatenate([[4.0, 4.0 - 1e-3, 2.0], np.linspace(-1, 1, P - 3)]),
+}
+
+
+@pytest.mark.parametrize("spectrum", sorted(SPECTRA))
+def test_lanczos_matches_eigh(spectrum):
+    eigs = SPECTRA[spectrum]
+    mat = _sym(eigs)
+    mv, template = _operator(mat)
+    want = np.sort(eigs)[::-1][:3]
+    result = jax.jit(lambda: sj.lanczos_top_k(mv, template, k=3, num_iters=P))()
+    np.testing.assert_allclose(result.values, want, rtol=1e-6, atol=1e-10)
+    vecs = jax.vmap(lambda t: ravel_pytree(t)[0])(result.vectors)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(3), atol=1e-8)
+    residual = np.linalg.norm(vecs @ np.asarray(mat) - result.values[:, None] * vecs, axis=1)
+    assert np.all(residual < 1e-6 * np.abs(eigs).max())
+    assert np.all(np.asarray(result.residuals) < 1e-6 * np.abs(eigs).max())
+
+
+def test_lanczos_tolerance_stops_early_and_warm_start_is_cheaper():
+    prob = mlp_problem("tanh", "cross_entropy", widths=(12, 3), n=9)
+    ref = Dense(prob)
+    H = sj.hessian(prob.objective, prob.params, prob.batch)
+    want = np.linalg.eigvalsh(ref.H)[::-1][:2]
+    cold = sj.lanczos_top_k(H, prob.params, k=2, num_iters=60, tol=1e-6)
+    np.testing.assert_allclose(cold.values, want, rtol=1e-8)
+    assert int(cold.num_matvecs) < 60
+    warm = sj.lanczos_top_k(H, prob.params, k=2, num_iters=60, tol=1e-6, init=cold.vectors)
+    np.testing.assert_allclose(warm.values, want, rtol=1e-8)
+    assert int(warm.num_matvecs) < int(cold.num_matvecs)
+
+
+def test_power_iteration_and_lobpcg():
+    eigs = SPECTRA["indefinite"]
+    mv, template = _operator(_sym(eigs, seed=1))
+    power = sj.power_iteration(mv, template, num_iters=2000, tol=1e-12)
+    top_abs = eigs[np.argmax(np.abs(eigs))]
+    np.testing.assert_allclose(power.values[0], top_abs, rtol=1e-8)
+    lob = sj.lobpcg_top_k(mv, template, k=2, num_iters=200)
+    np.testing.assert_allclose(lob.values, np.sort(eigs)[::-1][:2], rtol=1e-6)
+    with pytest.raises(ValueError, match="5k < P"):
+        sj.lobpcg_top_k(mv, template, k=6)
+
+
+def test_exact_dense_trace_diagonal_frobenius():
+    mat = _sym(SPECTRA["indefinite"], seed=2)
+    mv, template = _operator(mat)
+    for cs in (None, 7):
+        np.testing.assert_allclose(sj.dense(mv, template, chunk_size=cs), mat, atol=1e-12)
+        diag = ravel_pytree(sj.diagonal_exact(mv, template, chunk_size=cs))[0]
+        np.testing.assert_allclose(diag, np.diag(mat), atol=1e-12)
+        np.testing.assert_allclose(sj.trace_exact(mv, template, chunk_size=cs), np.trace(mat))
+        np.testing.assert_allclose(
+            sj.frobenius_squared_exact(mv, template, chunk_size=cs), np.sum(np.square(mat))
+        )
+
+
+def _within(est, exact, k=5.0):
+    return abs(float(est.value) - exact) < k * float(est.stderr)
+
+
+def test_stochastic_estimators_are_unbiased_and_shrink():
+    mat = _sym(SPECTRA["low_rank_psd"], seed=3) + 0.1 * jnp.eye(P)
+    mv, template = _operator(mat)
+    key = jax.random.PRNGKey(0)
+    trace, fro = float(np.trace(mat)), float(np.sum(np.square(mat)))
+    small = sj.hutchinson_trace(mv, template, key=key, num_probes=25)
+    big = sj.hutchinson_trace(mv, template, key=key, num_probes=400, probe_chunk=64)
+    assert _within(small, trace) and _within(big, trace)
+    assert float(big.stderr) < 0.5 * float(small.stderr)
+    assert big.num_probes == 400
+    f = sj.frobenius_squared(mv, template, key=key, num_probes=300, probe_chunk=100)
+    assert _within(f, fro)
+    x = sj.xtrace(mv, template, key=key, num_probes=10)
+    assert _within(x, trace) and float(x.stderr) < float(small.stderr)
+    d = sj.hutchinson_diagonal(mv, template, key=key, num_probes=500)
+    dv, ds = ravel_pytree(d.value)[0], ravel_pytree(d.stderr)[0]
+    assert np.all(np.abs(dv - np.diag(mat)) < 5 * ds + 1e-12)
+
+
+def test_spectral_density_moments():
+    """SLQ reproduces, per probe, z̃ᵀAz̃ (first moment) and ‖Az̃‖² (second), z̃ = z/√P."""
+    eigs = SPECTRA["indefinite"]
+    mat = _sym(eigs, seed=4)
+    mv, template = _operator(mat)
+    sd = sj.spectral_density(mv, template, key=jax.random.PRNGKey(1), num_probes=50,
+                             num_iters=P, num_points=4000)
+    dx = float(sd.grid[1] - sd.grid[0])
+    mass = float(jnp.sum(sd.density) * dx)
+    mean = float(jnp.sum(sd.grid * sd.density) * dx)
+    assert abs(mass - 1) < 1e-6
+    # With full-depth Lanczos the quadrature is exact: E[mean] = tr(A)/P; 50 probes.
+    assert abs(mean - np.mean(eigs)) < 0.15 * np.abs(eigs).max()
+    assert float(sd.sigma) > 0 and sd.num_probes == 50
+
+
+def test_bad_arguments():
+    mv, template = _operator(jnp.eye(P))
+    with pytest.raises(ValueError, match="k="):
+        sj.lanczos_top_k(mv, template, k=5, num_iters=3)
+    with pytest.raises(ValueError, match="num_probes"):
+        sj.hutchinson_trace(mv, template, key=jax.random.PRNGKey(0), num_probes=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sj.dense(mv, template, chunk_size=0)
+    with pytest.raises(TypeError, match="floating"):
+        sj.dense(mv, {"a": jnp.zeros(3, jnp.int32)})
+    with pytest.raises(ValueError, match="num_probes <= P"):
+        sj.xtrace(mv, template, key=jax.random.PRNGKey(0), num_probes=P + 1)

@@ -1,0 +1,87 @@
+"""Losses: values, closed-form output Hessians and Fisher factors against autodiff."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sharpness_jax as sj
+
+LOSS_NAMES = ["cross_entropy", "squared_error_half", "squared_error_sum"]
+
+
+def _outputs_and_label():
+    f = jnp.array([0.3, -1.2, 2.0, 0.1], jnp.float64)
+    return f, jnp.int32(2)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_output_hessian_matches_autodiff(name):
+    loss = sj.get_loss(name)
+    f, y = _outputs_and_label()
+    np.testing.assert_allclose(
+        loss.output_hessian(f, y), jax.hessian(loss)(f, y), rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_fisher_factor_squares_to_output_fisher(name):
+    """B Bᵀ equals the output Fisher, which equals Λ for these losses."""
+    loss = sj.get_loss(name)
+    f, y = _outputs_and_label()
+    b = loss.output_fisher_factor(f)
+    np.testing.assert_allclose(b @ b.T, loss.output_hessian(f, y), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_sampled_output_gradients_have_fisher_second_moment(name):
+    loss = sj.get_loss(name)
+    f, y = _outputs_and_label()
+    keys = jax.random.split(jax.random.PRNGKey(0), 40_000)
+    r = jax.vmap(loss.sample_output_grad, in_axes=(0, None))(keys, f)
+    second = np.einsum("si,sj->ij", r, r) / r.shape[0]
+    exact = np.asarray(loss.output_hessian(f, y))
+    # Each entry is a mean of 40k i.i.d. products: compare within 5 standard errors.
+    prods = np.einsum("si,sj->sij", r, r)
+    se = prods.std(0) / np.sqrt(r.shape[0])
+    assert np.all(np.abs(second - exact) <= 5 * se + 1e-12)
+
+
+def test_cross_entropy_values_and_label_smoothing():
+    f, y = _outputs_and_label()
+    logp = jax.nn.log_softmax(f)
+    np.testing.assert_allclose(sj.get_loss("cross_entropy")(f, y), -logp[2], rtol=1e-14)
+    smooth = sj.get_loss("cross_entropy", label_smoothing=0.2)
+    q = 0.8 * jax.nn.one_hot(2, 4, dtype=jnp.float64) + 0.2 / 4
+    np.testing.assert_allclose(smooth(f, y), -jnp.sum(q * logp), rtol=1e-14)
+    # The output Hessian does not depend on the targets or the smoothing.
+    np.testing.assert_allclose(smooth.output_hessian(f, y), jax.hessian(smooth)(f, y), atol=1e-14)
+
+
+def test_squared_error_conventions_differ_by_two():
+    f, y = _outputs_and_label()
+    half = sj.get_loss("squared_error_half")(f, y)
+    full = sj.get_loss("squared_error_sum")(f, y)
+    onehot = jax.nn.one_hot(2, 4, dtype=jnp.float64)
+    np.testing.assert_allclose(half, 0.5 * jnp.sum((f - onehot) ** 2), rtol=1e-14)
+    np.testing.assert_allclose(full, 2 * half, rtol=1e-14)
+    # Real-valued targets are used as they are.
+    np.testing.assert_allclose(sj.squared_error(0.5)(f, onehot), half, rtol=1e-14)
+
+
+def test_loss_errors():
+    f, y = _outputs_and_label()
+    with pytest.raises(ValueError, match="unknown loss"):
+        sj.get_loss("hinge")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        sj.get_loss("squared_error_half", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        sj.softmax_cross_entropy(1.5)
+    with pytest.raises(ValueError, match="scale"):
+        sj.squared_error(0.0)
+    with pytest.raises(ValueError, match=r"shape \(K,\)"):
+        sj.get_loss("cross_entropy")(f[None], y)
+    with pytest.raises(TypeError, match="integer label"):
+        sj.get_loss("cross_entropy")(f, f)
+    with pytest.raises(ValueError, match="outputs' shape"):
+        sj.get_loss("squared_error_half")(f, f[:2])
