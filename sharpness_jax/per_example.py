@@ -3,8 +3,8 @@
 Every sum over examples in this library goes through :func:`sum_over_chunks`. It splits the
 batch into ``ceil(n / chunk_size)`` chunks, evaluates a chunk function on one chunk at a time
 inside ``lax.fori_loop`` and accumulates the result, so peak memory is set by
-``chunk_size``, not by n. The last chunk is padded with copies of an example and a boolean
-``mask`` marks the real ones.
+``chunk_size``, not by n. When ``chunk_size`` does not divide n, the last chunk is filled
+with repeats of a real example and a boolean ``mask`` marks the real ones.
 
 Chunk ``i`` holds the examples ``p = j · num_chunks + i`` (j = 0 … chunk_size − 1): a strided
 rather than contiguous slice. When the batch is sharded over a 1-D device mesh along the
@@ -47,7 +47,7 @@ def sum_over_chunks(
     Args:
       chunk_fn: ``(chunk, mask, index) -> pytree``. ``chunk`` is ``batch`` restricted to at
         most ``chunk_size`` examples, ``mask`` (bool, one per example) is False on padding,
-        ``index`` holds each example's position in ``batch``. The function must give padded
+        ``index`` holds each example's position in ``batch``. The function must give masked
         examples zero weight (e.g. ``jnp.where(mask, ...)``).
       batch: a pytree whose leaves share a leading example axis of size n.
       chunk_size: examples per chunk; ``None`` evaluates the whole batch at once.
@@ -61,23 +61,31 @@ def sum_over_chunks(
         return chunk_fn(batch, jnp.ones((n,), bool), jnp.arange(n))
 
     num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
+    stride = jnp.arange(chunk_size, dtype=jnp.int32) * num_chunks
 
-    def arrange(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
-        return a.reshape(chunk_size, num_chunks, *a.shape[1:])
+    if n % chunk_size == 0:
+        # (n, ...) -> (chunk_size, num_chunks, ...) is a free reshape, and a contiguous
+        # block sharding of the example axis stays a block sharding of the first axis, so
+        # taking column i needs no communication.
+        arranged = jax.tree_util.tree_map(
+            lambda a: a.reshape(chunk_size, num_chunks, *a.shape[1:]), batch
+        )
 
-    arranged = jax.tree_util.tree_map(arrange, batch)
-    index = jnp.arange(num_chunks * chunk_size).reshape(chunk_size, num_chunks)
+        def gather(i):
+            return jax.tree_util.tree_map(
+                lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), arranged
+            )
+
+    else:
+        # Ragged: gather the same strided examples; indices past the end are clipped to a
+        # real example and masked out. No padded copy of the batch is made.
+        def gather(i):
+            idx = jnp.minimum(stride + i, n - 1)
+            return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), batch)
 
     def take(i):
-        def col(a):
-            return jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)
-
-        chunk = jax.tree_util.tree_map(col, arranged)
-        idx = col(index)
-        return chunk_fn(chunk, idx < n, idx)
+        idx = stride + i
+        return chunk_fn(gather(i), idx < n, idx)
 
     def body(i, acc):
         return jax.tree_util.tree_map(jnp.add, acc, take(i))
