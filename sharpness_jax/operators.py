@@ -318,17 +318,26 @@ def gradient_covariance(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
+    mean_gradient: PyTree | None = None,
 ) -> MatVec:
     """SGD-noise covariance C v = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ v, exactly.
 
     The per-example directional derivatives s_p = g_pᵀ v (a JVP) are centred by ḡᵀv before the
     VJP, C v = (1/n) Σ_p g_p (s_p − ḡᵀv) − ḡ (1/n) Σ_p (s_p − ḡᵀv), so no per-example
-    gradient is stored and no F_emp − ḡḡᵀ cancellation occurs. ḡ is computed once, here.
-    The mini-batch gradient covariance is C/B (with replacement) or C (n−B)/(B(n−1))
-    (without); see ``sharpness_jax.noise``.
+    gradient is stored and no F_emp − ḡḡᵀ cancellation occurs. The mini-batch gradient
+    covariance is C/B (with replacement) or C (n−B)/(B(n−1)) (without); see
+    ``sharpness_jax.noise``.
+
+    Args:
+      mean_gradient: ḡ if already at hand (shaped like the, possibly restricted, params);
+        otherwise it is computed once, here (one gradient pass).
     """
     objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    g_bar = gradient(objective, params, batch, chunk_size=chunk_size)
+    if mean_gradient is None:
+        g_bar = gradient(objective, params, batch, chunk_size=chunk_size)
+    else:
+        checks.check_vector(mean_gradient, params, name="mean_gradient")
+        g_bar = mean_gradient
 
     def matvec(v):
         checks.check_vector(v, params)
