@@ -202,7 +202,7 @@ def _orthogonalise(w, basis):
     return w
 
 
-def _lanczos(mv, v0, *, num_iters, key, k, tol):
+def _lanczos(mv, v0, *, num_iters, key, k, tol, min_iters=1):
     """Lanczos with full reorthogonalisation; restarts with a random orthogonal vector on
     breakdown (the Lanczos matrix then gets a zero coupling, which is exact).
 
@@ -230,7 +230,7 @@ def _lanczos(mv, v0, *, num_iters, key, k, tol):
         if tol is not None:
             vals, _, res = _ritz(alpha, beta, j + 1)
             top = jnp.abs(vals[:k])
-            converged = (j + 1 >= k) & ~broke & jnp.all(res[:k] <= tol * top)
+            converged = (j + 1 >= max(k, min_iters)) & ~broke & jnp.all(res[:k] <= tol * top)
         return j + 1, basis, alpha, beta, q_next, converged
 
     def cond(state):
@@ -281,6 +281,7 @@ def lanczos_top_k(
     key: jax.Array | None = None,
     init: PyTree | None = None,
     tol: float | None = None,
+    min_iters: int = 1,
 ) -> Eigen:
     """Top-k (largest algebraic) eigenpairs of a symmetric operator by Lanczos.
 
@@ -298,6 +299,10 @@ def lanczos_top_k(
       init: warm start, one vector or k vectors stacked along a leading axis (e.g. the
         previous training step's eigenvectors).
       tol: relative residual tolerance for early stopping (``None``: run all iterations).
+      min_iters: never stop before this many matvecs. A warm start that is still nearly an
+        eigenvector converges at once, even if another eigenvalue has meanwhile become the
+        largest; a few extra iterations (the Lanczos vectors after the first explore the
+        random part of the start vector) or k ≥ 2 guard against that.
 
     Returns:
       :class:`Eigen` with memory O(num_iters · P).
@@ -317,7 +322,16 @@ def lanczos_top_k(
     mv, flat, unravel = flatten_operator(matvec, template)
     start_key, restart_key = jax.random.split(key)
     v0 = _start_vector(template, flat, start_key, init)
-    alpha, beta, basis, used = _lanczos(mv, v0, num_iters=num_iters, key=restart_key, k=k, tol=tol)
+    _check_positive_int("min_iters", min_iters)
+    alpha, beta, basis, used = _lanczos(
+        mv,
+        v0,
+        num_iters=num_iters,
+        key=restart_key,
+        k=k,
+        tol=tol,
+        min_iters=min(min_iters, num_iters),
+    )
     vals, vecs, residuals = _ritz(alpha, beta, used)
     ritz_vectors = vecs[:, :k].T @ basis
     return Eigen(vals[:k], jax.vmap(unravel)(ritz_vectors), residuals[:k], used)
@@ -473,7 +487,7 @@ def hutchinson_diagonal(
         stochtrace.sampler_signs,
     )
     mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
-    is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+    is_pair = lambda x: isinstance(x, tuple)
     mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
     sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
     return Estimate(mean, sem, num_probes)
