@@ -1,0 +1,360 @@
+"""Input–output Jacobian norms over a dataset (MacDonald, Valmadre & Lucey 2023).
+
+For a per-example model ``predict(params, x)`` with outputs g(x) ∈ R^K — the logits f(x)
+(``output="logits"``) or the probabilities softmax(f(x)) (``output="softmax"``) — the input
+Jacobian of example p is
+
+    J_p = ∂g(x_p)/∂x ∈ R^{K × D},
+
+taken with respect to the FLATTENED input (``ravel_pytree`` order; an image of shape
+(H, W, C) has D = H·W·C). Over a dataset of n examples this module returns per-example
+norms q_p and their mean (1/n) Σ_p q_p and maximum max_p q_p (the theory of the paper uses the
+sample maximum of the spectral norm):
+
+==========================================  =================================================
+function                                    q_p
+==========================================  =================================================
+:func:`jacobian_frobenius_norm`             ‖J_p‖_F, exact (jacfwd if D ≤ K, else jacrev)
+:func:`jacobian_frobenius_squared_hutchinson`  estimate of ‖J_p‖_F² = E_z ‖J_p z‖²
+                                            (Rademacher z over the inputs) or E_u ‖J_pᵀ u‖²
+                                            (over the outputs), with standard errors
+:func:`jacobian_spectral_norm`              ‖J_p‖₂ = σ_max(J_p): exact by SVD of the dense
+                                            K × D Jacobian, or by power iteration with one
+                                            JVP and one VJP per step
+==========================================  =================================================
+
+Examples are processed ``chunk_size`` at a time (``per_example.map_examples``), so peak memory
+is ``chunk_size`` times one example's work (for the dense routes, ``chunk_size · K · D``
+numbers); only the n per-example scalars are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from sharpness_jax import checks
+from sharpness_jax.per_example import map_examples
+
+PyTree = Any
+
+__all__ = [
+    "OUTPUTS",
+    "JacobianNorms",
+    "input_jacobians",
+    "jacobian_frobenius_norm",
+    "jacobian_frobenius_squared_hutchinson",
+    "jacobian_spectral_norm",
+]
+
+OUTPUTS = ("logits", "softmax")
+
+
+class JacobianNorms(NamedTuple):
+    """Per-example Jacobian norms q_p reduced over a dataset.
+
+    Attributes:
+      mean: (1/n) Σ_p q_p.
+      max: max_p q_p (for a stochastic estimate: the maximum of the per-example estimates,
+        which is biased upwards by the noise).
+      values: ``(n,)`` the q_p, or None unless ``per_example=True``.
+      stderr: standard error of ``mean`` (stochastic estimators only, else None):
+        (1/n) (Σ_p se_p²)^{1/2}, the probes being independent across examples.
+      values_stderr: ``(n,)`` the per-example standard errors se_p (stochastic estimators
+        with ``per_example=True`` only).
+      num_probes: probes per example (stochastic estimators only).
+    """
+
+    mean: jax.Array
+    max: jax.Array
+    values: jax.Array | None = None
+    stderr: jax.Array | None = None
+    values_stderr: jax.Array | None = None
+    num_probes: int | None = None
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+def _check_inputs(
+    predict: Callable[[PyTree, PyTree], jax.Array], params: PyTree, inputs: PyTree
+) -> tuple[int, int, int]:
+    """Returns (n, K, D); raises on non-float inputs or non-vector outputs."""
+    checks.check_params(params)
+    n = checks.num_examples(inputs)
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"input Jacobians need floating-point inputs, got dtype {jnp.result_type(leaf)}"
+            )
+    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+    out = jax.eval_shape(predict, params, example)
+    if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) != 1:
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"predict must return a vector of shape (K,) per example, got {shape}; use (1,) "
+            "for a scalar output"
+        )
+    size = sum(int(jnp.size(leaf)) // n for leaf in jax.tree_util.tree_leaves(inputs))
+    return n, int(out.shape[0]), size
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _example_function(predict, params, example, output):
+    """(g, z): g maps the flattened input z ∈ R^D of one example to its outputs ∈ R^K."""
+    flat_x, unravel = ravel_pytree(example)
+
+    def g(z):
+        out = predict(params, unravel(z))
+        return jax.nn.softmax(out) if output == "softmax" else out
+
+    return g, flat_x
+
+
+def _with_index(inputs: PyTree, n: int):
+    return inputs, jnp.arange(n, dtype=jnp.int32)
+
+
+def _reduce(values: jax.Array, per_example: bool) -> JacobianNorms:
+    return JacobianNorms(
+        mean=jnp.mean(values), max=jnp.max(values), values=values if per_example else None
+    )
+
+
+# --------------------------------------------------------------------------------- exact
+
+
+def input_jacobians(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    output: str = "logits",
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Dense J_p = ∂g(x_p)/∂x for every example, shape ``(n, K, D)``.
+
+    Per example ``jax.jacfwd`` (D JVPs) when D ≤ K, else ``jax.jacrev`` (K VJPs).
+
+    Args:
+      predict: per-example model ``(params, x) -> (K,)``.
+      params: its parameters.
+      inputs: the examples, leading axis n (any per-example shape, e.g. (H, W, C)).
+      output: ``"logits"`` (g = f) or ``"softmax"`` (g = softmax ∘ f).
+      chunk_size: examples per chunk.
+
+    Raises:
+      ValueError / TypeError: on a bad ``output``, non-float inputs or non-vector outputs.
+    """
+    _check_output(output)
+    _, num_outputs, size = _check_inputs(predict, params, inputs)
+    jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+
+    def one(example):
+        g, z = _example_function(predict, params, example, output)
+        return jac(g)(z)
+
+    return map_examples(one, inputs, chunk_size=chunk_size)
+
+
+def jacobian_frobenius_norm(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    output: str = "logits",
+    chunk_size: int | None = None,
+    per_example: bool = False,
+) -> JacobianNorms:
+    """Exact q_p = ‖∂g(x_p)/∂x‖_F = (Σ_kj (J_p)_kj²)^{1/2}; mean and max over the dataset.
+
+    Cost min(K, D) JVPs/VJPs per example; memory ``chunk_size · K · D``.
+
+    Args:
+      predict, params, inputs, output, chunk_size: as in :func:`input_jacobians`.
+      per_example: also return the n values.
+
+    Returns:
+      :class:`JacobianNorms` (no standard errors: exact).
+    """
+    _check_output(output)
+    _, num_outputs, size = _check_inputs(predict, params, inputs)
+    jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+
+    def one(example):
+        g, z = _example_function(predict, params, example, output)
+        return jnp.sqrt(jnp.sum(jnp.square(jac(g)(z))))
+
+    return _reduce(map_examples(one, inputs, chunk_size=chunk_size), per_example)
+
+
+def jacobian_spectral_norm(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    output: str = "logits",
+    method: str = "svd",
+    num_iters: int = 100,
+    tol: float = 1e-10,
+    key: jax.Array | None = None,
+    chunk_size: int | None = None,
+    per_example: bool = False,
+) -> JacobianNorms:
+    """q_p = ‖∂g(x_p)/∂x‖₂ = σ_max(J_p); mean and max over the dataset.
+
+    Methods:
+
+    * ``"svd"`` (exact): the largest singular value of the dense K × D Jacobian (cost
+      min(K, D) JVPs/VJPs and memory ``chunk_size · K · D``); the right choice for small K.
+    * ``"power"``: power iteration on J_p J_pᵀ (K × K) when K ≤ D, else on J_pᵀ J_p (D × D),
+      with one JVP and one VJP of a single linearisation per step; it stops after
+      ``num_iters`` steps or when the Rayleigh quotient λ changes by at most ``tol · λ``.
+      √λ is a lower bound on σ_max that converges to it (error ∝ (σ₂/σ₁)^{2t}). The start
+      vector of example p is Gaussian from ``fold_in(key, p)``: results do not depend on
+      ``chunk_size``.
+
+    Args:
+      predict, params, inputs, output, chunk_size, per_example: as in
+        :func:`jacobian_frobenius_norm`.
+      method: ``"svd"`` or ``"power"``.
+      num_iters: maximum power iterations.
+      tol: relative tolerance on the Rayleigh quotient.
+      key: PRNG key for the start vectors (default ``PRNGKey(0)``).
+
+    Returns:
+      :class:`JacobianNorms` (no standard errors: the methods are deterministic).
+    """
+    _check_output(output)
+    if method not in ("svd", "power"):
+        raise ValueError(f"method must be 'svd' or 'power', got {method!r}")
+    _check_positive_int("num_iters", num_iters)
+    if not tol >= 0:
+        raise ValueError(f"tol must be non-negative, got {tol}")
+    n, num_outputs, size = _check_inputs(predict, params, inputs)
+
+    if method == "svd":
+        jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+
+        def one_svd(example):
+            g, z = _example_function(predict, params, example, output)
+            return jnp.linalg.svd(jac(g)(z), compute_uv=False)[0]
+
+        return _reduce(map_examples(one_svd, inputs, chunk_size=chunk_size), per_example)
+
+    key = jax.random.PRNGKey(0) if key is None else key
+    on_outputs = num_outputs <= size
+
+    def one_power(example_index):
+        example, index = example_index
+        g, z = _example_function(predict, params, example, output)
+        out, jvp = jax.linearize(g, z)
+        vjp = jax.linear_transpose(jvp, z)
+        if on_outputs:
+            op = lambda u: jvp(vjp(u)[0])  # J Jᵀ on R^K
+            v0 = jax.random.normal(jax.random.fold_in(key, index), out.shape, out.dtype)
+        else:
+            op = lambda v: vjp(jvp(v))[0]  # Jᵀ J on R^D
+            v0 = jax.random.normal(jax.random.fold_in(key, index), z.shape, z.dtype)
+        tiny = jnp.finfo(v0.dtype).tiny
+        v0 = v0 / jnp.linalg.norm(v0)
+        av0 = op(v0)
+        lam0 = jnp.vdot(v0, av0)
+
+        def cond(state):
+            i, _, _, lam, lam_prev = state
+            return (i < num_iters) & (jnp.abs(lam - lam_prev) > tol * jnp.abs(lam))
+
+        def step(state):
+            i, _, av, lam, _ = state
+            v = av / jnp.maximum(jnp.linalg.norm(av), tiny)
+            av_new = op(v)
+            return i + 1, v, av_new, jnp.vdot(v, av_new), lam
+
+        init = (jnp.int32(1), v0, av0, lam0, lam0 + 1 + jnp.abs(lam0))
+        lam = jax.lax.while_loop(cond, step, init)[3]
+        return jnp.sqrt(jnp.maximum(lam, 0))
+
+    values = map_examples(one_power, _with_index(inputs, n), chunk_size=chunk_size)
+    return _reduce(values, per_example)
+
+
+# ---------------------------------------------------------------------------- stochastic
+
+
+def jacobian_frobenius_squared_hutchinson(
+    predict: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    inputs: PyTree,
+    *,
+    key: jax.Array,
+    num_probes: int,
+    side: str = "output",
+    output: str = "logits",
+    chunk_size: int | None = None,
+    per_example: bool = False,
+) -> JacobianNorms:
+    """Hutchinson estimates of q_p = ‖∂g(x_p)/∂x‖_F² (the SQUARED norm; unbiased).
+
+    * ``side="input"``: q̂_p = (1/S) Σ_s ‖J_p z_s‖², z_s ∈ {±1}^D Rademacher (one JVP each);
+    * ``side="output"``: q̂_p = (1/S) Σ_s ‖J_pᵀ u_s‖², u_s ∈ {±1}^K (one VJP each).
+
+    Both are unbiased since E zzᵀ = I, and tr(J_pᵀJ_p) = tr(J_p J_pᵀ) = ‖J_p‖_F². The variance
+    per probe is 2(‖A‖_F² − Σ_i A_ii²) for A = J_pᵀJ_p (input side) or J_p J_pᵀ (output side),
+    usually smaller on the smaller side. The probes of example p come from
+    ``fold_in(key, p)``, so results do not depend on ``chunk_size``. se_p is the sample
+    standard deviation over the S probes divided by √S.
+
+    Args:
+      predict, params, inputs, output, chunk_size, per_example: as in
+        :func:`jacobian_frobenius_norm`.
+      key: PRNG key.
+      num_probes: S ≥ 2 probes per example (two are needed for a standard error).
+      side: ``"input"`` or ``"output"``.
+
+    Returns:
+      :class:`JacobianNorms` with ``mean`` estimating (1/n) Σ_p ‖J_p‖_F² and its ``stderr``.
+    """
+    _check_output(output)
+    _check_positive_int("num_probes", num_probes, minimum=2)
+    if side not in ("input", "output"):
+        raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+    n, _, _ = _check_inputs(predict, params, inputs)
+
+    def one(example_index):
+        example, index = example_index
+        g, z = _example_function(predict, params, example, output)
+        out, jvp = jax.linearize(g, z)
+        k = jax.random.fold_in(key, index)
+        if side == "input":
+            probes = jax.random.rademacher(k, (num_probes, *z.shape), z.dtype)
+            images = jax.vmap(jvp)(probes)
+        else:
+            vjp = jax.linear_transpose(jvp, z)
+            probes = jax.random.rademacher(k, (num_probes, *out.shape), out.dtype)
+            images = jax.vmap(lambda u: vjp(u)[0])(probes)
+        samples = jnp.sum(jnp.square(images), axis=1)
+        return jnp.mean(samples), jnp.std(samples, ddof=1) / num_probes**0.5
+
+    values, se = map_examples(one, _with_index(inputs, n), chunk_size=chunk_size)
+    return JacobianNorms(
+        mean=jnp.mean(values),
+        max=jnp.max(values),
+        values=values if per_example else None,
+        stderr=jnp.sqrt(jnp.sum(jnp.square(se))) / n,
+        values_stderr=se if per_example else None,
+        num_probes=num_probes,
+    )
