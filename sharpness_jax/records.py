@@ -1,0 +1,619 @@
+"""The workdir is the record of a run.
+
+A training run writes everything it produces into one directory:
+
+==========================  ===============================================================
+``config.json``             the run's configuration, written once; a rerun must match it
+``metrics.jsonl``           one JSON object per measurement step (appended, flushed, fsync'd)
+``arrays/step_*.npz``       arrays returned by measurements (spectra, ...), referenced from
+                            the row of their step under the key ``"arrays"``
+``checkpoints/<step>/``     orbax checkpoints: params, optimizer state, measurement state
+                            (e.g. warm-start eigenvectors) and a JSON ``meta`` item (step,
+                            seed, stop-rule state)
+``status.json``             ``{"status": "running" | "completed" | "goal_reached" |
+                            "diverged", "step": ...}``
+``figures/``                plots made from ``metrics.jsonl``
+==========================  ===============================================================
+
+Resume protocol: a rerun restores the latest *complete* checkpoint (orbax writes a checkpoint
+into a temporary directory and renames it only when every file is written, so a checkpoint
+interrupted by a crash is never picked up), then :func:`truncate_metrics` drops every metric
+row with a step after the checkpoint's step by an atomic rewrite (temporary file, fsync,
+``os.replace``). Rows are therefore neither duplicated nor lost. A last line cut short by a
+crash is ignored when reading and removed before the next append.
+
+JSON has no NaN or infinity. Non-finite floats are stored as the strings ``"NaN"``,
+``"Infinity"`` and ``"-Infinity"`` and decoded back to floats when read, so these three
+strings cannot be used as ordinary string values in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+
+PyTree = Any
+PathLike = str | os.PathLike
+
+__all__ = [
+    "ARRAYS_DIR",
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "FIGURES_DIR",
+    "METRICS_FILE",
+    "STATUS_FILE",
+    "Checkpoint",
+    "ConfigMismatchError",
+    "append_metrics",
+    "checkpoint_manager",
+    "config_differences",
+    "config_to_dict",
+    "decode_value",
+    "encode_value",
+    "init_workdir",
+    "latest_checkpoint_step",
+    "load_arrays",
+    "metric_columns",
+    "read_config",
+    "read_metrics",
+    "read_status",
+    "restore_checkpoint",
+    "save_arrays",
+    "save_checkpoint",
+    "truncate_metrics",
+    "write_config",
+    "write_status",
+]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+CHECKPOINT_DIR = "checkpoints"
+ARRAYS_DIR = "arrays"
+FIGURES_DIR = "figures"
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run whose config differs from the new one in a result field."""
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    """Makes a rename or file creation in ``path`` durable (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, fsyncs it, and renames it over
+    ``path``: readers see the old or the new content, never a mixture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
+    text = json.dumps(encode_value(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    _atomic_write_bytes(path, text.encode())
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return decode_value(json.load(f))
+
+
+def init_workdir(workdir: PathLike) -> pathlib.Path:
+    """Creates ``workdir`` and its ``figures/`` and ``arrays/`` subdirectories.
+
+    Returns:
+      The workdir as a ``pathlib.Path``.
+    """
+    path = pathlib.Path(workdir)
+    for sub in ("", FIGURES_DIR, ARRAYS_DIR):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------ JSON values
+
+
+def encode_value(value: Any) -> Any:
+    """A JSON-ready copy of ``value``.
+
+    numpy / JAX scalars and arrays become Python numbers and (nested) lists, tuples become
+    lists, mapping keys become strings, and non-finite floats become ``"NaN"``,
+    ``"Infinity"`` or ``"-Infinity"``.
+
+    Raises:
+      TypeError: for values with no JSON form.
+    """
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.ndarray | jax.Array):
+        return encode_value(np.asarray(value).tolist())
+    if isinstance(value, Mapping):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_value(v) for v in value]
+    raise TypeError(f"cannot store a value of type {type(value).__name__} as JSON: {value!r}")
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of :func:`encode_value` for non-finite floats (``"NaN"`` -> ``nan`` etc.)."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: decode_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain JSON-ready dict of a config.
+
+    Accepts an ``ml_collections.ConfigDict`` / ``FrozenConfigDict`` (anything with
+    ``to_dict``), a dataclass or a mapping. Tuples become lists, so a dict that went through
+    JSON compares equal to the original.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"a config must be a ConfigDict, dataclass or mapping, got {type(config)}")
+    return json.loads(json.dumps(encode_value(config), allow_nan=False))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(stored: Any, new: Any, *, ignore: Iterable[str] = ()) -> list[str]:
+    """The fields where two configs differ, as ``"path: stored -> new"`` lines.
+
+    Args:
+      stored, new: configs (anything :func:`config_to_dict` accepts).
+      ignore: dotted field paths (``"max_steps"``, ``"measure.log_every"``) to leave out;
+        a path also ignores everything below it.
+
+    Returns:
+      Sorted difference lines; empty when the configs agree outside ``ignore``.
+    """
+    a = _flatten(config_to_dict(stored))
+    b = _flatten(config_to_dict(new))
+    ignore = tuple(ignore)
+
+    def ignored(path):
+        return any(path == p or path.startswith(p + ".") for p in ignore)
+
+    missing = object()
+    lines = []
+    for path in sorted(set(a) | set(b)):
+        if ignored(path):
+            continue
+        va, vb = a.get(path, missing), b.get(path, missing)
+        if va != vb:
+            show = lambda v: "<absent>" if v is missing else json.dumps(v)
+            lines.append(f"{path}: {show(va)} -> {show(vb)}")
+    return lines
+
+
+def read_config(workdir: PathLike) -> dict[str, Any] | None:
+    """The stored ``config.json`` as a dict, or None if there is none."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    return _read_json(path) if path.exists() else None
+
+
+def write_config(
+    workdir: PathLike,
+    config: Any,
+    *,
+    ignore: Iterable[str] = (),
+    force: bool = False,
+) -> dict[str, Any]:
+    """Writes ``config.json``, or checks the new config against the stored one.
+
+    A new run writes the file. A rerun (the file exists) compares the two configs: if they
+    differ in a field outside ``ignore`` — a field that changes results — it refuses with a
+    :class:`ConfigMismatchError` listing the differences, unless ``force`` is set (then it
+    logs a warning and stores the new config). Differences in ignored fields (e.g. the step
+    budget) are allowed and the stored file is updated to the new config.
+
+    Args:
+      workdir: the run directory.
+      config: the run's config.
+      ignore: dotted paths of fields that may change between a run and its resumption.
+      force: overwrite a conflicting stored config instead of refusing.
+
+    Returns:
+      The config as stored (a plain dict).
+
+    Raises:
+      ConfigMismatchError: on a result-changing difference without ``force``.
+    """
+    path = init_workdir(workdir) / CONFIG_FILE
+    new = config_to_dict(config)
+    if path.exists():
+        stored = _read_json(path)
+        diffs = config_differences(stored, new, ignore=ignore)
+        if diffs and not force:
+            raise ConfigMismatchError(
+                f"{path} holds a run with a different config; these fields change results:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse a new workdir, restore the old values, or pass force=True to continue "
+                "this run with the new config anyway."
+            )
+        if diffs:
+            logging.warning("overriding the stored config of %s:\n  %s", path, "\n  ".join(diffs))
+        if config_to_dict(stored) == new:
+            return new
+    _atomic_write_json(path, new)
+    return new
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _metrics_path(workdir: PathLike) -> pathlib.Path:
+    return pathlib.Path(workdir) / METRICS_FILE
+
+
+def _parse_lines(data: bytes, path: pathlib.Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a metrics file and the byte length of its complete part.
+
+    Every row is written as one line ending in a newline, so whatever follows the last
+    newline is a write cut short: it is dropped with a warning. A complete line that is not
+    a JSON object is corruption and an error.
+    """
+    complete, newline, tail = data.rpartition(b"\n")
+    if tail.strip():
+        logging.warning("%s: ignoring a truncated last line (%d bytes)", path, len(tail))
+    rows = []
+    for i, line in enumerate(complete.split(b"\n") if complete else []):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON: {e}") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+        rows.append(decode_value(row))
+    return rows, len(complete) + len(newline)
+
+
+def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
+    """All rows of ``metrics.jsonl`` (empty list if absent), non-finite floats decoded.
+
+    A truncated last line (a write killed half-way) is ignored.
+    """
+    path = _metrics_path(workdir)
+    if not path.exists():
+        return []
+    rows, _ = _parse_lines(path.read_bytes(), path)
+    return rows
+
+
+def _repair_tail(path: pathlib.Path) -> None:
+    """Removes a partial last line so that the next append starts on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+    data = path.read_bytes()
+    _, good = _parse_lines(data, path)
+    _atomic_write_bytes(path, data[:good])
+
+
+def append_metrics(workdir: PathLike, row: Mapping[str, Any]) -> None:
+    """Appends one row (a JSON object with an integer ``"step"``) to ``metrics.jsonl``.
+
+    The line is written in one call, flushed and fsync'd. Values may be Python or numpy
+    scalars, arrays (stored as lists), strings, bools or None; NaN and ±inf are encoded.
+
+    Raises:
+      ValueError: if the row has no integer ``"step"``.
+    """
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise ValueError(f"a metrics row needs an integer 'step', got {step!r}")
+    line = json.dumps(encode_value(dict(row)), allow_nan=False, separators=(",", ":")) + "\n"
+    path = _metrics_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(path)
+    with open(path, "ab") as f:
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(workdir: PathLike, *, max_step: int | None) -> int:
+    """Keeps the rows with ``step <= max_step`` (``None``: none), rewriting atomically.
+
+    Also removes a truncated last line and the array files of the dropped rows. This is
+    what a resumed run calls with its checkpoint's step before appending new rows.
+
+    Returns:
+      The number of rows dropped.
+    """
+    path = _metrics_path(workdir)
+    if not path.exists():
+        return 0
+    rows = read_metrics(workdir)
+    keep = [r for r in rows if max_step is not None and r["step"] <= max_step]
+    dropped = [r for r in rows if not (max_step is not None and r["step"] <= max_step)]
+    text = "".join(
+        json.dumps(encode_value(r), allow_nan=False, separators=(",", ":")) + "\n" for r in keep
+    )
+    if text.encode() != path.read_bytes():
+        _atomic_write_bytes(path, text.encode())
+    kept_arrays = {r.get("arrays") for r in keep}
+    for r in dropped:
+        ref = r.get("arrays")
+        if ref and ref not in kept_arrays:
+            with contextlib.suppress(FileNotFoundError):
+                (pathlib.Path(workdir) / ref).unlink()
+    if dropped:
+        logging.info("%s: dropped %d row(s) after step %s", path, len(dropped), max_step)
+    return len(dropped)
+
+
+def metric_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """A column view of metric rows, ``{column: np.ndarray}`` (no pandas needed).
+
+    Every column has one entry per row. Numeric columns are float arrays with NaN where a
+    row lacks the column (integer arrays when every row has an integer); other columns are
+    object arrays with None where missing.
+    """
+    names = []
+    for row in rows:
+        names.extend(k for k in row if k not in names)
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        present = [v for v in values if v is not None]
+        numeric = all(
+            isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+            for v in present
+        )
+        if (
+            numeric
+            and len(present) == len(values)
+            and all(isinstance(v, int | np.integer) for v in present)
+        ):
+            columns[name] = np.asarray(values, dtype=np.int64)
+        elif numeric and present:
+            columns[name] = np.asarray(
+                [np.nan if v is None else float(v) for v in values], dtype=np.float64
+            )
+        else:
+            col = np.empty(len(values), dtype=object)
+            col[:] = values
+            columns[name] = col
+    return columns
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+def save_arrays(workdir: PathLike, step: int, arrays: Mapping[str, Any]) -> str:
+    """Saves the arrays of one measurement step to ``arrays/step_<step>.npz`` (atomically).
+
+    Returns:
+      The path relative to the workdir, to be stored in the step's row under ``"arrays"``.
+    """
+    rel = f"{ARRAYS_DIR}/step_{int(step):09d}.npz"
+    path = pathlib.Path(workdir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return rel
+
+
+def load_arrays(workdir: PathLike, row_or_path: Mapping[str, Any] | str) -> dict[str, np.ndarray]:
+    """The arrays saved for a row (a row dict with an ``"arrays"`` entry, or that entry)."""
+    rel = row_or_path.get("arrays") if isinstance(row_or_path, Mapping) else row_or_path
+    if not rel:
+        return {}
+    with np.load(pathlib.Path(workdir) / rel) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def write_status(workdir: PathLike, status: str, step: int, **extra: Any) -> None:
+    """Writes ``status.json`` = ``{"status": status, "step": step, **extra}`` atomically."""
+    _atomic_write_json(
+        pathlib.Path(workdir) / STATUS_FILE, {"status": status, "step": int(step), **extra}
+    )
+
+
+def read_status(workdir: PathLike) -> dict[str, Any] | None:
+    """The stored ``status.json``, or None."""
+    path = pathlib.Path(workdir) / STATUS_FILE
+    return _read_json(path) if path.exists() else None
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+class Checkpoint(NamedTuple):
+    """A restored checkpoint.
+
+    Attributes:
+      step: the training step it was taken at.
+      state: the main state, restored into the structure, dtypes and shardings of the
+        template passed to :func:`restore_checkpoint`.
+      extra: the free-form extra state (nested dicts of arrays, restored as ``jax.Array``),
+        e.g. the measurements' warm-start state.
+      meta: the JSON metadata saved with it.
+    """
+
+    step: int
+    state: PyTree
+    extra: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def checkpoint_manager(workdir: PathLike, *, max_to_keep: int | None = 3):
+    """An orbax ``CheckpointManager`` on ``<workdir>/checkpoints`` keeping the last few.
+
+    Saving is synchronous: the arrays are on disk when :func:`save_checkpoint` returns, so
+    the training step may donate (overwrite) the buffers right after. Each checkpoint is
+    written to a temporary directory and renamed into place when complete; temporary
+    directories left by a crash are ignored and cleaned up.
+
+    Args:
+      workdir: the run directory.
+      max_to_keep: number of most recent checkpoints kept (None: all).
+    """
+    import orbax.checkpoint as ocp
+
+    if max_to_keep is not None and max_to_keep < 1:
+        raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+    )
+    directory = (pathlib.Path(workdir) / CHECKPOINT_DIR).absolute()
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _to_numpy_tree(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def save_checkpoint(
+    manager,
+    step: int,
+    state: PyTree,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Saves one checkpoint and waits until it is complete on disk.
+
+    Args:
+      manager: from :func:`checkpoint_manager`.
+      step: the training step.
+      state: the main state pytree (params, optimizer state, ...); restored into a template.
+      extra: free-form state restored without a template: nested dicts (string keys) of
+        arrays, e.g. ``{"lambda_max": {"vectors": ...}}``. Empty entries are dropped.
+      meta: JSON-ready metadata (non-finite floats allowed).
+    """
+    import orbax.checkpoint as ocp
+
+    items = {
+        "state": ocp.args.StandardSave(state),
+        "meta": ocp.args.JsonSave(encode_value({"step": int(step), **dict(meta or {})})),
+    }
+    extra = {k: v for k, v in dict(extra or {}).items() if jax.tree_util.tree_leaves(v)}
+    if extra:
+        items["extra"] = ocp.args.PyTreeSave(_to_numpy_tree(extra))
+    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+
+
+def latest_checkpoint_step(manager) -> int | None:
+    """The step of the latest complete checkpoint, or None."""
+    manager.reload()
+    return manager.latest_step()
+
+
+def restore_checkpoint(manager, template: PyTree, *, step: int | None = None) -> Checkpoint | None:
+    """Restores a checkpoint (the latest complete one by default).
+
+    Args:
+      manager: from :func:`checkpoint_manager`.
+      template: a pytree with the structure, shapes and dtypes of the saved state (concrete
+        arrays or ``jax.ShapeDtypeStruct``), e.g. the freshly initialised state.
+      step: which checkpoint; None for the latest.
+
+    Returns:
+      The :class:`Checkpoint`, or None when the workdir holds no complete checkpoint.
+    """
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    if step is None:
+        step = latest_checkpoint_step(manager)
+        if step is None:
+            return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+    directory = pathlib.Path(manager.directory) / str(step)
+    has_extra = (directory / "extra").exists()
+    if has_extra:
+        items["extra"] = ocp.args.PyTreeRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    extra = {}
+    if has_extra:
+        extra = jax.tree_util.tree_map(jnp.asarray, dict(restored["extra"]))
+    meta = decode_value(dict(restored["meta"]))
+    return Checkpoint(int(step), restored["state"], extra, meta)
