@@ -1,0 +1,248 @@
+"""Machinery shared by the study runners: sub-runs, cached analyses, claim checks, summaries.
+
+A study's workdir holds
+
+* ``config.json``: the study config (a rerun with a different config is refused);
+* ``runs/<name>/``: one training run each (its own workdir, see ``sharpness_jax.records``),
+  resumed when rerun;
+* ``analysis/<name>.json`` (+ ``.npz``): post-training analyses, computed once;
+* ``figures/*.png``;
+* ``summary.json``: the claim checks (claim, measured value, expected range, pass/fail) and
+  the headline results.
+
+A study is rerun after being killed by rerunning it with the same workdir: finished runs and
+analyses are read back, the interrupted run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sharpness_jax import plots, records, training
+
+__all__ = [
+    "PRESETS",
+    "Check",
+    "cached",
+    "check_range",
+    "columns",
+    "figure",
+    "rank_correlation",
+    "run_study",
+    "train_run",
+]
+
+PRESETS = ("smoke", "quick", "paper")
+
+
+def check_preset(preset: str) -> str:
+    """Returns ``preset`` or raises for an unknown one."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    return preset
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One claim of a paper checked against a measurement.
+
+    Attributes:
+      claim: the claim, in words.
+      value: the measured value (None when it could not be measured).
+      expected: the expected range or relation, in words.
+      passed: True/False; None when the check could not be evaluated (reported as such).
+      detail: what the value is computed from.
+    """
+
+    claim: str
+    value: float | None
+    expected: str
+    passed: bool | None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        value = None if self.value is None else float(self.value)
+        if value is not None and not math.isfinite(value):
+            value = str(value)
+        return {**dataclasses.asdict(self), "value": value}
+
+
+def check_range(
+    claim: str,
+    value: float | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    detail: str = "",
+    expected: str | None = None,
+) -> Check:
+    """A check that ``low <= value <= high`` (either bound optional); not evaluated when the
+    value is None or not finite."""
+    if expected is None:
+        if low is not None and high is not None:
+            expected = f"in [{low:.4g}, {high:.4g}]"
+        elif low is not None:
+            expected = f">= {low:.4g}"
+        else:
+            expected = f"<= {high:.4g}"
+    if value is None or not math.isfinite(float(value)):
+        return Check(claim, value, expected, None, detail or "not measurable")
+    v = float(value)
+    ok = (low is None or v >= low) and (high is None or v <= high)
+    return Check(claim, v, expected, bool(ok), detail)
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 pairs."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 3:
+        return float("nan")
+
+    def ranks(a):
+        order = np.argsort(a, kind="stable")
+        r = np.empty(a.size)
+        r[order] = np.arange(a.size, dtype=float)
+        for value in np.unique(a):  # average ranks of ties
+            tied = a == value
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def run_config(base: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+    """A copy of the base training config with dotted-path overrides, e.g.
+    ``run_config(base, **{"optimizer.learning_rate": 0.1, "batch_size": 32})``."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        if isinstance(value, Mapping):
+            value = ml_collections.ConfigDict(dict(value))
+        node[leaf] = value
+    return config
+
+
+def train_run(workdir: str | os.PathLike, name: str, config: ml_collections.ConfigDict):
+    """Trains (or resumes, or reads back) one run in ``workdir/runs/<name>``."""
+    path = Path(workdir) / "runs" / name
+    logging.info("run %s -> %s", name, path)
+    return training.train(config, path)
+
+
+def columns(workdir: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
+    """The metric columns of run ``name`` (``records.metric_columns``)."""
+    return records.metric_columns(records.read_metrics(Path(workdir) / "runs" / name))
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.ndarray | np.generic) or hasattr(value, "__array__"):
+        arr = np.asarray(value)
+        return _to_json(arr.tolist()) if arr.ndim else _to_json(arr.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def cached(
+    workdir: str | os.PathLike, name: str, compute: Callable[[], Mapping[str, Any]]
+) -> dict[str, Any]:
+    """``compute()`` once, saved in ``workdir/analysis/<name>.json``; read back afterwards.
+
+    Arrays of more than 64 numbers go to ``<name>.npz`` beside it. Writes are atomic, so an
+    analysis killed midway is recomputed on the next run.
+    """
+    folder = Path(workdir) / "analysis"
+    json_path, npz_path = folder / f"{name}.json", folder / f"{name}.npz"
+    if json_path.exists():
+        result = json.loads(json_path.read_text())
+        if npz_path.exists():
+            with np.load(npz_path) as arrays:
+                result.update({k: arrays[k] for k in arrays.files})
+        return result
+    folder.mkdir(parents=True, exist_ok=True)
+    result = dict(compute())
+    big = {k: np.asarray(v) for k, v in result.items() if np.ndim(v) and np.size(v) > 64}
+    small = {k: v for k, v in result.items() if k not in big}
+    if big:
+        tmp = npz_path.with_suffix(".tmp.npz")
+        np.savez(tmp, **big)
+        os.replace(tmp, npz_path)
+    tmp = json_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_to_json(small), indent=1, sort_keys=True))
+    os.replace(tmp, json_path)  # last: its presence marks the analysis complete
+    return {**small, **big}
+
+
+def figure(workdir: str | os.PathLike, name: str, fig) -> str:
+    """Saves ``fig`` as ``workdir/figures/<name>.png``; returns the path relative to workdir."""
+    plots.save(fig, Path(workdir) / "figures" / f"{name}.png")
+    return f"figures/{name}.png"
+
+
+def run_study(
+    study: str,
+    run: Callable[[ml_collections.ConfigDict, Path], tuple[list[Check], dict, list[str]]],
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Runs a study in ``workdir`` and writes ``summary.json``.
+
+    Args:
+      study: the study's name.
+      run: ``(config, workdir) -> (checks, results, figures)``.
+      config: the study config (with a ``preset`` field).
+      workdir: the study's workdir; rerunning with the same one resumes.
+      force: accept a config that differs from the one stored in the workdir.
+
+    Returns:
+      The summary: study, preset, passed (all evaluated checks passed and at least one was
+      evaluated), checks, results, figures, elapsed seconds.
+    """
+    check_preset(config.preset)
+    workdir = records.init_workdir(workdir)
+    records.write_config(workdir, config, force=force)
+    start = time.time()
+    logging.info("study %s (%s) in %s", study, config.preset, workdir)
+    checks, results, figures = run(config, workdir)
+    evaluated = [c.passed for c in checks if c.passed is not None]
+    summary = {
+        "study": study,
+        "preset": config.preset,
+        "passed": bool(evaluated) and all(evaluated),
+        "checks": [c.to_dict() for c in checks],
+        "results": _to_json(results),
+        "figures": list(figures),
+        "elapsed_s": time.time() - start,
+    }
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, workdir / "summary.json")
+    for c in checks:
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
+        logging.info("[%s] %s: %s (expected %s)", mark, c.claim, c.value, c.expected)
+    return summary
