@@ -6,7 +6,26 @@ Pure functions on ``jax.jvp`` / ``jax.vjp`` / ``jax.vmap``: build an :class:`Obj
 functions over parameter pytrees, and feed them to the algorithms in :mod:`linalg`.
 """
 
-from sharpness_jax import checks, linalg, objective, operators, per_example, subsets
+from sharpness_jax import (
+    checks,
+    data,
+    fisher_geometry,
+    jacobian,
+    linalg,
+    measures,  # importing it registers the studies' measurements
+    models,
+    noise,
+    objective,
+    operators,
+    per_example,
+    plots,
+    quotient,
+    records,
+    shallow,
+    sharpness,
+    subsets,
+    training,
+)
 from sharpness_jax.checks import check_finite
 from sharpness_jax.linalg import (
     Eigen,
@@ -55,7 +74,16 @@ from sharpness_jax.per_example import (
     sum_examples,
     sum_over_chunks,
 )
+from sharpness_jax.sharpness import (
+    batch_sharpness,
+    batch_sharpness_ratio_of_expectations,
+    expected_batch_lambda_max,
+    gradient_noise_interaction,
+    hessian_top_k,
+    stability_threshold,
+)
 from sharpness_jax.subsets import embed, leaf_paths, num_params, restrict, select
+from sharpness_jax.training import register_measurement, train
 
 __version__ = "0.1.0"
 
@@ -66,13 +94,18 @@ __all__ = [
     "Loss",
     "Objective",
     "SpectralDensity",
+    "batch_sharpness",
+    "batch_sharpness_ratio_of_expectations",
     "check_finite",
     "checks",
+    "data",
     "dense",
     "diagonal_exact",
     "embed",
     "empirical_fisher",
+    "expected_batch_lambda_max",
     "fisher",
+    "fisher_geometry",
     "fisher_monte_carlo",
     "frobenius_squared",
     "frobenius_squared_exact",
@@ -80,10 +113,13 @@ __all__ = [
     "ggn",
     "gradient",
     "gradient_covariance",
+    "gradient_noise_interaction",
     "hessian",
     "hessian_second_moment",
+    "hessian_top_k",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "jacobian",
     "jacobian_tvp",
     "jacobian_vp",
     "lanczos_top_k",
@@ -92,6 +128,9 @@ __all__ = [
     "lobpcg_top_k",
     "loss_value",
     "map_examples",
+    "measures",
+    "models",
+    "noise",
     "num_params",
     "objective",
     "operators",
@@ -100,15 +139,24 @@ __all__ = [
     "per_example_hvps",
     "per_example_jacobians",
     "per_example_losses",
+    "plots",
     "power_iteration",
+    "quotient",
+    "records",
+    "register_measurement",
     "restrict",
     "select",
+    "shallow",
+    "sharpness",
     "softmax_cross_entropy",
     "spectral_density",
     "squared_error",
+    "stability_threshold",
     "subsets",
     "sum_examples",
     "sum_over_chunks",
     "trace_exact",
+    "train",
+    "training",
     "xtrace",
 ]

@@ -231,6 +231,10 @@ class Objective:
         """Outputs of a batch of examples, shape ``(n, K)``."""
         return jax.vmap(self.predict, in_axes=(None, 0))(params, inputs)
 
+    def output_grads(self, outputs: jax.Array, targets: PyTree) -> jax.Array:
+        """r_p = ∇_f loss(f_p, y_p) for a batch of outputs ``(n, K)``; shape ``(n, K)``."""
+        return jax.vmap(jax.grad(self.loss))(outputs, targets)
+
     def batch_losses(self, params: PyTree, batch: Batch) -> jax.Array:
         """Per-example losses ℓ_p(θ), shape ``(n,)``."""
         return jax.vmap(self.example_loss, in_axes=(None, 0, 0))(params, *batch)

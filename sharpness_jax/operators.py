@@ -288,10 +288,6 @@ def fisher_monte_carlo(
     return _output_sandwich(objective, params, batch, n, chunk_size, middle)
 
 
-def _output_grads(objective: Objective, outputs: jax.Array, targets: PyTree) -> jax.Array:
-    return jax.vmap(jax.grad(objective.loss))(outputs, targets)
-
-
 def empirical_fisher(
     objective: Objective,
     params: PyTree,
@@ -305,7 +301,7 @@ def empirical_fisher(
 
     def middle(outputs, targets, jv, index):
         del index
-        r = _output_grads(objective, outputs, targets)
+        r = objective.output_grads(outputs, targets)
         return r * jnp.sum(r * jv, axis=1, keepdims=True)
 
     return _output_sandwich(objective, params, batch, n, chunk_size, middle)
@@ -347,7 +343,7 @@ def gradient_covariance(
             del index
             inputs, targets = chunk
             outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
-            r = _output_grads(objective, outputs, targets)
+            r = objective.output_grads(outputs, targets)
             centred = jnp.where(mask, jnp.sum(r * f_jvp(v), axis=1) - gv, 0)
             back = jax.linear_transpose(f_jvp, params)(r * centred[:, None])[0]
             return back, jnp.sum(centred)

@@ -58,7 +58,7 @@ def sum_over_chunks(
     n = checks.num_examples(batch)
     checks.check_chunk_size(chunk_size)
     if chunk_size is None or chunk_size >= n:
-        return chunk_fn(batch, jnp.ones((n,), bool), jnp.arange(n))
+        return chunk_fn(batch, jnp.ones((n,), bool), jnp.arange(n, dtype=jnp.int32))
 
     num_chunks = -(-n // chunk_size)
     stride = jnp.arange(chunk_size, dtype=jnp.int32) * num_chunks

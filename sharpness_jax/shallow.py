@@ -43,7 +43,9 @@ HOMOGENEITY: dict[str, int | None] = {"relu": 1, "leaky_relu": 1, "quadratic": 2
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown shallow-net activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown shallow-net activation {name!r}; choose from {sorted(ACTIVATIONS)}"
+        )
     return ACTIVATIONS[name]
 
 
