@@ -104,6 +104,7 @@ __all__ = [
     "default_config",
     "learning_rate_schedule",
     "make_optimizer",
+    "measure",
     "measurement_steps",
     "register_measurement",
     "resolve_config",
@@ -128,6 +129,7 @@ RESUMABLE_FIELDS = (
     "keep_checkpoints",
     "log_every",
     "progress_bar",
+    "mesh",
 )
 
 # Tags folded into the seed's key so that the random streams for different purposes differ.
@@ -193,6 +195,13 @@ def default_config() -> ml_collections.ConfigDict:
       ``jax_enable_x64``).
     ``log_every``: a progress line every this many steps (100; 0: off).
     ``progress_bar``: draw a progress bar when stderr is a terminal (True).
+    ``mesh``: where the data lives. None: one device (the default device). "auto": a 1-D
+      mesh over all devices (all hosts after ``jax.distributed.initialize``); an int d: the
+      first d devices. Every example array is sharded along its example axis over the mesh
+      (arrays whose example count the mesh size does not divide are replicated, with a
+      warning), parameters and optimizer state are replicated, and the jitted step and
+      measurements run data-parallel (XLA's SPMD partitioner). Results equal the one-device
+      results up to the order of floating-point sums; a run may resume on another mesh.
     """
     c = ml_collections.ConfigDict()
     c.dataset = ml_collections.ConfigDict({"name": "mnist5k"})
@@ -242,6 +251,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.log_every = 100
     c.progress_bar = True
+    c.mesh = config_dict.placeholder(object)
     return c
 
 
@@ -342,6 +352,11 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
             f"{section}.{key}={given!r} contradicts dtype={c.dtype!r}; set only `dtype`",
         )
 
+    _require(
+        c.mesh in (None, "auto") or (_is_int(c.mesh) and 1 <= c.mesh <= jax.device_count()),
+        f"mesh must be None, 'auto' or a device count in [1, {jax.device_count()}], got "
+        f"{c.mesh!r}",
+    )
     o = c.optimizer
     _require(o.name in OPTIMIZERS, f"unknown optimizer {o.name!r}; choose one of {OPTIMIZERS}")
     _require(
@@ -1217,79 +1232,22 @@ def train(config: Any, workdir: str | None = None, *, force: bool = False) -> Tr
       ValueError: for an invalid config (before any compilation) or non-finite data or
         initial parameters; ``records.ConfigMismatchError`` for a conflicting stored config.
     """
-    c = validate_config(config)
-    dataset = _load(c)
-    n_train = checks.num_examples(dataset.train)
-    n_test = checks.num_examples(dataset.test)
-    batch_size = n_train if c.batch_size is None else int(c.batch_size)
-    _require(
-        batch_size <= n_train, f"batch_size={batch_size} exceeds the {n_train} training examples"
-    )
-    if c.optimizer.name == "gd":
-        _require(
-            batch_size == n_train,
-            f"optimizer 'gd' is full-batch gradient descent, but batch_size={batch_size} < "
-            f"n={n_train}; use optimizer 'sgd' for mini-batches",
-        )
-    integer_labels = bool(np.issubdtype(np.asarray(dataset.train.targets).dtype, np.integer))
-    _require(
-        c.train_accuracy_goal is None or integer_labels,
-        "train_accuracy_goal needs integer class labels; this dataset has real targets",
-    )
-
-    programs = _programs_for(
-        c, np.shape(dataset.train.inputs)[1:], dataset.num_classes, integer_labels
-    )
-    model, objective = programs.model, programs.objective
+    st = _setup(config)
+    c, programs, model = st.config, st.programs, st.programs.model
     _, tx = programs.optimizer(c)
-    base_key = jax.random.PRNGKey(c.seed)
-    init_key = jax.random.fold_in(base_key, _TAG_INIT)
-    num_params = _num_params(model, init_key)
-    num_measure = n_train if c.measure_subset is None else min(c.measure_subset, n_train)
-    info = RunInfo(
-        num_params=num_params,
-        num_train=n_train,
-        num_test=n_test,
-        num_measure=num_measure,
-        num_outputs=dataset.num_classes,
-        batch_size=batch_size,
-        integer_labels=integer_labels,
-        exact_param_limit=int(c.measure.exact_param_limit),
-        chunk_size=c.chunk_size,
-    )
-    options = {
-        name: _measurement_options(name, c.measure.options.get(name, {}))
-        for name in c.measure.names
-    }
-    for name in c.measure.names:
-        if MEASUREMENTS[name].check is not None:
-            MEASUREMENTS[name].check(options[name], info)
-
-    checks.check_finite(dataset.train, dataset.test, names=("train data", "test data"))
-    # Every array the jitted functions see lives on one device and is committed to it, so
-    # that a fresh, a continued and a resumed run call the same compiled programs.
-    device = next(iter(jnp.zeros(()).devices()))
-    params = jax.device_put(model.init(init_key), device)
+    params = st.placement.params(model.init(st.init_key))
     checks.check_finite(params, names=("initial params",))
-
-    opt_state = jax.device_put(tx.init(params), device)
-    # Measurement programs are shared by runs whose configs differ only in the seed or in
-    # where they stop.
-    scope = {k: v for k, v in c.to_dict().items() if k not in ("seed", *RESUMABLE_FIELDS)}
-    runtime = _Runtime(programs, json.dumps(records.encode_value(scope), sort_keys=True))
+    opt_state = st.placement.params(tx.init(params))
     traces_before = Counter(programs.traces)
-    train_data = jax.device_put(Batch(*dataset.train), device)
-    test_data = jax.device_put(Batch(*dataset.test), device)
-    measure_batch = _measure_subset(train_data, num_measure)
+    train_data = st.train
+    n_train = checks.num_examples(train_data)
     sampler = (
         None
-        if batch_size == n_train
-        else data.Sampler(n_train, batch_size, replace=c.replace, seed=c.seed)
+        if st.info.batch_size == n_train
+        else data.Sampler(n_train, st.info.batch_size, replace=c.replace, seed=c.seed)
     )
     limit = jnp.asarray(math.inf if c.loss_limit is None else c.loss_limit, c.dtype)
     step_fn = programs.train_step(c)
-    frozen = ml_collections.FrozenConfigDict(c)
-    measure_key = jax.random.fold_in(base_key, _TAG_MEASURE)
     fixed_steps = _fixed_steps(c)
 
     # ------------------------------------------------------------------ records / resume
@@ -1305,10 +1263,11 @@ def train(config: Any, workdir: str | None = None, *, force: bool = False) -> Tr
         ckpt = records.restore_checkpoint(manager, {"params": params, "opt_state": opt_state})
         if ckpt is not None:
             step = ckpt.step
-            params, opt_state = ckpt.state["params"], ckpt.state["opt_state"]
-            for name, st in ckpt.extra.items():
+            params = st.placement.params(ckpt.state["params"])
+            opt_state = st.placement.params(ckpt.state["opt_state"])
+            for name, state in ckpt.extra.items():
                 if name in states:
-                    states[name] = jax.device_put(dict(st), device)
+                    states[name] = st.placement.params(dict(state))
             restored_meta = ckpt.meta
             resumed_from = ckpt.step
             logging.info("resuming %s from the checkpoint at step %d", workdir, step)
@@ -1320,35 +1279,10 @@ def train(config: Any, workdir: str | None = None, *, force: bool = False) -> Tr
     if workdir is not None:
         previous = records.read_metrics(workdir)
         last_row = previous[-1] if previous else {}
+    runtime = st.runtime
 
     def measure(step: int, params: PyTree) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": step}
-        arrays: dict[str, np.ndarray] = {}
-        key = jax.random.fold_in(measure_key, step)
-        for name in c.measure.names:
-            ctx = MeasureContext(
-                name=name,
-                step=step,
-                objective=objective,
-                params=params,
-                batch=measure_batch,
-                train=train_data,
-                test=test_data,
-                key=jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF),
-                options=options[name],
-                state=states[name],
-                info=info,
-                config=frozen,
-                _runtime=runtime,
-            )
-            for k, v in dict(MEASUREMENTS[name].fn(ctx)).items():
-                if k in row or k in arrays or k == "arrays":
-                    raise ValueError(f"measurement {name!r} returned {k!r}, which is taken")
-                value = np.asarray(v)
-                if value.ndim == 0:
-                    row[k] = value.item()
-                else:
-                    arrays[k] = value
+        row, arrays = _measure_row(st, states, step, params)
         if arrays:
             if workdir is not None:
                 row["arrays"] = records.save_arrays(workdir, step, arrays)
@@ -1429,6 +1363,209 @@ def train(config: Any, workdir: str | None = None, *, force: bool = False) -> Tr
         traces=dict(Counter(programs.traces) - traces_before),
         workdir=None if workdir is None else str(workdir),
     )
+
+
+class _Placement:
+    """Where arrays live: one committed device, or a 1-D mesh ("data") of devices."""
+
+    def __init__(self, mesh_spec: Any):
+        if mesh_spec is None:
+            self.mesh = None
+            self.device = next(iter(jnp.zeros(()).devices()))
+            return
+        devices = jax.devices()
+        count = len(devices) if mesh_spec == "auto" else int(mesh_spec)
+        self.mesh = jax.sharding.Mesh(np.array(devices[:count]), ("data",))
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+
+    @property
+    def size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def params(self, tree: PyTree) -> PyTree:
+        """Replicated (or on the one device)."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        return jax.tree.map(lambda a: _global_array(a, self.replicated), tree)
+
+    def examples(self, tree: PyTree, what: str) -> PyTree:
+        """Sharded along the leading example axis when the mesh size divides it."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        n = checks.num_examples(tree)
+        if n % self.mesh.size:
+            logging.warning(
+                "%s: %d examples are not divisible by the %d devices of the mesh; "
+                "replicating them instead of sharding",
+                what,
+                n,
+                self.mesh.size,
+            )
+            return jax.tree.map(lambda a: _global_array(a, self.replicated), tree)
+        return jax.tree.map(lambda a: _global_array(a, self.sharded), tree)
+
+
+def _global_array(a, sharding) -> jax.Array:
+    """A global array from a host value every process holds in full (works multi-host)."""
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+class _Setup(NamedTuple):
+    """Everything a run (or a one-off measurement) needs before its parameters exist."""
+
+    config: ml_collections.ConfigDict
+    programs: _Programs
+    runtime: _Runtime
+    placement: _Placement
+    info: RunInfo
+    options: dict[str, dict[str, Any]]
+    train: Batch
+    test: Batch
+    measure_batch: Batch
+    init_key: jax.Array
+    measure_key: jax.Array
+    frozen: ml_collections.FrozenConfigDict
+
+
+def _setup(config: Any) -> _Setup:
+    """Validates the config against the data and model, loads and places the data."""
+    c = validate_config(config)
+    dataset = _load(c)
+    n_train = checks.num_examples(dataset.train)
+    n_test = checks.num_examples(dataset.test)
+    batch_size = n_train if c.batch_size is None else int(c.batch_size)
+    _require(
+        batch_size <= n_train, f"batch_size={batch_size} exceeds the {n_train} training examples"
+    )
+    if c.optimizer.name == "gd":
+        _require(
+            batch_size == n_train,
+            f"optimizer 'gd' is full-batch gradient descent, but batch_size={batch_size} < "
+            f"n={n_train}; use optimizer 'sgd' for mini-batches",
+        )
+    integer_labels = bool(np.issubdtype(np.asarray(dataset.train.targets).dtype, np.integer))
+    _require(
+        c.train_accuracy_goal is None or integer_labels,
+        "train_accuracy_goal needs integer class labels; this dataset has real targets",
+    )
+    programs = _programs_for(
+        c, np.shape(dataset.train.inputs)[1:], dataset.num_classes, integer_labels
+    )
+    base_key = jax.random.PRNGKey(c.seed)
+    init_key = jax.random.fold_in(base_key, _TAG_INIT)
+    num_measure = n_train if c.measure_subset is None else min(c.measure_subset, n_train)
+    info = RunInfo(
+        num_params=_num_params(programs.model, init_key),
+        num_train=n_train,
+        num_test=n_test,
+        num_measure=num_measure,
+        num_outputs=dataset.num_classes,
+        batch_size=batch_size,
+        integer_labels=integer_labels,
+        exact_param_limit=int(c.measure.exact_param_limit),
+        chunk_size=c.chunk_size,
+    )
+    options = {
+        name: _measurement_options(name, c.measure.options.get(name, {}))
+        for name in c.measure.names
+    }
+    for name in c.measure.names:
+        if MEASUREMENTS[name].check is not None:
+            MEASUREMENTS[name].check(options[name], info)
+    checks.check_finite(dataset.train, dataset.test, names=("train data", "test data"))
+
+    # Every array the jitted functions see is committed to the device or mesh, so that a
+    # fresh, a continued and a resumed run call the same compiled programs. Measurement
+    # programs are shared by runs whose configs differ only in the seed or where they stop.
+    placement = _Placement(c.mesh)
+    scope = {k: v for k, v in c.to_dict().items() if k not in ("seed", *RESUMABLE_FIELDS)}
+    runtime = _Runtime(programs, json.dumps(records.encode_value(scope), sort_keys=True))
+    train_data = placement.examples(Batch(*dataset.train), "training data")
+    test_data = placement.examples(Batch(*dataset.test), "test data")
+    measure_batch = placement.examples(
+        _measure_subset(Batch(*dataset.train), num_measure), "measurement batch"
+    )
+    return _Setup(
+        config=c,
+        programs=programs,
+        runtime=runtime,
+        placement=placement,
+        info=info,
+        options=options,
+        train=train_data,
+        test=test_data,
+        measure_batch=measure_batch,
+        init_key=init_key,
+        measure_key=jax.random.fold_in(base_key, _TAG_MEASURE),
+        frozen=ml_collections.FrozenConfigDict(c),
+    )
+
+
+def _measure_row(
+    st: _Setup, states: dict[str, dict[str, Any]], step: int, params: PyTree
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One metrics row (scalars) and its arrays: every measurement of the config at θ."""
+    row: dict[str, Any] = {"step": step}
+    arrays: dict[str, np.ndarray] = {}
+    key = jax.random.fold_in(st.measure_key, step)
+    for name in st.config.measure.names:
+        ctx = MeasureContext(
+            name=name,
+            step=step,
+            objective=st.programs.objective,
+            params=params,
+            batch=st.measure_batch,
+            train=st.train,
+            test=st.test,
+            key=jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF),
+            options=st.options[name],
+            state=states[name],
+            info=st.info,
+            config=st.frozen,
+            _runtime=st.runtime,
+        )
+        for k, v in dict(MEASUREMENTS[name].fn(ctx)).items():
+            if k in row or k in arrays or k == "arrays":
+                raise ValueError(f"measurement {name!r} returned {k!r}, which is taken")
+            value = np.asarray(v)
+            if value.ndim == 0:
+                row[k] = value.item()
+            else:
+                arrays[k] = value
+    return row, arrays
+
+
+def measure(
+    config: Any, params: PyTree | None = None, *, step: int = 0
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Runs the config's measurements once, as the training loop would at ``step``.
+
+    For measuring a trained model (e.g. the params of a checkpoint) with any registered
+    measurement: the data, measurement batch, keys and options are those of a training run
+    with this config.
+
+    Args:
+      config: a training config (see :func:`default_config`); ``measure.names`` and
+        ``measure.options`` choose the measurements.
+      params: the parameters (None: the config's initialisation). They must have the
+        structure, shapes and dtypes of the config's model.
+      step: the step whose measurement keys to use.
+
+    Returns:
+      ``(row, arrays)``: the scalars and the arrays the measurements returned.
+    """
+    st = _setup(config)
+    init = st.programs.model.init(st.init_key)
+    if params is None:
+        params = init
+    else:
+        checks.check_vector(params, init, name="params")
+    params = st.placement.params(params)
+    checks.check_finite(params, names=("params",))
+    states: dict[str, dict[str, Any]] = {name: {} for name in st.config.measure.names}
+    return _measure_row(st, states, step, params)
 
 
 def _load(c: ml_collections.ConfigDict) -> data.Dataset:
