@@ -103,6 +103,7 @@ __all__ = [
     "TrainResult",
     "default_config",
     "learning_rate_schedule",
+    "load_checkpoint",
     "make_optimizer",
     "measure",
     "measurement_steps",
@@ -354,8 +355,7 @@ def validate_config(config: Any) -> ml_collections.ConfigDict:
 
     _require(
         c.mesh in (None, "auto") or (_is_int(c.mesh) and 1 <= c.mesh <= jax.device_count()),
-        f"mesh must be None, 'auto' or a device count in [1, {jax.device_count()}], got "
-        f"{c.mesh!r}",
+        f"mesh must be None, 'auto' or a device count in [1, {jax.device_count()}], got {c.mesh!r}",
     )
     o = c.optimizer
     _require(o.name in OPTIMIZERS, f"unknown optimizer {o.name!r}; choose one of {OPTIMIZERS}")
@@ -1566,6 +1566,37 @@ def measure(
     checks.check_finite(params, names=("params",))
     states: dict[str, dict[str, Any]] = {name: {} for name in st.config.measure.names}
     return _measure_row(st, states, step, params)
+
+
+def load_checkpoint(
+    workdir: str, *, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, PyTree, int]:
+    """The stored config and the parameters of a run's checkpoint.
+
+    Args:
+      workdir: a training run's workdir (``config.json`` and ``checkpoints/``).
+      step: which checkpoint (None: the latest complete one).
+
+    Returns:
+      ``(config, params, step)``.
+
+    Raises:
+      FileNotFoundError: if the workdir holds no config or no complete checkpoint.
+    """
+    stored = records.read_config(workdir)
+    if stored is None:
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a training run's workdir")
+    config = resolve_config(stored)
+    st = _setup(config)
+    _, tx = st.programs.optimizer(st.config)
+    params = st.programs.model.init(st.init_key)
+    manager = records.checkpoint_manager(workdir, max_to_keep=st.config.keep_checkpoints)
+    ckpt = records.restore_checkpoint(
+        manager, {"params": params, "opt_state": tx.init(params)}, step=step
+    )
+    if ckpt is None:
+        raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
+    return st.config, ckpt.state["params"], ckpt.step
 
 
 def _load(c: ml_collections.ConfigDict) -> data.Dataset:
