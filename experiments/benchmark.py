@@ -1,0 +1,331 @@
+r"""Speed and memory benchmark of the curvature engine; prints one JSON object.
+
+Workloads (float32, one CPU process unless the machine has accelerators):
+
+* W1: MLP 784-512-512-10 tanh, softmax cross-entropy, n = 1024 images of the offline MNIST
+  subset (P = 669,706).
+* W2: CNN (3×3 convs with 16 and 32 channels, ReLU, average pooling, dense 10), n = 512.
+* W3 (``--w3``): the exact diagonal of E_p[h_p²] for an MLP 784-12-10 (P = 9,550) on
+  n = 1000.
+
+Times are medians over ``--repeats`` runs of the jitted computation after a compile run.
+"Gradient-equivalents" divide a time by the full-batch gradient's time on the same data.
+Peak memory of a C matvec is XLA's compiled temporary-buffer size (arguments excluded) at
+two batch sizes and one chunk size. ``--markdown`` prints the table for README.md instead.
+
+  python -m experiments.benchmark                   # W1 and W2 (a few minutes)
+  python -m experiments.benchmark --w3 --markdown
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+import sharpness_jax as sj
+from sharpness_jax import data, models, noise, sharpness, training
+
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 256, "Examples per chunk for the operators.")
+_W2 = flags.DEFINE_bool("w2", True, "Run workload W2 (CNN).")
+_W3 = flags.DEFINE_bool("w3", False, "Run workload W3 (exact E_p[h_p²] diagonal; minutes).")
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "Print a markdown table instead of JSON.")
+_SMALL = flags.DEFINE_bool(
+    "small", False, "Tiny workloads (seconds) that exercise every code path; no targets."
+)
+
+# Workload sizes: (n, MLP widths) of W1, (n, CNN channels) of W2, (n, MLP widths) of W3.
+FULL = {"w1": (1024, (512, 512)), "w2": (512, (16, 32)), "w3": (1000, (12,))}
+SMALL = {"w1": (64, (16,)), "w2": (32, (4, 4)), "w3": (32, (4,))}
+
+# name -> (target, unit); lower is better for all.
+TARGETS = {
+    "hessian_x_grad": (2.5, "× gradient"),
+    "ggn_x_grad": (2.5, "× gradient"),
+    "fisher_x_grad": (2.5, "× gradient"),
+    "empirical_fisher_x_grad": (2.5, "× gradient"),
+    "gradient_covariance_x_grad": (2.5, "× gradient"),
+    "hessian_second_moment_x_grad": (6.0, "× gradient"),
+    "lambda_max_cold_grad_equivalents": (100.0, "gradients"),
+    "lambda_max_warm_grad_equivalents": (25.0, "gradients"),
+    "batch_sharpness_grad_equivalents": (60.0, "gradients"),
+    "w3_exact_h2_diagonal_s": (600.0, "s"),
+}
+
+
+def _block(tree):
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
+
+
+def timeit(fn: Callable[..., Any], *args, repeats: int) -> float:
+    """Median wall time (s) of ``fn(*args)`` after one warm-up (compile) call."""
+    _block(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _mnist(n: int, *, flatten: bool) -> sj.Batch:
+    ds = data.load_dataset("mnist5k", num_train=n, flatten=flatten)
+    return sj.Batch(jnp.asarray(ds.train.inputs), jnp.asarray(ds.train.targets))
+
+
+def _problem(name: str, n: int, **options):
+    flat = name == "mlp"
+    batch = _mnist(n, flatten=flat)
+    shape = batch.inputs.shape[1:]
+    model = models.build_model(name, input_shape=shape, num_outputs=10, **options)
+    params = model.init(jax.random.PRNGKey(0))
+    return sj.Objective(model.predict, sj.get_loss("cross_entropy")), params, batch
+
+
+OPERATORS = {
+    "hessian": sj.hessian,
+    "ggn": sj.ggn,
+    "fisher": sj.fisher,
+    "empirical_fisher": sj.empirical_fisher,
+    "gradient_covariance": sj.gradient_covariance,
+    "hessian_second_moment": sj.hessian_second_moment,
+}
+
+
+def operator_times(objective, params, batch, *, chunk: int, repeats: int) -> dict[str, float]:
+    """Full-batch gradient, one matvec of each operator, all per-example gradients."""
+    grad = jax.jit(lambda p, b: sj.gradient(objective, p, b, chunk_size=chunk))
+    out = {"gradient_s": timeit(grad, params, batch, repeats=repeats)}
+    g = grad(params, batch)
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    for name, ctor in OPERATORS.items():
+        op_chunk = min(chunk, 64) if name == "hessian_second_moment" else chunk
+
+        def matvec(p, b, v, g, ctor=ctor, c=op_chunk, name=name):
+            # C's constructor needs ḡ once; pass it in so that the matvec alone is timed.
+            kw = {"mean_gradient": g} if name == "gradient_covariance" else {}
+            return ctor(objective, p, b, chunk_size=c, **kw)(v)
+
+        out[f"{name}_s"] = timeit(jax.jit(matvec), params, batch, v, g, repeats=repeats)
+        out[f"{name}_x_grad"] = out[f"{name}_s"] / out["gradient_s"]
+    pe = jax.jit(lambda p, b: sj.per_example_grads(objective, p, b, chunk_size=chunk))
+    out["per_example_grads_s"] = timeit(pe, params, batch, repeats=repeats)
+    out["per_example_grads_x_grad"] = out["per_example_grads_s"] / out["gradient_s"]
+    return out
+
+
+def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int, grad_s: float):
+    """λ_max(H) to 1e-3 cold and warm, Hutchinson tr(H), exact tr(C) and λ_max(C), BS."""
+    out: dict[str, Any] = {}
+
+    def reference(p):
+        return sharpness.hessian_top_k(
+            objective, p, batch, num_iters=120, tol=1e-7, chunk_size=chunk
+        ).values[0]
+
+    top = jax.jit(
+        lambda p, b, init: sharpness.hessian_top_k(objective, p, b, init=init, chunk_size=chunk)
+    )
+    zero = jax.tree_util.tree_map(lambda a: jnp.zeros((1, *a.shape), a.dtype), params)
+    cold = top(params, batch, zero)
+    truth = float(jax.jit(reference)(params))
+    out["lambda_max"] = truth
+    out["lambda_max_cold_rel_error"] = abs(float(cold.values[0]) - truth) / truth
+    out["lambda_max_cold_matvecs"] = int(cold.num_matvecs)
+    out["lambda_max_cold_s"] = timeit(top, params, batch, zero, repeats=repeats)
+    out["lambda_max_cold_grad_equivalents"] = out["lambda_max_cold_s"] / grad_s
+
+    # Tracking: one SGD step (η = 0.1 on a batch of n/8) later, from the previous vector.
+    mini = jax.tree_util.tree_map(lambda a: a[: max(1, a.shape[0] // 8)], batch)
+    g = sj.gradient(objective, params, mini)
+    moved = jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, g)
+    warm = top(moved, batch, cold.vectors)
+    truth2 = float(jax.jit(reference)(moved))
+    out["lambda_max_warm_rel_error"] = abs(float(warm.values[0]) - truth2) / truth2
+    out["lambda_max_warm_matvecs"] = int(warm.num_matvecs)
+    out["lambda_max_warm_s"] = timeit(top, moved, batch, cold.vectors, repeats=repeats)
+    out["lambda_max_warm_grad_equivalents"] = out["lambda_max_warm_s"] / grad_s
+
+    key = jax.random.PRNGKey(0)
+    hutch = jax.jit(
+        lambda p, b: sharpness.hessian_trace_hutchinson(
+            objective, p, b, key=key, num_probes=100, probe_chunk=10, chunk_size=chunk
+        )
+    )
+    out["hutchinson_trace_h_100_probes_s"] = timeit(hutch, params, batch, repeats=1)
+    tr_c = jax.jit(lambda p, b: noise.gradient_covariance_trace(objective, p, b, chunk_size=chunk))
+    out["exact_trace_c_s"] = timeit(tr_c, params, batch, repeats=repeats)
+    top_c = jax.jit(
+        lambda p, b: noise.gradient_covariance_top_k(objective, p, b, k=1, chunk_size=chunk)
+    )
+    out["exact_lambda_max_c_s"] = timeit(top_c, params, batch, repeats=max(1, repeats // 2))
+    n = batch.targets.shape[0]
+
+    bs = jax.jit(
+        lambda p, b, k: sharpness.batch_sharpness(
+            objective, p, b, batch_size=min(32, n), key=k, rel_stderr=0.01, max_draws=1000
+        )
+    )
+    est = bs(params, batch, key)
+    out["batch_sharpness"] = float(est.value)
+    out["batch_sharpness_rel_stderr"] = float(est.stderr / abs(est.value))
+    out["batch_sharpness_draws"] = int(est.num_draws)
+    out["batch_sharpness_s"] = timeit(bs, params, batch, key, repeats=max(1, repeats // 2))
+    out["batch_sharpness_grad_equivalents"] = out["batch_sharpness_s"] / grad_s
+    return out
+
+
+def covariance_memory(objective, params, *, n: int, chunk: int) -> dict[str, float]:
+    """Compiled temporary memory (MiB) of one C matvec at n and 4n examples, fixed chunk."""
+    out = {}
+    for size in (n, 4 * n):
+        batch = sj.Batch(
+            jax.ShapeDtypeStruct((size, 784), jnp.float32),
+            jax.ShapeDtypeStruct((size,), jnp.int32),
+        )
+        fn = jax.jit(lambda p, b, v: sj.gradient_covariance(objective, p, b, chunk_size=chunk)(v))
+        stats = fn.lower(params, batch, params).compile().memory_analysis()
+        label = "n" if size == n else "4n"
+        out[f"c_matvec_temp_mib_{label}"] = stats.temp_size_in_bytes / 2**20
+        out[f"c_matvec_argument_mib_{label}"] = stats.argument_size_in_bytes / 2**20
+    return out
+
+
+def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, float]:
+    """Each in-training measurement's time as a multiple of one SGD step (W1, b = n/8)."""
+    c = training.default_config()
+    c.dataset.update(name="mnist5k", num_train=n, flatten=True)
+    c.model.update(name="mlp", widths=widths, activation="tanh")
+    c.batch_size = n // 8
+    c.chunk_size = chunk
+    objective, params, batch = _problem("mlp", n, widths=widths, activation="tanh")
+    tx = optax.sgd(0.1)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, b):
+        g = sj.gradient(objective, p, b)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    mini = jax.tree_util.tree_map(lambda a: a[: n // 8], batch)
+    step_s = timeit(step, params, opt_state, mini, repeats=repeats)
+    out = {"training_step_s": step_s}
+    measures = {
+        "lambda_max": {"k": 1, "tol": 3e-3},
+        "trace_hessian": {"num_probes": 20},
+        "trace_gradient_covariance": {},
+        "batch_sharpness": {"rel_stderr": 0.02},
+        "gni": {"num_probes": 10},
+        "jacobian_norms": {},
+        "riemannian_sharpness": {"num_probes": 20},
+    }
+    for name, options in measures.items():
+        c.measure.names = (name,)
+        c.measure.options = {name: options}
+        training.measure(c, params)  # compile
+        start = time.perf_counter()
+        training.measure(c, params)
+        out[f"measure_{name}_x_step"] = (time.perf_counter() - start) / step_s
+    return out
+
+
+def w3(n: int, widths, repeats: int) -> dict[str, float]:
+    objective, params, batch = _problem("mlp", n, widths=widths, activation="tanh")
+    fn = jax.jit(
+        lambda p, b: noise.hessian_second_moment_diagonal(
+            objective, p, b, chunk_size=25, basis_chunk_size=8
+        )
+    )
+    start = time.perf_counter()
+    _block(fn(params, batch))
+    first = time.perf_counter() - start
+    return {
+        "w3_num_params": sj.num_params(params),
+        "w3_exact_h2_diagonal_s": first,
+        "w3_exact_h2_diagonal_rerun_s": timeit(fn, params, batch, repeats=repeats),
+    }
+
+
+def run(
+    *, repeats: int, chunk: int, with_w2: bool, with_w3: bool, small: bool = False
+) -> dict[str, Any]:
+    """All measurements of the benchmark; ``small`` shrinks every workload."""
+    sizes = SMALL if small else FULL
+    chunk = min(chunk, sizes["w1"][0] // 2)
+    result: dict[str, Any] = {
+        "devices": [str(d) for d in jax.devices()],
+        "chunk_size": chunk,
+        "repeats": repeats,
+        "small": small,
+    }
+    n, widths = sizes["w1"]
+    obj, params, batch = _problem("mlp", n, widths=widths, activation="tanh")
+    w1 = operator_times(obj, params, batch, chunk=chunk, repeats=repeats)
+    w1.update(
+        eigen_and_trace_times(
+            obj, params, batch, chunk=chunk, repeats=repeats, grad_s=w1["gradient_s"]
+        )
+    )
+    w1.update(covariance_memory(obj, params, n=n, chunk=chunk))
+    w1.update(training_overheads(n, widths, chunk, repeats))
+    result["w1"] = w1
+    if with_w2:
+        n, channels = sizes["w2"]
+        obj, params, batch = _problem("cnn", n, channels=channels, activation="relu", pooling="avg")
+        result["w2"] = operator_times(obj, params, batch, chunk=chunk, repeats=repeats)
+    if with_w3:
+        n, widths = sizes["w3"]
+        result["w3"] = w3(n, widths, max(1, repeats // 5))
+    checks = {}
+    flat = {} if small else {**result.get("w1", {}), **result.get("w3", {})}
+    for name, (target, unit) in TARGETS.items():
+        if name in flat:
+            checks[name] = {
+                "value": flat[name],
+                "target": target,
+                "unit": unit,
+                "met": bool(flat[name] <= target),
+            }
+    result["targets"] = checks
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| quantity | W1 (MLP) | W2 (CNN) | target |", "|---|---|---|---|"]
+    w1, w2 = result["w1"], result.get("w2", {})
+    for key in sorted(w1):
+        target = TARGETS.get(key)
+        t = f"≤ {target[0]:g} {target[1]}" if target else ""
+        v2 = f"{w2[key]:.4g}" if key in w2 else ""
+        lines.append(f"| {key} | {w1[key]:.4g} | {v2} | {t} |")
+    for key, value in result.get("w3", {}).items():
+        target = TARGETS.get(key)
+        t = f"≤ {target[0]:g} {target[1]}" if target else ""
+        lines.append(f"| {key} (W3) | {value:.4g} | | {t} |")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    result = run(
+        repeats=_REPEATS.value,
+        chunk=_CHUNK.value,
+        with_w2=_W2.value,
+        with_w3=_W3.value,
+        small=_SMALL.value,
+    )
+    print(markdown(result) if _MARKDOWN.value else json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
