@@ -33,15 +33,6 @@ from absl import app, flags
 import sharpness_jax as sj
 from sharpness_jax import data, models, noise, sharpness, training
 
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 256, "Examples per chunk for the operators.")
-_W2 = flags.DEFINE_bool("w2", True, "Run workload W2 (CNN).")
-_W3 = flags.DEFINE_bool("w3", False, "Run workload W3 (exact E_p[h_p²] diagonal; minutes).")
-_MARKDOWN = flags.DEFINE_bool("markdown", False, "Print a markdown table instead of JSON.")
-_SMALL = flags.DEFINE_bool(
-    "small", False, "Tiny workloads (seconds) that exercise every code path; no targets."
-)
-
 # Workload sizes: (n, MLP widths) of W1, (n, CNN channels) of W2, (n, MLP widths) of W3.
 FULL = {"w1": (1024, (512, 512)), "w2": (512, (16, 32)), "w3": (1000, (12,))}
 SMALL = {"w1": (64, (16,)), "w2": (32, (4, 4)), "w3": (32, (4,))}
@@ -317,15 +308,21 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = run(
-        repeats=_REPEATS.value,
-        chunk=_CHUNK.value,
-        with_w2=_W2.value,
-        with_w3=_W3.value,
-        small=_SMALL.value,
-    )
-    print(markdown(result) if _MARKDOWN.value else json.dumps(result, indent=1))
+    f = flags.FLAGS
+    result = run(repeats=f.repeats, chunk=f.chunk_size, with_w2=f.w2, with_w3=f.w3, small=f.small)
+    print(markdown(result) if f.markdown else json.dumps(result, indent=1))
+
+
+def define_flags() -> None:
+    """The binary's flags (defined only when run as a program, so the module imports cleanly)."""
+    flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
+    flags.DEFINE_integer("chunk_size", 256, "Examples per chunk for the operators.")
+    flags.DEFINE_bool("w2", True, "Run workload W2 (CNN).")
+    flags.DEFINE_bool("w3", False, "Run workload W3 (exact E_p[h_p²] diagonal; minutes).")
+    flags.DEFINE_bool("markdown", False, "Print a markdown table instead of JSON.")
+    flags.DEFINE_bool("small", False, "Tiny workloads (seconds) that exercise every code path.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -14,6 +14,38 @@ _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 _FORCE = flags.DEFINE_bool(
     "force", False, "Rerun in a workdir whose stored config differs from this one."
 )
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "auto",
+    "Devices of the data-parallel mesh: 'auto' (all), 'none' (the default device) or a count.",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU)."
+)
+
+
+def mesh_from_flag(value: str):
+    """'auto' -> "auto", 'none' -> None, '4' -> 4."""
+    if value == "none":
+        return None
+    if value == "auto":
+        return "auto"
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"--mesh must be 'auto', 'none' or a positive device count, got {value!r}")
+
+
+def setup() -> object:
+    """Logging, optional multi-host initialisation; returns the mesh of --mesh."""
+    logging.set_verbosity(logging.INFO)
+    # Orbax reports every checkpoint step at INFO; keep the study's own progress readable.
+    logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    mesh = mesh_from_flag(_MESH.value)
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
+    return mesh
 
 
 def define_flags(study: str):
@@ -34,11 +66,14 @@ def main(argv, study, config_flag, workdir_flag) -> None:
     """Runs ``study.run`` through :func:`common.run_study` with the parsed flags."""
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    # Orbax reports every checkpoint step at INFO; keep the study's own progress readable.
-    logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    mesh = setup()
     summary = common.run_study(
-        study.NAME, study.run, config_flag.value, workdir_flag.value, force=_FORCE.value
+        study.NAME,
+        study.run,
+        config_flag.value,
+        workdir_flag.value,
+        force=_FORCE.value,
+        mesh=mesh,
     )
     print(
         f"{study.NAME}: {'all checks passed' if summary['passed'] else 'some checks failed'}"

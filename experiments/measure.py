@@ -21,20 +21,8 @@ import json
 
 from absl import app, flags, logging
 
+from experiments import launch
 from sharpness_jax import records, training
-
-_RUN = flags.DEFINE_string("run", None, "A training run's workdir (config + checkpoints).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --run (default: the latest).")
-_PARAMS = flags.DEFINE_string("params", None, "An orbax checkpoint of a params pytree.")
-_CONFIG_JSON = flags.DEFINE_string("config_json", None, "Training config (JSON) for --params.")
-_MEASURES = flags.DEFINE_list("measures", ["loss", "lambda_max"], "Measurement names.")
-_OPTIONS = flags.DEFINE_string("options", "{}", "JSON: {measurement: {option: value}}.")
-_DATASET = flags.DEFINE_string("dataset", None, "JSON overriding the config's dataset section.")
-_SUBSET = flags.DEFINE_integer("measure_subset", None, "At most this many training examples.")
-_CHUNK = flags.DEFINE_integer("chunk_size", None, "Examples per chunk (bounds memory).")
-_MESH = flags.DEFINE_string("mesh", None, "None, 'auto' or a device count.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON row here.")
-_LIST = flags.DEFINE_bool("list", False, "List the registered measurements and exit.")
 
 
 def run(
@@ -85,32 +73,47 @@ def run(
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _LIST.value:
+    f = flags.FLAGS
+    if f.list:
         for name, m in sorted(training.MEASUREMENTS.items()):
             print(f"{name}: options {dict(m.defaults)}")
         return
+    mesh = launch.setup()
     logging.set_verbosity(logging.WARNING)
-    mesh = _MESH.value
-    if mesh is not None and mesh.isdigit():
-        mesh = int(mesh)
     row = run(
-        run_dir=_RUN.value,
-        step=_STEP.value,
-        params_path=_PARAMS.value,
-        config_json=_CONFIG_JSON.value,
-        measures=_MEASURES.value,
-        options=json.loads(_OPTIONS.value),
-        dataset=None if _DATASET.value is None else json.loads(_DATASET.value),
-        measure_subset=_SUBSET.value,
-        chunk_size=_CHUNK.value,
+        run_dir=f.run,
+        step=f.step,
+        params_path=f.params,
+        config_json=f.config_json,
+        measures=f.measures,
+        options=json.loads(f.options),
+        dataset=None if f.dataset is None else json.loads(f.dataset),
+        measure_subset=f.measure_subset,
+        chunk_size=f.chunk_size,
         mesh=mesh,
     )
     text = json.dumps(row, indent=1)
     print(text)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            f.write(text + "\n")
+    if f.output:
+        with open(f.output, "w") as out:
+            out.write(text + "\n")
+
+
+def define_flags() -> None:
+    """The binary's flags besides the shared --mesh / --distributed of ``launch``."""
+    flags.DEFINE_string("run", None, "A training run's workdir (config + checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint step of --run (default: the latest).")
+    flags.DEFINE_string("params", None, "An orbax checkpoint of a params pytree.")
+    flags.DEFINE_string("config_json", None, "Training config (JSON) for --params.")
+    flags.DEFINE_list("measures", ["loss", "lambda_max"], "Measurement names.")
+    flags.DEFINE_string("options", "{}", "JSON: {measurement: {option: value}}.")
+    flags.DEFINE_string("dataset", None, "JSON overriding the config's dataset section.")
+    flags.DEFINE_integer("measure_subset", None, "At most this many training examples.")
+    flags.DEFINE_integer("chunk_size", None, "Examples per chunk (bounds memory).")
+    flags.DEFINE_string("output", None, "Also write the JSON row here.")
+    flags.DEFINE_bool("list", False, "List the registered measurements and exit.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -18,16 +18,10 @@ import os
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from experiments import launch
 from experiments.studies import STUDIES, common
-
-_WORKDIR = flags.DEFINE_string(
-    "workdir", "runs/reproduce", "Where to write the studies and report."
-)
-_PRESET = flags.DEFINE_enum("preset", "quick", common.PRESETS, "Preset of every study.")
-_STUDIES = flags.DEFINE_list("studies", list(STUDIES), "Studies to run, in order.")
-_FORCE = flags.DEFINE_bool("force", False, "Accept configs that differ from the stored ones.")
 
 
 def study_module(name: str):
@@ -45,7 +39,9 @@ def study_config(name: str, preset: str):
     )
 
 
-def run_all(workdir: str | os.PathLike, preset: str, studies=STUDIES, *, force=False) -> list[dict]:
+def run_all(
+    workdir: str | os.PathLike, preset: str, studies=STUDIES, *, force=False, mesh=None
+) -> list[dict]:
     """Runs the studies one after the other and writes ``report.md``; returns the summaries."""
     for name in studies:  # fail fast on a bad name or preset, before any training
         study_config(name, preset)
@@ -56,7 +52,12 @@ def run_all(workdir: str | os.PathLike, preset: str, studies=STUDIES, *, force=F
         module = study_module(name)
         print(f"[{i}/{len(studies)}] {name} ({preset}) ...", flush=True)
         summary = common.run_study(
-            name, module.run, study_config(name, preset), workdir / name, force=force
+            name,
+            module.run,
+            study_config(name, preset),
+            workdir / name,
+            force=force,
+            mesh=mesh,
         )
         evaluated = [c for c in summary["checks"] if c["passed"] is not None]
         passed = sum(c["passed"] for c in evaluated)
@@ -116,10 +117,18 @@ def write_report(workdir: Path, summaries: list[dict], preset: str, *, elapsed: 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    run_all(_WORKDIR.value, _PRESET.value, tuple(_STUDIES.value), force=_FORCE.value)
+    f = flags.FLAGS
+    mesh = launch.setup()
+    run_all(f.workdir, f.preset, tuple(f.studies), force=f.force, mesh=mesh)
+
+
+def define_flags() -> None:
+    """The job's flags besides the shared --force / --mesh / --distributed of ``launch``."""
+    flags.DEFINE_string("workdir", "runs/reproduce", "Where to write the studies and report.")
+    flags.DEFINE_enum("preset", "quick", common.PRESETS, "Preset of every study.")
+    flags.DEFINE_list("studies", list(STUDIES), "Studies to run, in order.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,6 +16,7 @@ analyses are read back, the interrupted run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -44,6 +45,9 @@ __all__ = [
 ]
 
 PRESETS = ("smoke", "quick", "paper")
+
+# The device mesh of the training runs of the study being run (see run_study).
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("mesh", default=None)
 
 
 def check_preset(preset: str) -> str:
@@ -142,9 +146,12 @@ def run_config(base: ml_collections.ConfigDict, **overrides: Any) -> ml_collecti
 
 
 def train_run(workdir: str | os.PathLike, name: str, config: ml_collections.ConfigDict):
-    """Trains (or resumes, or reads back) one run in ``workdir/runs/<name>``."""
+    """Trains (or resumes, or reads back) one run in ``workdir/runs/<name>``, on the mesh
+    given to :func:`run_study` unless the config names one."""
     path = Path(workdir) / "runs" / name
     logging.info("run %s -> %s", name, path)
+    if config.get("mesh") is None and _MESH.get() is not None:
+        config = run_config(config, mesh=_MESH.get())
     return training.train(config, path)
 
 
@@ -209,6 +216,7 @@ def run_study(
     workdir: str | os.PathLike,
     *,
     force: bool = False,
+    mesh: Any = None,
 ) -> dict[str, Any]:
     """Runs a study in ``workdir`` and writes ``summary.json``.
 
@@ -218,6 +226,9 @@ def run_study(
       config: the study config (with a ``preset`` field).
       workdir: the study's workdir; rerunning with the same one resumes.
       force: accept a config that differs from the one stored in the workdir.
+      mesh: the device mesh of every training run (``training.default_config``'s ``mesh``:
+        None, "auto" or a device count); it does not change results beyond float rounding,
+        so a study may resume on another mesh.
 
     Returns:
       The summary: study, preset, passed (all evaluated checks passed and at least one was
@@ -228,7 +239,11 @@ def run_study(
     records.write_config(workdir, config, force=force)
     start = time.time()
     logging.info("study %s (%s) in %s", study, config.preset, workdir)
-    checks, results, figures = run(config, workdir)
+    token = _MESH.set(mesh)
+    try:
+        checks, results, figures = run(config, workdir)
+    finally:
+        _MESH.reset(token)
     evaluated = [c.passed for c in checks if c.passed is not None]
     summary = {
         "study": study,
