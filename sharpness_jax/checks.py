@@ -16,9 +16,11 @@ import numpy as np
 PyTree = Any
 
 __all__ = [
+    "MEMORY_LIMIT_BYTES",
     "check_batch",
     "check_chunk_size",
     "check_finite",
+    "check_memory",
     "check_params",
     "check_vector",
     "num_examples",
@@ -116,6 +118,31 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+#: Default limit on the memory an exact route may need before it is refused (4 GiB); every
+#: function that checks takes ``max_bytes`` to raise it.
+MEMORY_LIMIT_BYTES = 4 * 2**30
+
+
+def check_memory(num_bytes: float, *, max_bytes: float | None, what: str, cheaper: str) -> None:
+    """Refuses a computation whose estimated memory exceeds ``max_bytes``.
+
+    Args:
+      num_bytes: the estimate.
+      max_bytes: the limit (None: ``MEMORY_LIMIT_BYTES``).
+      what: the computation, for the message.
+      cheaper: the cheaper route to name in the message.
+
+    Raises:
+      MemoryError: naming the estimate, the limit and the cheaper route.
+    """
+    limit = MEMORY_LIMIT_BYTES if max_bytes is None else max_bytes
+    if num_bytes > limit:
+        raise MemoryError(
+            f"{what} needs about {num_bytes / 2**30:.3g} GiB, above the limit of "
+            f"{limit / 2**30:.3g} GiB; {cheaper}, or pass a larger max_bytes"
+        )
 
 
 def check_finite(*trees: PyTree, names: tuple[str, ...] | None = None) -> None:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from matfree import stochtrace
 
+from sharpness_jax import checks
+
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
@@ -36,6 +38,7 @@ __all__ = [
     "Eigen",
     "Estimate",
     "SpectralDensity",
+    "basis_map",
     "dense",
     "diagonal_exact",
     "flatten_operator",
@@ -114,26 +117,54 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _basis_map(fn, size: int, chunk_size: int | None):
-    """fn(i) for i in range(size), ``chunk_size`` at a time (None: all at once)."""
-    idx = jnp.arange(size)
+#: Basis vectors per batched matvec when ``chunk_size`` is None: as many as fit, P at a time,
+#: in this many numbers (the batch of one-hot vectors alone is chunk × P numbers).
+_AUTO_BASIS_NUMBERS = 2**24
+
+
+def basis_map(fn, size: int, chunk_size: int | None):
+    """``fn(i)`` for i = 0 … size − 1, stacked; ``chunk_size`` indices at a time by
+    ``lax.map`` (None: ``min(size, 2**24 // size)`` at a time, so the basis batch stays small).
+    """
+    idx = jnp.arange(size, dtype=jnp.int32)
     if chunk_size is None:
-        return jax.vmap(fn)(idx)
+        chunk_size = max(1, min(size, _AUTO_BASIS_NUMBERS // size))
     _check_positive_int("chunk_size", chunk_size)
-    return jax.lax.map(fn, idx, batch_size=min(chunk_size, size))
+    if chunk_size >= size:
+        return jax.vmap(fn)(idx)
+    return jax.lax.map(fn, idx, batch_size=chunk_size)
 
 
-def dense(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
+def dense(
+    matvec: MatVec,
+    template: PyTree,
+    *,
+    chunk_size: int | None = None,
+    max_bytes: float | None = None,
+) -> jax.Array:
     """The P × P matrix of the operator in the flat (``ravel_pytree``) basis.
 
     Args:
       matvec: the operator.
       template: a pytree of the vector space (e.g. params).
-      chunk_size: basis vectors per batched matvec (bounds the intermediate memory).
+      chunk_size: basis vectors per batched matvec (bounds the intermediate memory; None:
+        automatic, see :func:`basis_map`).
+      max_bytes: refuse when the P × P result exceeds this (default
+        ``checks.MEMORY_LIMIT_BYTES``).
+
+    Raises:
+      MemoryError: when the matrix would not fit, naming the matrix-free routes.
     """
     size = _check_template(template)
     mv, flat, _ = flatten_operator(matvec, template)
-    cols = _basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype)), size, chunk_size)
+    checks.check_memory(
+        2.0 * size * size * flat.dtype.itemsize,
+        max_bytes=max_bytes,
+        what=f"a dense {size:,} × {size:,} matrix",
+        cheaper="use the matrix-free routes (lanczos_top_k, hutchinson_trace, "
+        "hutchinson_diagonal, xtrace, spectral_density)",
+    )
+    cols = basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype)), size, chunk_size)
     return cols.T
 
 
@@ -141,7 +172,7 @@ def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None =
     """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template``."""
     size = _check_template(template)
     mv, flat, unravel = flatten_operator(matvec, template)
-    diag = _basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype))[i], size, chunk_size)
+    diag = basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype))[i], size, chunk_size)
     return unravel(diag)
 
 
@@ -159,7 +190,7 @@ def frobenius_squared_exact(
     """‖A‖_F² = Σ_i ‖A e_i‖² exactly (P matvecs)."""
     size = _check_template(template)
     mv, flat, _ = flatten_operator(matvec, template)
-    sq = _basis_map(
+    sq = basis_map(
         lambda i: jnp.sum(jnp.square(mv(jax.nn.one_hot(i, size, dtype=flat.dtype)))),
         size,
         chunk_size,

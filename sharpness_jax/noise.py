@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import linalg, operators, subsets
+from sharpness_jax import checks, linalg, operators, subsets
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import sum_over_chunks
 
@@ -97,14 +97,6 @@ def _check_optional_chunk(name: str, value: Any) -> None:
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _basis_map(fn: Callable, size: int, chunk: int | None):
-    """``fn(i)`` for i = 0 … size − 1, ``chunk`` indices at a time (None: all at once)."""
-    idx = jnp.arange(size, dtype=jnp.int32)
-    if chunk is None:
-        return jax.vmap(fn)(idx)
-    return jax.lax.map(fn, idx, batch_size=min(chunk, size))
 
 
 def _flat(tree: PyTree) -> jax.Array:
@@ -212,6 +204,7 @@ def gradient_covariance_gram(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
+    max_bytes: float | None = None,
 ) -> jax.Array:
     """The n × n Gram matrix K = ĜĜᵀ / n, K_pq = (g_p − ḡ)·(g_q − ḡ) / n, exactly.
 
@@ -222,9 +215,21 @@ def gradient_covariance_gram(
 
     Returns:
       ``(n, n)`` array, symmetric positive semi-definite, rows in batch order.
+
+    Raises:
+      MemoryError: if n² + chunk_size·P numbers exceed ``max_bytes`` (default
+        ``checks.MEMORY_LIMIT_BYTES``).
     """
     objective, params, n, g_bar = _prepare_covariance(objective, params, batch, chunk_size, subset)
     dtype = g_bar.dtype
+    rows = n if chunk_size is None else min(chunk_size, n)
+    checks.check_memory(
+        (3.0 * n * n + 2.0 * rows * g_bar.size) * dtype.itemsize,
+        max_bytes=max_bytes,
+        what=f"the {n:,} × {n:,} Gram matrix with {rows:,} per-example gradients at once",
+        cheaper="use a smaller chunk_size, or the matrix-free route "
+        "(gradient_covariance_top_k(method='lanczos'))",
+    )
     if chunk_size is None or chunk_size >= n:
         g = _centred_grads(objective, params, g_bar, batch, jnp.ones((n,), bool))
         return _matmul(g, g.T) / n
@@ -264,13 +269,22 @@ def gradient_covariance_dense(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
+    max_bytes: float | None = None,
 ) -> jax.Array:
     """The P × P matrix C = (1/n) Σ_p ĝ_p ĝ_pᵀ (flat ``ravel_pytree`` basis), for small P.
 
     Accumulated as Σ_chunks Ĝ_cᵀĜ_c from n per-example gradients (much cheaper than P
-    matvecs).
+    matvecs). Refuses (MemoryError) when the matrix exceeds ``max_bytes`` (default
+    ``checks.MEMORY_LIMIT_BYTES``).
     """
     objective, params, n, g_bar = _prepare_covariance(objective, params, batch, chunk_size, subset)
+    checks.check_memory(
+        2.0 * g_bar.size * g_bar.size * g_bar.dtype.itemsize,
+        max_bytes=max_bytes,
+        what=f"a dense {g_bar.size:,} × {g_bar.size:,} covariance",
+        cheaper="use gradient_covariance_diagonal / _top_k / _quadratic_forms or the "
+        "operator gradient_covariance",
+    )
 
     def chunk_fn(chunk, mask, index):
         del index
@@ -518,6 +532,7 @@ def _second_moment_row_stats(
     subset,
     restricted,
     with_hessian_diagonal,
+    max_bytes=None,
 ):
     """diag E_p[h_p²] (and diag H) exactly, from per-example Hessian rows h_p e_i.
 
@@ -532,6 +547,17 @@ def _second_moment_row_stats(
     row_fn, sub, n = _row_function(objective, params, batch, chunk_size, subset, restricted)
     flat, unravel = ravel_pytree(sub)
     size, dtype = flat.size, flat.dtype
+    full_size = size if restricted or subset is None else subsets.num_params(params)
+    examples = n if chunk_size is None else min(chunk_size, n)
+    basis = min(size, basis_chunk_size or max(1, min(size, 2**24 // size)))
+    checks.check_memory(
+        3.0 * examples * basis * full_size * dtype.itemsize,
+        max_bytes=max_bytes,
+        what=f"per-example Hessian rows of {examples} examples × {basis} basis vectors × "
+        f"{full_size:,} parameters at once",
+        cheaper="lower chunk_size and basis_chunk_size (memory ~ chunk_size · "
+        "basis_chunk_size · P), or use hessian_second_moment_diagonal_hutchinson",
+    )
 
     def chunk_fn(chunk, mask, index):
         del index
@@ -550,7 +576,7 @@ def _second_moment_row_stats(
             sq, diag = jax.vmap(one)(x, y)
             return jnp.sum(jnp.where(mask, sq, 0)), jnp.sum(jnp.where(mask, diag, 0))
 
-        return _basis_map(coordinate, size, basis_chunk_size)
+        return linalg.basis_map(coordinate, size, basis_chunk_size)
 
     sq, diag = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
     return unravel(sq / n), unravel(diag / n)
@@ -565,6 +591,7 @@ def hessian_second_moment_diagonal(
     basis_chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
     restricted: bool = True,
+    max_bytes: float | None = None,
 ) -> PyTree:
     """diag(E_p[h_p²])_i = (1/n) Σ_p Σ_j (h_p)_ij² = (1/n) Σ_p ‖h_p e_i‖², exactly.
 
@@ -578,11 +605,13 @@ def hessian_second_moment_diagonal(
 
     Args:
       chunk_size: examples per chunk (None: all).
-      basis_chunk_size: basis vectors per chunk (None: all P at once).
+      basis_chunk_size: basis vectors per chunk (None: min(P, 2²⁴/P) at a time).
       subset: restrict to these parameters.
       restricted: with a subset, True computes the diagonal of E_p[(h_p)_SS²] (the second
         moment of the restricted objective, j ∈ S); False the diagonal of the S-block of the
         full E_p[h_p²] (j over all parameters). See the module docstring.
+      max_bytes: refuse (MemoryError, naming the cheaper routes) when the rows held at once
+        would exceed this (default ``checks.MEMORY_LIMIT_BYTES``).
 
     Returns:
       A pytree like the (restricted) params.
@@ -596,6 +625,7 @@ def hessian_second_moment_diagonal(
         subset=subset,
         restricted=restricted,
         with_hessian_diagonal=False,
+        max_bytes=max_bytes,
     )[0]
 
 
@@ -608,6 +638,7 @@ def hessian_second_moment_trace(
     basis_chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
     restricted: bool = True,
+    max_bytes: float | None = None,
 ) -> jax.Array:
     """tr(E_p[h_p²]) = (1/n) Σ_p ‖h_p‖_F², exactly (the sum of the exact diagonal)."""
     diag = hessian_second_moment_diagonal(
@@ -618,6 +649,7 @@ def hessian_second_moment_trace(
         basis_chunk_size=basis_chunk_size,
         subset=subset,
         restricted=restricted,
+        max_bytes=max_bytes,
     )
     return sum(jnp.sum(d) for d in jax.tree_util.tree_leaves(diag))
 
