@@ -1,0 +1,219 @@
+"""The progressive-sharpening study: the smoke preset end to end (records, resume, summary) and
+its helpers against known answers and dense references."""
+
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from problems import cnn_problem, mlp_problem, rel_err
+
+from experiments.configs import progressive_sharpening as study_config
+from experiments.studies import common
+from experiments.studies import progressive_sharpening as study
+from sharpness_jax import records, training
+
+_CHECK_CLAIMS = (
+    "progressive sharpening (baseline): λ_max rises during training",
+    "baseline: the Jacobian norm (jacobian_spectral_max) rises during training",
+    "baseline: λ_max and the Jacobian norm (jacobian_spectral_max) rise together",
+    "baseline: λ_max and the Jacobian norm (jacobian_spectral_max) rise together during sharpening",
+    "label smoothing lowers the final λ_max",
+    "label smoothing lowers the final Jacobian norm",
+    "the final Jacobian norm tracks the error gap (train − test accuracy) across runs",
+    "the Jacobian norm tracks the error gap (train − test accuracy) at least as well as λ_max",
+    "the final Jacobian norm tracks the loss gap (test − train unsmoothed loss) across runs",
+    "the Jacobian norm tracks the loss gap (test − train unsmoothed loss) at least as well as "
+    "λ_max",
+)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke study run twice in the same workdir; the second run's train results."""
+    workdir = tmp_path_factory.mktemp("progressive_sharpening")
+    config = study_config.get_config("smoke")
+    first = common.run_study(study.NAME, study.run, config, workdir)
+    metrics = {
+        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
+    }
+    calls = []
+    train = training.train
+
+    def counted(*args, **kwargs):
+        result = train(*args, **kwargs)
+        calls.append(result)
+        return result
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(training, "train", counted)
+    try:
+        second = common.run_study(study.NAME, study.run, config, workdir)
+    finally:
+        mp.undo()
+    return workdir, config, first, second, metrics, calls
+
+
+def test_smoke_summary(smoke):
+    workdir, config, _, second, _, _ = smoke
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["study"] == study.NAME and summary["preset"] == "smoke"
+    assert [c["claim"] for c in summary["checks"]] == list(_CHECK_CLAIMS)
+    for c in summary["checks"]:
+        assert isinstance(c["value"], float) and math.isfinite(c["value"]), c
+        assert c["passed"] in (True, False), c
+    runs = summary["results"]["runs"]
+    assert set(runs) == {f"{v}_seed{s}" for v in config.variants for s in config.seeds}
+    for entry in runs.values():
+        for key in ("lambda_max_final", "jacobian_final", "error_gap", "loss_gap"):
+            assert math.isfinite(entry[key])
+        assert entry["jacobian_final"] > 0 and entry["lambda_max_final"] > 0
+    for fig in summary["figures"]:
+        assert (workdir / fig).stat().st_size > 0
+    assert len(summary["figures"]) == 4
+    assert summary == json.loads(json.dumps(second))
+
+
+def test_smoke_runs_record_every_measurement(smoke):
+    workdir, config, _, _, _, _ = smoke
+    n = 64
+    for (variant, overrides), seed in itertools.product(config.variants.items(), config.seeds):
+        rows = records.read_metrics(workdir / "runs" / f"{variant}_seed{seed}")
+        cols = records.metric_columns(rows)
+        max_steps = round(config.epochs * n / config.base.batch_size)
+        every = max_steps // config.num_measurements
+        log_steps = np.round(np.geomspace(1, every, config.num_log_measurements))
+        want = np.union1d(np.union1d(np.arange(0, max_steps + 1, every), log_steps), [max_steps])
+        np.testing.assert_array_equal(cols["step"], want)
+        for key in (
+            "lambda_max",
+            "jacobian_spectral_max",
+            "jacobian_frobenius_mean",
+            "output_curvature_max",
+            "input_gauss_newton_max",
+            "unsmoothed_train_loss",
+            "unsmoothed_test_loss",
+            "train_accuracy",
+        ):
+            assert np.all(np.isfinite(cols[key])), (variant, key)
+        # κ_p ≤ ‖Λ_p‖₂‖J_p‖₂², and for softmax cross-entropy ‖Λ_p‖₂ ≤ 1/2.
+        assert np.all(cols["output_curvature_max"] <= 0.5 + 1e-6)
+        assert np.all(
+            cols["input_gauss_newton_max"]
+            <= cols["output_curvature_max"] * cols["jacobian_spectral_max"] ** 2 * (1 + 1e-4)
+        )
+        smoothed = overrides.to_dict().get("loss", {}).get("label_smoothing", 0.0)
+        same = np.allclose(cols["unsmoothed_train_loss"], cols["train_loss"])
+        assert same == (smoothed == 0.0), variant
+
+
+def test_smoke_rerun_retrains_nothing(smoke):
+    workdir, _, first, second, metrics, calls = smoke
+    assert calls, "the rerun did not read the runs back through training.train"
+    for result in calls:
+        assert result.resumed_from == result.step  # restored at the final checkpoint
+        assert result.traces == {}  # nothing compiled, nothing trained or measured
+    after = {
+        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
+    }
+    assert after == metrics
+    strip = lambda s: {k: v for k, v in s.items() if k != "elapsed_s"}
+    assert json.dumps(strip(second), sort_keys=True) == json.dumps(strip(first), sort_keys=True)
+
+
+def test_configs_build():
+    for preset in ("smoke", "quick", "paper"):
+        config = study_config.get_config(preset)
+        assert "baseline" in config.variants
+        for overrides in config.variants.values():
+            cfg = study._run_config(config, overrides.to_dict(), 0, 1000)
+            training.validate_config(cfg)  # needs no data (CIFAR-10 is not available here)
+            assert cfg.max_steps >= config.num_measurements
+    with pytest.raises(ValueError, match="unknown preset"):
+        study_config.get_config("huge")
+    bad = study_config.get_config("smoke")
+    bad.jacobian_column = "jacobian_norm"
+    with pytest.raises(ValueError, match="jacobian_column"):
+        study.run(bad, None)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def test_jacobian_bound_term():
+    # C · M · (log n / n)^{1/d}
+    assert study.jacobian_bound_term(2.0, 100, 2) == pytest.approx(
+        2.0 * math.sqrt(math.log(100) / 100), rel=1e-14
+    )
+    assert study.jacobian_bound_term(1.5, 50, 1, constant=3.0) == pytest.approx(
+        4.5 * math.log(50) / 50, rel=1e-14
+    )
+    values = [study.jacobian_bound_term(1.0, n, 3) for n in (10, 100, 1000, 10_000)]
+    assert all(a > b for a, b in itertools.pairwise(values))  # decays in n
+    for bad in (
+        dict(jacobian_norm=-1.0, num_examples=10, dimension=2),
+        dict(jacobian_norm=1.0, num_examples=1, dimension=2),
+        dict(jacobian_norm=1.0, num_examples=10, dimension=0),
+        dict(jacobian_norm=math.nan, num_examples=10, dimension=2),
+    ):
+        with pytest.raises(ValueError):
+            study.jacobian_bound_term(**bad)
+
+
+def test_final_value_and_sharpening_phase():
+    assert study.final_value([1.0, 2.0, np.nan, 4.0, 6.0], 2) == 5.0
+    assert study.final_value([3.0], 5) == 3.0
+    assert math.isnan(study.final_value([np.nan], 1))
+    np.testing.assert_array_equal(study.sharpening_phase([1.0, 3.0, 2.0, 5.0, 4.0]), [0, 1, 2, 3])
+    np.testing.assert_array_equal(study.sharpening_phase([np.nan, 2.0, 1.0]), [0, 1])
+    assert study.sharpening_phase([np.nan]).size == 0
+
+
+def test_dotted_overrides():
+    assert study._dotted({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def _dense_terms(problem):
+    """‖Λ_p‖₂, λ_max(J_pᵀΛ_pJ_p) (D × D) and σ_max(J_p)² by a loop over examples."""
+    predict, loss = problem.objective.predict, problem.objective.loss
+    shape = problem.batch.inputs.shape[1:]
+    jac_fn = jax.jit(jax.jacrev(lambda z: predict(problem.params, z.reshape(shape))))
+    lam_fn = jax.jit(jax.hessian(lambda f, y: loss(f, y)))
+    out_fn = jax.jit(lambda x: predict(problem.params, x))
+    out = []
+    for x, y in zip(problem.batch.inputs, problem.batch.targets, strict=True):
+        jac = np.asarray(jac_fn(x.reshape(-1)))
+        lam = np.asarray(lam_fn(out_fn(x), y))
+        out.append(
+            (
+                np.linalg.eigvalsh(lam)[-1],
+                np.linalg.eigvalsh(jac.T @ lam @ jac)[-1],
+                np.linalg.svd(jac, compute_uv=False)[0] ** 2,
+            )
+        )
+    return [np.array(v) for v in zip(*out, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mlp_problem("tanh", "cross_entropy"),  # D = 4 > K = 3: reverse mode
+        lambda: mlp_problem("gelu", "cross_entropy", d=2),  # D = 2 ≤ K: forward mode
+        lambda: mlp_problem("tanh", "squared_error_half"),  # Λ = I: κ_p = ‖J_p‖₂²
+        lambda: cnn_problem(),  # image inputs (4, 4, 1), flattened
+    ],
+    ids=["mlp-ce-rev", "mlp-ce-fwd", "mlp-mse", "cnn-ce"],
+)
+def test_curvature_terms_match_dense(make):
+    problem = make()
+    terms = jax.jit(lambda p, b: study.curvature_terms(problem.objective, p, b, chunk_size=3))
+    got = terms(problem.params, problem.batch)
+    want = _dense_terms(problem)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.float64
+        assert rel_err(np.asarray(g), w) < 1e-10
+    if problem.objective.loss.name == "squared_error_half":
+        assert rel_err(np.asarray(got.input_gauss_newton), want[2]) < 1e-10
