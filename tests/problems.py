@@ -112,9 +112,7 @@ class Dense:
         jac_fn = jax.jit(jax.jacfwd(predict))
         out_hess_fn = jax.jit(jax.hessian(lambda f, y: obj.loss(f, y)))
         loss_fn = jax.jit(loss)
-        self.losses = [
-            (lambda f, x=xs[p], y=ys[p]: loss_fn(f, x, y)) for p in range(n)
-        ]
+        self.losses = [(lambda f, x=xs[p], y=ys[p]: loss_fn(f, x, y)) for p in range(n)]
         self.g = np.stack([np.asarray(grad_fn(flat, xs[p], ys[p])) for p in range(n)])
         self.h = np.stack([np.asarray(hess_fn(flat, xs[p], ys[p])) for p in range(n)])
         self.J = np.stack([np.asarray(jac_fn(flat, xs[p])) for p in range(n)])

@@ -116,8 +116,9 @@ def test_spectral_density_moments():
     eigs = SPECTRA["indefinite"]
     mat = _sym(eigs, seed=4)
     mv, template = _operator(mat)
-    sd = sj.spectral_density(mv, template, key=jax.random.PRNGKey(1), num_probes=50,
-                             num_iters=P, num_points=4000)
+    sd = sj.spectral_density(
+        mv, template, key=jax.random.PRNGKey(1), num_probes=50, num_iters=P, num_points=4000
+    )
     dx = float(sd.grid[1] - sd.grid[0])
     mass = float(jnp.sum(sd.density) * dx)
     mean = float(jnp.sum(sd.grid * sd.density) * dx)

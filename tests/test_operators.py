@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import Dense, all_problems, cnn_problem, flat, mlp_problem, rel_err
+from problems import Dense, all_problems, flat, mlp_problem, rel_err
 
 import sharpness_jax as sj
 
 PROBLEMS = {p.name: p for p in all_problems()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_ref(name):
     return Dense(PROBLEMS[name])
 
@@ -43,7 +43,9 @@ def test_operators_match_dense_references(name, chunk_size):
 
     @jax.jit
     def all_dense(p, b):
-        return {k: sj.dense(c(o, p, b, chunk_size=chunk_size), p) for k, (c, _) in OPERATORS.items()}
+        return {
+            k: sj.dense(c(o, p, b, chunk_size=chunk_size), p) for k, (c, _) in OPERATORS.items()
+        }
 
     mats = all_dense(p, b)
     for op_name, (_, expected) in OPERATORS.items():
@@ -75,7 +77,6 @@ def test_layer_restricted_operators_are_blocks(chunk_size):
     o, p, b = prob.objective, prob.params, prob.batch
     selector = "params/Dense_1"
     idx = _subset_indices(p, selector)
-    sub = sj.select(p, selector)
     block = np.ix_(idx, idx)
 
     @jax.jit
@@ -104,7 +105,9 @@ def test_restricted_vectors_and_embedding():
     assert list(sub) == ["params/Dense_0/kernel", "params/Dense_1/bias"]
     full = sj.embed(sub, p)
     assert float(jnp.sum(jnp.abs(full["params"]["Dense_1"]["kernel"]))) == 0.0
-    np.testing.assert_array_equal(full["params"]["Dense_0"]["kernel"], p["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        full["params"]["Dense_0"]["kernel"], p["params"]["Dense_0"]["kernel"]
+    )
     with pytest.raises(ValueError, match="matches no parameter"):
         sj.select(p, "params/Dense_9")
 
@@ -153,7 +156,9 @@ def test_monte_carlo_fisher_is_unbiased():
     # Fixed key: the same PSD matrix for every chunking.
     key = jax.random.PRNGKey(7)
     mc = jax.jit(
-        lambda cs: sj.dense(sj.fisher_monte_carlo(o, p, b, key=key, num_samples=2, chunk_size=cs), p),
+        lambda cs: sj.dense(
+            sj.fisher_monte_carlo(o, p, b, key=key, num_samples=2, chunk_size=cs), p
+        ),
         static_argnums=0,
     )
     a, c = mc(None), mc(2)
@@ -219,7 +224,9 @@ class TestBadInput:
         with pytest.raises(TypeError, match="dtype"):
             mv(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p))
 
-    @pytest.mark.parametrize("chunk_size,err", [(0, ValueError), (-2, ValueError), (2.5, TypeError), ("4", TypeError)])
+    @pytest.mark.parametrize(
+        "chunk_size,err", [(0, ValueError), (-2, ValueError), (2.5, TypeError), ("4", TypeError)]
+    )
     def test_chunk_size(self, chunk_size, err):
         o, p, b = self.prob.objective, self.prob.params, self.prob.batch
         with pytest.raises(err, match="chunk_size"):

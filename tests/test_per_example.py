@@ -77,5 +77,6 @@ def test_loss_and_gradient_chunked(prob, dense):
             np.mean([lp(dense.flat) for lp in dense.losses]),
             rtol=1e-12,
         )
-        np.testing.assert_allclose(flat(sj.gradient(o, p, b, chunk_size=cs)), dense.gbar,
-                                   rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            flat(sj.gradient(o, p, b, chunk_size=cs)), dense.gbar, rtol=1e-10, atol=1e-14
+        )

@@ -1,0 +1,295 @@
+r"""Config of the quotient-geometry study (Dong & Cheng 2026): shallow ReLU and quadratic nets,
+ambient against symmetry-reduced curvature, gauge motion, conserved quantities.
+
+Two setups per model (``models``: name → the setups' overrides of the base config, nested like
+the config), both teacher–student regression with ½‖f − y‖² (mean over examples) and fewer
+equations than parameters, n·K < P:
+
+* ``underdetermined``: n·K < P − m. Gradient descent interpolates, and the interpolating
+  minima form a manifold of dimension P − n·K that contains the m-dimensional symmetry orbits.
+  Runs: full-batch GD at η₀·f for f in ``lr_factors``, each for the same gradient-flow time
+  η·steps (``max_steps`` and ``measure.every`` at f = 1 are divided by f), and one SGD run with
+  weight decay (``sgd``) whose steps are split into horizontal and vertical parts.
+* ``regular``: P − m ≤ n·K < P. The realisation map's Jacobian J (n·K × P) can then have rank
+  P − m, the paper's regular set, on which ker J is exactly the vertical space and the
+  realisation metric G = JᵀJ/n is non-degenerate on the horizontal space; the quotient
+  curvature, the generalised spectrum of (BᵀHB, BᵀGB), is defined only there. (With
+  n·K < P − m, BᵀGB is singular.) One GD run; the orbit analysis is made at its last regular
+  measurement. Quadratic nets need K ≥ 2 outputs here: with K = 1 they have a continuous
+  symmetry group larger than the rescalings (see ``sharpness_jax.quotient``).
+
+Presets: ``smoke`` (seconds, the tests), ``quick`` (about a minute on a 2-core CPU: d = 5–7,
+m = 6–10, n = 10–54), ``paper`` (the paper's kind of synthetic setup at larger m and n; dense
+spectra of P ≤ 600 parameters, for a GPU/TPU).
+
+Run::
+
+  python -m experiments.quotient_geometry --workdir=runs/quotient_geometry \
+      --config=experiments/configs/quotient_geometry.py:quick
+"""
+
+import ml_collections
+
+from sharpness_jax import training
+
+# The study's measurement, registered by ``experiments.studies.quotient_geometry``.
+MEASUREMENT = "quotient_geometry"
+
+
+def _setup(
+    *,
+    model: dict,
+    input_dim: int,
+    width: int,
+    num_outputs: int,
+    num_train: int,
+    teacher_width: int,
+    teacher_activation: str,
+    learning_rate: float,
+    max_steps: int,
+) -> dict:
+    return {
+        "model": {**model, "width": width},
+        "dataset": {
+            "input_dim": input_dim,
+            "num_outputs": num_outputs,
+            "num_train": num_train,
+            "teacher_width": teacher_width,
+            "teacher_activation": teacher_activation,
+        },
+        "optimizer": {"learning_rate": learning_rate},
+        "max_steps": max_steps,
+    }
+
+
+def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    base = training.default_config()
+    base.dataset = ml_collections.ConfigDict(
+        {"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0}
+    )
+    base.loss.name = "squared_error_half"
+    base.optimizer.name = "gd"
+    base.dtype = "float64"
+    base.measure.names = ("loss", MEASUREMENT)
+    base.measure_subset = None
+    base.checkpoint_every = 0  # runs take seconds: the final checkpoint only
+    base.log_every = 0
+    base.progress_bar = False
+    relu = {"name": "shallow", "activation": "relu", "bias": True}
+    quadratic = {"name": "quadratic"}
+
+    # The study's knobs.
+    c.model_names = ("relu", "quadratic")  # the keys of `models`, in the order of the report
+    # GD runs of the underdetermined setup at η₀·f, each for the same time η·steps.
+    c.lr_factors = (1.0, 0.5, 0.25)
+    c.measurements_per_run = 40
+    # SGD with weight decay: its (Euclidean) vertical part −ηλ P_V θ is non-zero.
+    c.sgd = ml_collections.ConfigDict(
+        {"batch_size": 5, "weight_decay": 1e-2, "lr_factor": 0.5, "max_steps": 2000}
+    )
+    c.num_log_measurements = 16
+    # The orbit: every unit rescaled by c on a log grid over [c_min, c_max], and
+    # `orbit_random` draws of per-unit factors log-uniform on the same range.
+    c.orbit_range = (0.1, 10.0)
+    c.orbit_points = 9
+    c.orbit_random = 4
+    c.orbit_seed = 0
+    # Checks.
+    c.zero_rtol = 1e-6  # near-zero: |λ| ≤ zero_rtol · λ_max(H)
+    c.ambient_change_min = 10.0  # ambient λ_max: max/min along the orbit at least this
+    c.invariance_tol = 1e-6  # quotient spectrum: max relative change along the orbit
+    c.vertical_ratio_max = 1e-8  # (‖Jδ_v‖/‖δ_v‖)/(‖Jδ_h‖/‖δ_h‖) at most this
+    c.vertical_fraction_min = 1e-3  # median ‖δ_v‖/‖δ‖ at least this (the split is not vacuous)
+    c.interpolation_loss = 1e-12  # the final GD loss counts as interpolating below this
+    c.drift_max = 1e-2  # relative drift of k‖a_i‖² − ‖w_i‖² − b_i² at the smallest η
+    c.drift_slope = (0.5, 1.5)  # log-log slope of the drift against η (theory: 1)
+    # The measurement's options of the underdetermined runs (the regular-setup run sets
+    # generalised=True, split=False).
+    base.measure.options = ml_collections.ConfigDict(
+        {MEASUREMENT: {"generalised": False, "split": True, "zero_rtol": c.zero_rtol}}
+    )
+
+    if preset == "smoke":
+        c.models = ml_collections.ConfigDict(
+            {
+                "relu": {
+                    "underdetermined": _setup(
+                        model=relu,
+                        input_dim=3,
+                        width=4,
+                        num_outputs=1,
+                        num_train=6,
+                        teacher_width=2,
+                        teacher_activation="relu",
+                        learning_rate=0.2,
+                        max_steps=60,
+                    ),
+                    "regular": _setup(
+                        model=relu,
+                        input_dim=3,
+                        width=3,
+                        num_outputs=1,
+                        num_train=13,
+                        teacher_width=2,
+                        teacher_activation="tanh",
+                        learning_rate=0.2,
+                        max_steps=30,
+                    ),
+                },
+                "quadratic": {
+                    "underdetermined": _setup(
+                        model=quadratic,
+                        input_dim=3,
+                        width=4,
+                        num_outputs=1,
+                        num_train=4,
+                        teacher_width=2,
+                        teacher_activation="relu",
+                        learning_rate=0.02,
+                        max_steps=60,
+                    ),
+                    "regular": _setup(
+                        model=quadratic,
+                        input_dim=3,
+                        width=2,
+                        num_outputs=2,
+                        num_train=4,
+                        teacher_width=2,
+                        teacher_activation="relu",
+                        learning_rate=0.05,
+                        max_steps=30,
+                    ),
+                },
+            }
+        )
+        c.lr_factors = (1.0, 0.5)
+        c.measurements_per_run = 4
+        c.sgd.update(batch_size=2, max_steps=20)
+        c.num_log_measurements = 4
+        c.orbit_points = 3
+        c.orbit_random = 1
+    elif preset == "quick":
+        c.models = ml_collections.ConfigDict(
+            {
+                "relu": {
+                    # P = m(d + 2) = 70, n·K = 16 < P − m = 60.
+                    "underdetermined": _setup(
+                        model=relu,
+                        input_dim=5,
+                        width=10,
+                        num_outputs=1,
+                        num_train=16,
+                        teacher_width=4,
+                        teacher_activation="tanh",
+                        learning_rate=0.2,
+                        max_steps=5000,
+                    ),
+                    # P = 56, P − m = 48 ≤ n·K = 54 < P.
+                    "regular": _setup(
+                        model=relu,
+                        input_dim=5,
+                        width=8,
+                        num_outputs=1,
+                        num_train=54,
+                        teacher_width=4,
+                        teacher_activation="tanh",
+                        learning_rate=0.2,
+                        max_steps=3000,
+                    ),
+                },
+                "quadratic": {
+                    # P = m(d + K) = 60, n·K = 10 < dim Sym(5) = 15: underdetermined even in Q.
+                    "underdetermined": _setup(
+                        model=quadratic,
+                        input_dim=5,
+                        width=10,
+                        num_outputs=1,
+                        num_train=10,
+                        teacher_width=4,
+                        teacher_activation="relu",
+                        learning_rate=0.02,
+                        max_steps=10000,
+                    ),
+                    # P = 54, P − m = 48 ≤ n·K = 52 < P, and P − m ≤ K·dim Sym(7) = 56.
+                    "regular": _setup(
+                        model=quadratic,
+                        input_dim=7,
+                        width=6,
+                        num_outputs=2,
+                        num_train=26,
+                        teacher_width=4,
+                        teacher_activation="relu",
+                        learning_rate=0.05,
+                        max_steps=3000,
+                    ),
+                },
+            }
+        )
+    elif preset == "paper":
+        c.models = ml_collections.ConfigDict(
+            {
+                "relu": {
+                    # P = 600, n·K = 100 < P − m = 550.
+                    "underdetermined": _setup(
+                        model=relu,
+                        input_dim=10,
+                        width=50,
+                        num_outputs=1,
+                        num_train=100,
+                        teacher_width=5,
+                        teacher_activation="relu",
+                        learning_rate=0.1,
+                        max_steps=50000,
+                    ),
+                    # P = 240, P − m = 220 ≤ n·K = 230 < P.
+                    "regular": _setup(
+                        model=relu,
+                        input_dim=10,
+                        width=20,
+                        num_outputs=1,
+                        num_train=230,
+                        teacher_width=5,
+                        teacher_activation="tanh",
+                        learning_rate=0.1,
+                        max_steps=20000,
+                    ),
+                },
+                "quadratic": {
+                    # P = 550, n·K = 40 < dim Sym(10) = 55.
+                    "underdetermined": _setup(
+                        model=quadratic,
+                        input_dim=10,
+                        width=50,
+                        num_outputs=1,
+                        num_train=40,
+                        teacher_width=5,
+                        teacher_activation="relu",
+                        learning_rate=0.005,
+                        max_steps=100000,
+                    ),
+                    # P = 120, P − m = 110 = K·dim Sym(10) ≤ n·K = 116 < P.
+                    "regular": _setup(
+                        model=quadratic,
+                        input_dim=10,
+                        width=10,
+                        num_outputs=2,
+                        num_train=58,
+                        teacher_width=5,
+                        teacher_activation="relu",
+                        learning_rate=0.02,
+                        max_steps=20000,
+                    ),
+                },
+            }
+        )
+        c.measurements_per_run = 100
+        c.sgd.update(batch_size=10, max_steps=20000)
+        c.num_log_measurements = 30
+        c.orbit_points = 21
+        c.orbit_random = 10
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
+    c.base = base
+    return c

@@ -1,0 +1,780 @@
+"""Fisher-geometric sharpness (Ahmed, Sarmah, Dutta 2026): the Riemannian sharpness
+S_R = tr(F⁻¹H), measured in the Fisher metric, is invariant under function-preserving
+reparametrisations where λ_max(H) and tr(H) are not (Dinh et al. 2017); it rises with the SGD
+temperature η/B and tracks the generalisation gap where the Euclidean measures do not.
+
+A grid of SGD runs over learning rates η and batch sizes B (plus Adam runs) trains ReLU MLPs
+with softmax cross-entropy to a common training loss. Every trained net θ is measured in
+float64 on the training examples of the analysis:
+
+* Ŝ_R = Σ_i H_ii / (F_ii + ε), F the diagonal empirical Fisher (1/n) Σ_p g_p ⊙ g_p, the
+  estimator of the paper's experiments, as the trace of the whitened operator
+  W = (D + εI)^{-1/2} H (D + εI)^{-1/2}, D = diag F (XTrace or Hutchinson with a standard
+  error, or exactly for small P), for ε = 0 (coordinates with F_ii = 0, e.g. weights of
+  always-zero pixels or dead units, are excluded and counted) and for the damped ε of the
+  config;
+* λ_max(D⁻¹H), the top generalised eigenvalue of H v = λ D v (Lanczos on W);
+* the full true-Fisher version tr(F⁺H) and λ_max(F⁺H) with dense H and F = GGN on the output
+  layer's block (``full_fisher_scope``; "all" for small P). The full Fisher of a ReLU MLP is
+  always singular (every hidden unit's rescaling generator lies in ker F, and for
+  cross-entropy the softmax shift too), so F⁺ is the pseudo-inverse on the range of F. On
+  the output layer ker F is exactly the softmax shift, which H annihilates for every θ, so
+  tr(F⁺H) there is exactly invariant. Near a minimum H ≈ F (= GGN) and tr(F⁺H) ≈ rank F;
+* λ_max(H) by Lanczos and tr(H) by the same trace estimator;
+* the generalisation gap: test − train loss, and test − train error (= train − test
+  accuracy), from the run's final full-split evaluations;
+* PAC-Bayes terms (standard form, ``fisher_geometry.pac_bayes_bound``) with the posterior
+  N(θ, ρ (D + εI)⁻¹), the damped Ŝ_R,ε and a prior N(0, σ_p² I), ρ and σ_p² minimising the bound
+  over a grid (δ divided by the grid size).
+
+Then every net is rescaled at random without changing its function (layer scales, then
+unit scales, ``fisher_geometry.random_rescale_layers`` / ``random_rescale_units``; a diagonal
+change of coordinates θ' = Tθ) and measured again with the SAME probes and Lanczos start. The
+whitened operator transforms as T D^{-1/2} T⁻¹ H T⁻¹ D^{-1/2} T = W (diagonal matrices
+commute), so with ε = 0 every estimate computed from W is the same number before and after,
+up to rounding; ε > 0 breaks this. (Hutchinson on D⁻¹H, zᵀD⁻¹Hz, would not be: its expectation
+is invariant, its value for fixed probes is not.)
+
+The ε = 0 estimator weighs every coordinate by 1/F_ii, and near an interpolating minimum of
+cross-entropy F_ii spans many decades (weights seen only by a few, very confidently fitted
+examples have H_ii/F_ii ~ 1/(1 − p_y)); ``top_direction_share`` = λ_max(D⁻¹H)/Ŝ_R reports how
+much of Ŝ_R a single direction carries. Rank correlations are taken on values rounded to six
+significant digits, so that numbers equal up to rounding tie.
+
+Checks (per dataset):
+
+* Ŝ_R (ε = 0), λ_max(D⁻¹H) and tr(F⁺H) change by at most ``invariance_tol`` (relative) under
+  rescaling, and the rescaled nets compute the same function (to 10³ machine epsilons);
+* λ_max(H) and tr(H) change by at least ``euclidean_change_factor`` for every net;
+* Ŝ_R rises with the temperature η/B: Spearman ρ(Ŝ_R, η/B) > 0 over the SGD runs (ε = 0 and
+  the damped ε);
+* Ŝ_R tracks the loss gap better than λ_max(H) and tr(H): ρ(Ŝ_R, gap) > 0 and larger than
+  both Euclidean ρ's, over all runs (ε = 0 and the damped ε).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.flatten_util import ravel_pytree
+
+from experiments.studies import common
+from sharpness_jax import data, fisher_geometry, linalg, models, operators, plots, subsets
+from sharpness_jax.objective import Batch, Objective, get_loss
+
+NAME = "fisher_sharpness"
+
+ESTIMATORS = ("exact", "xtrace", "hutchinson")
+FULL_FISHER_SCOPES = ("output_layer", "all")
+
+# The measures of one net, with their labels in tables and figures.
+RIEMANNIAN = {
+    "riemannian_sharpness": "Ŝ_R = Σ H_ii/F_ii (ε=0)",
+    "riemannian_sharpness_damped": "Ŝ_R,ε = Σ H_ii/(F_ii+ε)",
+    "riemannian_lambda_max": "λ_max(D⁻¹H)",
+    "full_fisher_sharpness": "tr(F⁺H), full Fisher",
+}
+EUCLIDEAN = {"lambda_max": "λ_max(H)", "trace_hessian": "tr(H)"}
+MEASURES = {**RIEMANNIAN, **EUCLIDEAN}
+# The measures that are exactly invariant under a diagonal reparametrisation.
+INVARIANT = ("riemannian_sharpness", "riemannian_lambda_max", "full_fisher_sharpness")
+
+
+# ------------------------------------------------------------------------ pure helpers
+
+
+def temperature(learning_rate: float, batch_size: int) -> float:
+    """The SGD temperature η/B of the SDE dθ = −∇L dt + √(η/B) F^{1/2} dW."""
+    if learning_rate <= 0 or batch_size < 1:
+        raise ValueError(f"need η > 0 and B >= 1, got η={learning_rate}, B={batch_size}")
+    return float(learning_rate) / int(batch_size)
+
+
+def relative_change(before: float, after: float) -> float:
+    """|after − before| / |before| (∞ when before = 0 ≠ after, 0 when both are 0)."""
+    before, after = float(before), float(after)
+    if before == after:
+        return 0.0
+    return abs(after - before) / abs(before) if before != 0 else math.inf
+
+
+def change_factor(before: float, after: float) -> float:
+    """max(after/before, before/after) of two positive numbers (≥ 1; NaN otherwise)."""
+    before, after = float(before), float(after)
+    if not (before > 0 and after > 0):
+        return math.nan
+    return max(after / before, before / after)
+
+
+def gap(row: Mapping[str, float]) -> dict[str, float]:
+    """Generalisation gaps of a run: test − train loss, and test − train error."""
+    return {
+        "gap_loss": float(row["test_loss"]) - float(row["train_loss"]),
+        "gap_error": float(row["train_accuracy"]) - float(row["test_accuracy"]),
+    }
+
+
+def grid(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The runs of one dataset: SGD at every (η, B), then Adam at every (η_adam, B_adam)."""
+    runs = [
+        {"optimizer": "sgd", "learning_rate": float(lr), "batch_size": int(b)}
+        for lr in config.learning_rates
+        for b in config.batch_sizes
+    ]
+    runs += [
+        {"optimizer": "adam", "learning_rate": float(lr), "batch_size": int(b)}
+        for lr in config.adam_learning_rates
+        for b in config.adam_batch_sizes
+    ]
+    return runs
+
+
+def run_name(setup: str, run: Mapping[str, Any]) -> str:
+    return f"{setup}_{run['optimizer']}_lr{run['learning_rate']:g}_b{run['batch_size']}"
+
+
+def _trace(matvec, template, *, estimator, key, num_probes, probe_chunk) -> linalg.Estimate:
+    """tr(A) exactly (P matvecs), by XTrace or by Hutchinson, with a standard error."""
+    if estimator == "exact":
+        value = linalg.trace_exact(matvec, template, chunk_size=probe_chunk)
+        return linalg.Estimate(value, jnp.zeros_like(value), 0)
+    if estimator == "xtrace":
+        return linalg.xtrace(matvec, template, key=key, num_probes=num_probes)
+    if estimator == "hutchinson":
+        return linalg.hutchinson_trace(
+            matvec, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
+        )
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def output_layer(params: Any) -> str:
+    """The '/'-path of the last Dense layer of an MLP layout (the output layer)."""
+    paths = subsets.leaf_paths(params)
+    layers = sorted({p.rsplit("/", 1)[0] for p in paths}, key=lambda p: int(p.rsplit("_", 1)[1]))
+    return layers[-1]
+
+
+def measure_net(
+    objective: Objective,
+    params: Any,
+    batch: Batch,
+    key: jax.Array,
+    *,
+    damping: float,
+    estimator: str = "xtrace",
+    num_probes: int = 100,
+    probe_chunk: int | None = None,
+    lanczos_iters: int = 64,
+    lanczos_tol: float | None = 1e-6,
+    full_fisher_subset: subsets.Selector | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, jax.Array]:
+    """Riemannian and Euclidean sharpness of one net on ``batch`` (all means over examples).
+
+    With D = diag F_emp = (1/n) Σ_p g_p ⊙ g_p and W_ε = (D + εI)^{-1/2} H (D + εI)^{-1/2}
+    (coordinates with D_ii + ε = 0 excluded):
+
+    * ``riemannian_sharpness`` = tr W_0 = Σ_i H_ii / D_ii (± ``_stderr``);
+    * ``riemannian_sharpness_damped`` = tr W_ε = Σ_i H_ii / (D_ii + ε), same probes;
+    * ``riemannian_lambda_max`` = λ_max(W_0), the top generalised eigenvalue of H v = λ D v;
+    * ``full_fisher_sharpness`` / ``full_fisher_lambda_max`` / ``full_fisher_rank``:
+      tr(F⁺H), λ_max(F⁺H) and rank F with dense H and the true Fisher F (pseudo-inverse) on
+      ``full_fisher_subset`` (None: all parameters);
+    * ``lambda_max`` = λ_max(H) (Lanczos), ``trace_hessian`` = tr H (± ``_stderr``);
+    * ``analysis_loss`` = L(θ) on ``batch``, ``num_excluded`` = #{i : D_ii = 0},
+      ``fisher_diagonal`` = D (flat, for the PAC-Bayes KL).
+
+    The traces are exact (``estimator="exact"``: P products of W) or stochastic
+    (``"xtrace"``, ``"hutchinson"``, ``num_probes`` probes, with a standard error). Keys: the
+    traces of W_0 and W_ε share one probe key, tr H has another, and both Lanczos runs share
+    a start key, so that measuring a reparametrised net with the same ``key`` applies the
+    same probes to the same whitened matrix.
+
+    Args:
+      objective, params, batch: the net and the examples (the analysis batch).
+      key: PRNG key of the probes and the Lanczos start vectors.
+      damping: ε ≥ 0 of the damped Ŝ_R,ε.
+      estimator: "exact", "xtrace" or "hutchinson".
+      num_probes, probe_chunk: the stochastic budget and the probes per batched product.
+      lanczos_iters, lanczos_tol: Lanczos budget and relative residual tolerance.
+      full_fisher_subset: parameter subset of the dense full-Fisher version.
+      chunk_size: examples per chunk.
+
+    Returns:
+      A dict of scalars (and the flat ``fisher_diagonal``).
+    """
+    f_diag = fisher_geometry.empirical_fisher_diagonal(
+        objective, params, batch, chunk_size=chunk_size
+    )
+    hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size)
+    ones = jax.tree.map(jnp.ones_like, params)
+    # The scalings s of the operators v -> s ⊙ H(s ⊙ v): W_0, W_ε and H itself (s = 1). One
+    # trace estimator and one Lanczos are mapped over them (compiled once).
+    scales = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves),
+        fisher_geometry.diagonal_inverse_sqrt(f_diag)(ones),
+        fisher_geometry.diagonal_inverse_sqrt(f_diag, damping=damping)(ones),
+        ones,
+    )
+    key_sr, key_tr, key_lz = jax.random.split(key, 3)
+
+    def scaled(s):
+        return lambda v: jax.tree.map(jnp.multiply, s, hvp(jax.tree.map(jnp.multiply, s, v)))
+
+    def trace(args):
+        s, k = args
+        est = _trace(
+            scaled(s),
+            params,
+            estimator=estimator,
+            key=k,
+            num_probes=num_probes,
+            probe_chunk=probe_chunk,
+        )
+        return est.value, est.stderr
+
+    values, stderrs = jax.lax.map(trace, (scales, jnp.stack([key_sr, key_sr, key_tr])))
+
+    def top(s):
+        eig = linalg.lanczos_top_k(
+            scaled(s), params, k=1, num_iters=lanczos_iters, key=key_lz, tol=lanczos_tol
+        )
+        return eig.values[0]
+
+    # λ_max(W_0) = λ_max(D⁻¹H) (as fisher_geometry.riemannian_top_k) and λ_max(H).
+    tops = jax.lax.map(top, jax.tree.map(lambda a: a[::2], scales))
+    full = fisher_geometry.riemannian_sharpness_dense(
+        objective,
+        params,
+        batch,
+        fisher="true",
+        pinv=True,
+        subset=full_fisher_subset,
+        chunk_size=chunk_size,
+        probe_chunk=probe_chunk,
+    )
+    flat_f = ravel_pytree(f_diag)[0]
+    return {
+        "riemannian_sharpness": values[0],
+        "riemannian_sharpness_stderr": stderrs[0],
+        "riemannian_sharpness_damped": values[1],
+        "riemannian_sharpness_damped_stderr": stderrs[1],
+        "riemannian_lambda_max": tops[0],
+        "full_fisher_sharpness": full.trace,
+        "full_fisher_lambda_max": full.lambda_max,
+        "full_fisher_rank": full.rank,
+        "lambda_max": tops[1],
+        "trace_hessian": values[2],
+        "trace_hessian_stderr": stderrs[2],
+        "analysis_loss": operators.loss_value(objective, params, batch, chunk_size=chunk_size),
+        "num_excluded": jnp.sum(flat_f <= 0, dtype=jnp.int32),
+        "fisher_diagonal": flat_f,
+    }
+
+
+def rescale(key: jax.Array, params: Any, *, layer_log_std: float, unit_log_std: float) -> Any:
+    """A random function-preserving rescaling of a ReLU MLP: layer scales, then unit scales."""
+    k_layers, k_units = jax.random.split(key)
+    params = fisher_geometry.random_rescale_layers(
+        k_layers, params, activation="relu", log_std=layer_log_std
+    )
+    return fisher_geometry.random_rescale_units(
+        k_units, params, activation="relu", log_std=unit_log_std
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("n", "delta", "damping"))
+def _pac_bayes_grid(
+    params, fisher_diagonal, train_loss, sharpness, rhos, variances, *, n, delta, damping
+):
+    """:func:`fisher_geometry.pac_bayes_bound` at every (ρ_j, σ_j²) of the flat grid."""
+
+    def one(rho, variance):
+        kl = fisher_geometry.fisher_posterior_kl(
+            params, fisher_diagonal, rho=rho, prior_variance=variance, damping=damping
+        )
+        return fisher_geometry.pac_bayes_bound(
+            train_loss, sharpness, kl, rho=rho, n=n, delta=delta, damping=damping
+        )
+
+    return jax.vmap(one)(rhos, variances)
+
+
+def pac_bayes_terms(
+    params: Any,
+    fisher_diagonal: jax.Array,
+    *,
+    train_loss: float,
+    sharpness: float,
+    damping: float,
+    n: int,
+    delta: float,
+    rhos: Sequence[float],
+    prior_variances: Sequence[float],
+) -> dict[str, float]:
+    """The PAC-Bayes bound's terms at the (ρ, σ_p²) of the grid that minimises it.
+
+    L ≤ L̂ + (ρ/2) Ŝ_R,ε + sqrt((KL + ln(2√n/δ')) / (2n)), posterior N(θ, ρ (D + εI)⁻¹),
+    prior N(0, σ_p² I), δ' = δ / (grid size) (a union bound over the grid).
+    """
+    dtype = jnp.asarray(fisher_diagonal).dtype
+    rho_grid, var_grid = (a.ravel() for a in np.meshgrid(rhos, prior_variances, indexing="ij"))
+    delta_grid = delta / rho_grid.size
+    bounds = _pac_bayes_grid(
+        params,
+        fisher_diagonal,
+        jnp.asarray(train_loss, dtype),
+        jnp.asarray(sharpness, dtype),
+        jnp.asarray(rho_grid, dtype),
+        jnp.asarray(var_grid, dtype),
+        n=int(n),
+        delta=float(delta_grid),
+        damping=float(damping),
+    )
+    best = int(np.nanargmin(np.asarray(bounds.bound)))
+    return {
+        "bound": float(bounds.bound[best]),
+        "empirical_loss": float(bounds.empirical_loss[best]),
+        "curvature_term": float(bounds.curvature_term[best]),
+        "complexity_term": float(bounds.complexity_term[best]),
+        "kl": float(bounds.kl[best]),
+        "log_term": float(bounds.log_term[best]),
+        "rho": float(rho_grid[best]),
+        "prior_variance": float(var_grid[best]),
+        "delta_per_grid_point": float(delta_grid),
+    }
+
+
+# ------------------------------------------------------------------------ the analysis
+
+
+class _Setup:
+    """One dataset of the study: its analysis data, objective and compiled measurements."""
+
+    def __init__(self, config: ml_collections.ConfigDict, name: str):
+        setup = config.setups[name]
+        self.name = name
+        self.run_base = common.run_config(
+            config.base, dataset=setup.dataset.to_dict(), model=setup.model.to_dict()
+        )
+        if self.run_base.model.activation != "relu" or self.run_base.model.name != "mlp":
+            raise ValueError("the rescaling symmetry needs a ReLU MLP (model mlp, activation relu)")
+        if config.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {config.estimator!r}")
+        if config.full_fisher_scope not in FULL_FISHER_SCOPES:
+            raise ValueError(
+                f"full_fisher_scope must be one of {FULL_FISHER_SCOPES}, got "
+                f"{config.full_fisher_scope!r}"
+            )
+        self.config = config
+        self._ready = False
+
+    def run_config(self, run: Mapping[str, Any]) -> ml_collections.ConfigDict:
+        """The training config of one run of :func:`grid`."""
+        return common.run_config(
+            self.run_base,
+            **{
+                "optimizer.name": run["optimizer"],
+                "optimizer.learning_rate": run["learning_rate"],
+                "batch_size": run["batch_size"],
+            },
+        )
+
+    def _prepare(self) -> None:
+        """Loads the analysis data and builds the objective in the analysis dtype."""
+        if self._ready:
+            return
+        c, dtype = self.config, self.config.analysis_dtype
+        options = {k: v for k, v in self.run_base.dataset.to_dict().items() if k != "name"}
+        dataset = data.load_dataset(self.run_base.dataset.name, **{**options, "dtype": dtype})
+        train = dataset.train
+        if c.analysis_examples is not None:
+            train = jax.tree.map(lambda a: a[: c.analysis_examples], train)
+        model_options = {k: v for k, v in self.run_base.model.to_dict().items() if k != "name"}
+        model = models.build_model(
+            "mlp",
+            input_shape=np.shape(train.inputs)[1:],
+            num_outputs=dataset.num_classes,
+            **{**model_options, "param_dtype": dtype},
+        )
+        loss = get_loss(self.run_base.loss.name, label_smoothing=self.run_base.loss.label_smoothing)
+        self.objective = Objective(model.predict, loss)
+        self.batch = Batch(jnp.asarray(train.inputs), jnp.asarray(train.targets))
+        self.n = int(np.shape(train.inputs)[0])
+        self.dtype = jnp.dtype(dtype)
+        self._measure = jax.jit(
+            functools.partial(
+                measure_net,
+                self.objective,
+                damping=float(c.damping),
+                estimator=c.estimator,
+                num_probes=int(c.num_probes),
+                probe_chunk=c.probe_chunk,
+                lanczos_iters=int(c.lanczos_iters),
+                lanczos_tol=c.lanczos_tol,
+                chunk_size=c.chunk_size,
+            ),
+            static_argnames=("full_fisher_subset",),
+        )
+        self._outputs = jax.jit(lambda p, x: self.objective.batch_outputs(p, x))
+        self._ready = True
+
+    def analyse(self, params: Any, index: int) -> dict[str, Any]:
+        """Every measure of one trained net, before and after a random rescaling."""
+        self._prepare()
+        c = self.config
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), self.dtype), params)
+        subset = output_layer(params) if c.full_fisher_scope == "output_layer" else None
+        key = jax.random.PRNGKey(c.analysis_seed)
+        scale_key = jax.random.fold_in(jax.random.PRNGKey(c.rescale_seed), index)
+        rescaled = rescale(
+            scale_key, params, layer_log_std=c.layer_log_std, unit_log_std=c.unit_log_std
+        )
+        before = self._measure(params, self.batch, key, full_fisher_subset=subset)
+        after = self._measure(rescaled, self.batch, key, full_fisher_subset=subset)
+        f0 = self._outputs(params, self.batch.inputs)
+        f1 = self._outputs(rescaled, self.batch.inputs)
+        out = {k: float(v) for k, v in before.items() if k != "fisher_diagonal"}
+        out.update({f"{k}_rescaled": float(v) for k, v in after.items() if k != "fisher_diagonal"})
+        # The share of Ŝ_R carried by its top direction: near 1 when a few coordinates with
+        # a tiny F_ii dominate the estimator.
+        out["top_direction_share"] = out["riemannian_lambda_max"] / out["riemannian_sharpness"]
+        out["function_change"] = float(jnp.max(jnp.abs(f1 - f0)) / jnp.max(jnp.abs(f0)))
+        out["num_params"] = int(ravel_pytree(params)[0].size)
+        out["num_examples"] = self.n
+        out["full_fisher_block"] = subset or "all"
+        out["full_fisher_block_size"] = int(
+            ravel_pytree(params if subset is None else subsets.select(params, subset))[0].size
+        )
+        out["damping"] = float(c.damping)
+        pac = pac_bayes_terms(
+            params,
+            before["fisher_diagonal"],
+            train_loss=out["analysis_loss"],
+            sharpness=out["riemannian_sharpness_damped"],
+            damping=float(c.damping),
+            n=self.n,
+            delta=float(c.pac_bayes_delta),
+            rhos=tuple(c.pac_bayes_rhos),
+            prior_variances=tuple(c.pac_bayes_prior_variances),
+        )
+        out.update({f"pac_bayes_{k}": v for k, v in pac.items()})
+        return out
+
+
+def _train_and_analyse(config, workdir: Path, setup: _Setup) -> list[dict[str, Any]]:
+    """Trains every run of one dataset and analyses it (both resumable); one row per run."""
+    rows = []
+    for index, run in enumerate(grid(config)):
+        name = run_name(setup.name, run)
+        result = common.train_run(workdir, name, setup.run_config(run))
+        final = common.columns(workdir, name)
+        metrics = {k: float(final[k][-1]) for k in _SPLIT_METRICS}
+
+        def compute(params=result.params, index=index):
+            x64 = jax.enable_x64(True) if config.analysis_dtype == "float64" else nullcontext()
+            with x64:
+                return setup.analyse(params, index)
+
+        analysis = common.cached(workdir, f"{name}_step{result.step}", compute)
+        row = {
+            "name": name,
+            **run,
+            "temperature": temperature(run["learning_rate"], run["batch_size"]),
+            "status": result.status,
+            "step": int(result.step),
+            **metrics,
+            **gap(metrics),
+            **analysis,
+        }
+        logging.info(
+            "%s: %s at step %d, gap %.4g, Ŝ_R %.4g, λ_max %.4g",
+            name,
+            result.status,
+            result.step,
+            row["gap_loss"],
+            row["riemannian_sharpness"],
+            row["lambda_max"],
+        )
+        rows.append(row)
+    return rows
+
+
+_SPLIT_METRICS = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+
+
+# ------------------------------------------------------------------------ checks
+
+
+def significant(values: Sequence[float], digits: int = 6) -> np.ndarray:
+    """``values`` rounded to ``digits`` significant digits (NaN and ±∞ kept).
+
+    Ranks are taken on rounded values so that numbers equal up to rounding error tie: near a
+    minimum tr(F⁺H) ≈ rank F is an integer for most nets, and its last digits are noise.
+    """
+    x = np.asarray(values, float)
+    out = x.copy()
+    ok = np.isfinite(x) & (x != 0)
+    exponent = np.floor(np.log10(np.abs(x[ok])))
+    scale = 10.0 ** (digits - 1 - exponent)
+    out[ok] = np.round(x[ok] * scale) / scale
+    return out
+
+
+def correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Spearman ρ of every measure (before and after rescaling) with the gaps and η/B.
+
+    ``temperature`` uses the SGD runs only (Adam's step has no η/B temperature). Values are
+    rounded to 6 significant digits first (:func:`significant`).
+    """
+    sgd = [r for r in rows if r["optimizer"] == "sgd"]
+    out = {}
+    names = [*MEASURES, "pac_bayes_bound"]
+    for measure in names + [f"{m}_rescaled" for m in MEASURES]:
+        values = significant([r[measure] for r in rows])
+        out[measure] = {
+            "gap_loss": common.rank_correlation(values, [r["gap_loss"] for r in rows]),
+            "gap_error": common.rank_correlation(values, [r["gap_error"] for r in rows]),
+            "temperature": common.rank_correlation(
+                significant([r[measure] for r in sgd]), [r["temperature"] for r in sgd]
+            ),
+        }
+    return out
+
+
+def _checks(config, rows, corr, prefix: str) -> list[common.Check]:
+    checks = []
+    tol = float(config.invariance_tol)
+    for measure in INVARIANT:
+        changes = [relative_change(r[measure], r[f"{measure}_rescaled"]) for r in rows]
+        checks.append(
+            common.check_range(
+                f"{prefix}{MEASURES[measure]} is invariant under function-preserving rescaling",
+                float(np.max(changes)),
+                high=tol,
+                detail=f"max over {len(rows)} nets of the relative change (same probes)"
+                + (
+                    f"; true Fisher on {rows[0]['full_fisher_block']} "
+                    f"({rows[0]['full_fisher_block_size']} parameters), pseudo-inverse"
+                    if measure == "full_fisher_sharpness"
+                    else ""
+                ),
+            )
+        )
+    function_tol = 1e3 * float(np.finfo(np.dtype(config.analysis_dtype)).eps)
+    checks.append(
+        common.check_range(
+            f"{prefix}the rescaled nets compute the same function",
+            float(np.max([r["function_change"] for r in rows])),
+            high=function_tol,
+            detail="max |f(θ') − f(θ)| / max |f(θ)| over the analysis examples",
+        )
+    )
+    for measure in EUCLIDEAN:
+        factors = [change_factor(r[measure], r[f"{measure}_rescaled"]) for r in rows]
+        checks.append(
+            common.check_range(
+                f"{prefix}{MEASURES[measure]} changes under rescaling by a large factor",
+                float(np.min(factors)),
+                low=float(config.euclidean_change_factor),
+                detail="min over nets of max(after/before, before/after); max "
+                f"{float(np.max(factors)):.3g}",
+            )
+        )
+    for measure in ("riemannian_sharpness", "riemannian_sharpness_damped"):
+        checks.append(
+            _strict_positive(
+                f"{prefix}{MEASURES[measure]} rises with the temperature η/B",
+                corr[measure]["temperature"],
+                "Spearman ρ over the SGD runs",
+            )
+        )
+        euclid = {m: corr[m]["gap_loss"] for m in EUCLIDEAN}
+        rho_g = corr[measure]["gap_loss"]
+        evaluable = all(math.isfinite(v) for v in (rho_g, *euclid.values()))
+        best = max(euclid.values()) if evaluable else math.nan
+        checks.append(
+            common.Check(
+                f"{prefix}{MEASURES[measure]} tracks the loss gap better than λ_max(H) and tr(H)",
+                rho_g,
+                f"> 0 and > max Euclidean ρ ({best:.3g})",
+                bool(rho_g > 0 and rho_g > best) if evaluable else None,
+                "Spearman ρ with test − train loss over all runs; "
+                + ", ".join(f"ρ({MEASURES[m]}) = {v:.3g}" for m, v in euclid.items()),
+            )
+        )
+    return checks
+
+
+def _strict_positive(claim: str, value: float, detail: str) -> common.Check:
+    if not math.isfinite(value):
+        return common.Check(claim, value, "> 0", None, detail + " (not measurable)")
+    return common.Check(claim, value, "> 0", bool(value > 0), detail)
+
+
+# ------------------------------------------------------------------------ the study
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path):
+    checks, results, figures = [], {}, []
+    multiple = len(config.setups) > 1
+    for setup_name in config.setups:
+        setup = _Setup(config, setup_name)
+        rows = _train_and_analyse(config, workdir, setup)
+        corr = correlations(rows)
+        prefix = f"{setup_name}: " if multiple else ""
+        checks += _checks(config, rows, corr, prefix)
+        results[setup_name] = {
+            "damping": float(config.damping),
+            "estimator": config.estimator,
+            "num_probes": int(config.num_probes) if config.estimator != "exact" else 0,
+            "full_fisher_block": rows[0]["full_fisher_block"],
+            "median_top_direction_share": float(
+                np.median([r["top_direction_share"] for r in rows])
+            ),
+            "rank_correlations": corr,
+            "max_relative_change": {
+                m: max(relative_change(r[m], r[f"{m}_rescaled"]) for r in rows) for m in MEASURES
+            },
+            "runs": {
+                r["name"]: {k: v for k, v in r.items() if k != "name" and not k.endswith("_block")}
+                for r in rows
+            },
+        }
+        tag = f"{setup_name}_" if multiple else ""
+        figures += [
+            _gap_figure(workdir, rows, corr, tag),
+            _temperature_figure(workdir, rows, corr, tag),
+            _rescaling_figure(workdir, rows, float(config.invariance_tol), tag),
+            _pac_bayes_figure(workdir, rows, tag),
+        ]
+    return checks, results, figures
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def _short(row: Mapping[str, Any]) -> str:
+    opt = "A" if row["optimizer"] == "adam" else ""
+    return f"{opt}{row['learning_rate']:g}/{row['batch_size']}"
+
+
+def _gap_figure(workdir: Path, rows, corr, tag: str) -> str:
+    import matplotlib.pyplot as plt
+
+    measures = (
+        "riemannian_sharpness",
+        "riemannian_sharpness_damped",
+        "lambda_max",
+        "trace_hessian",
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
+    gaps = np.array([r["gap_loss"] for r in rows])
+    labels = [_short(r) for r in rows]
+    for ax, m in zip(axes, measures, strict=True):
+        points = {
+            "trained nets": (gaps, np.array([r[m] for r in rows])),
+            "rescaled (same functions)": (gaps, np.array([r[f"{m}_rescaled"] for r in rows])),
+        }
+        plots.scatter(
+            points,
+            xlabel="generalisation gap (test − train loss)",
+            ylabel=MEASURES[m],
+            title=f"{MEASURES[m]}: ρ = {corr[m]['gap_loss']:.2f} → "
+            f"{corr[m + '_rescaled']['gap_loss']:.2f} rescaled",
+            logy=True,
+            annotate={"trained nets": labels},
+            ax=ax,
+        )
+    fig.suptitle("Riemannian vs Euclidean sharpness against the generalisation gap", fontsize=11)
+    return common.figure(workdir, f"{tag}sharpness_vs_gap", fig)
+
+
+def _temperature_figure(workdir: Path, rows, corr, tag: str) -> str:
+    import matplotlib.pyplot as plt
+
+    sgd = [r for r in rows if r["optimizer"] == "sgd"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for ax, m in zip(
+        axes, ("riemannian_sharpness", "riemannian_sharpness_damped", "lambda_max"), strict=True
+    ):
+        points = {}
+        for b in sorted({r["batch_size"] for r in sgd}):
+            sel = [r for r in sgd if r["batch_size"] == b]
+            points[f"SGD, B = {b}"] = (
+                np.array([r["temperature"] for r in sel]),
+                np.array([r[m] for r in sel]),
+            )
+        plots.scatter(
+            points,
+            xlabel="temperature η/B",
+            ylabel=MEASURES[m],
+            title=f"{MEASURES[m]}: Spearman ρ = {corr[m]['temperature']:.2f}",
+            logx=True,
+            logy=True,
+            ax=ax,
+        )
+    fig.suptitle("sharpness against the SGD temperature η/B", fontsize=11)
+    return common.figure(workdir, f"{tag}sharpness_vs_temperature", fig)
+
+
+def _rescaling_figure(workdir: Path, rows, tol: float, tag: str) -> str:
+    import matplotlib.pyplot as plt
+
+    measures = list(MEASURES)
+    floor = 1e-17
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(measures) + 0.25 * len(rows) + 1), 4.0))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        change = [max(relative_change(r[m], r[f"{m}_rescaled"]), floor) for m in measures]
+        ax.bar(
+            np.arange(len(measures)) + (i - (len(rows) - 1) / 2) * width,
+            change,
+            width,
+            label=_short(r),
+            bottom=floor,
+            color=plt.cm.tab20(i % 20),
+        )
+    ax.axhline(tol, color="k", ls="--", lw=1.0, label=f"invariance tolerance {tol:g}")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(measures)))
+    ax.set_xticklabels([MEASURES[m] for m in measures], fontsize=8, rotation=12)
+    ax.set_ylabel("|after − before| / before")
+    ax.set_title("relative change under a random function-preserving rescaling", fontsize=10)
+    ax.legend(fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return common.figure(workdir, f"{tag}rescaling", fig)
+
+
+def _pac_bayes_figure(workdir: Path, rows, tag: str) -> str:
+    import matplotlib.pyplot as plt
+
+    terms = {
+        "empirical loss L̂": "pac_bayes_empirical_loss",
+        "curvature (ρ/2)·Ŝ_R,ε": "pac_bayes_curvature_term",
+        "complexity √((KL + ln(2√n/δ))/2n)": "pac_bayes_complexity_term",
+    }
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(rows) + 3), 3.8), constrained_layout=True)
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for label, key in terms.items():
+        values = np.array([r[key] for r in rows])
+        ax.bar(x, values, 0.6, bottom=bottom, label=label)
+        bottom = bottom + values
+    ax.plot(x, [r["test_loss"] for r in rows], "k*", label="test loss")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_short(r) for r in rows], fontsize=7, rotation=30)
+    ax.set_ylabel("loss")
+    ax.set_title("PAC-Bayes bound (standard form) with a Fisher-shaped posterior", fontsize=10)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return common.figure(workdir, f"{tag}pac_bayes", fig)

@@ -1,0 +1,619 @@
+"""SGD noise vs curvature (Zhang, Yang & Tu 2026): per layer, the per-sample gradient
+covariance C, the Hessian H and the per-sample Hessian second moment E_p[h_p²].
+
+One SGD run per loss (cross-entropy and squared error); after training, for every analysed
+layer S (one weight matrix) and on a fixed set of n training examples, everything is computed
+exactly on the restricted objective (the S-blocks C_SS, H_SS and E_p[(h_p)_SS²]):
+
+* H as a dense matrix (P_S Hessian-vector products, ``linalg.dense``) and its full
+  eigendecomposition H v_i = λ_i v_i, λ_1 ≥ λ_2 ≥ …;
+* C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ as a dense matrix (``noise.gradient_covariance_dense``);
+* diag E_p[h_p²] from per-example Hessian rows (``noise.hessian_second_moment_diagonal``)
+  and v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² for the top N eigenvectors
+  (``noise.hessian_second_moment_quadratic_forms``).
+
+Then, with ``noise.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap 95%
+intervals), exactly what ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` fit:
+
+* the eigenbasis exponent: v_iᵀ C v_i ∝ λ_i^γ over the top N = ``eigen_fraction``·P_S
+  eigenpairs (the paper code's fit) — the primary γ;
+* the coordinate exponent: C_ii ∝ H_ii^γ over the coordinates (reported);
+* the exponents predicted by the activity–weight duality, C ∝ E_p[h_p²]: v_iᵀ E_p[h_p²] v_i
+  ∝ λ_i^γ and E_p[h_p²]_ii ∝ H_ii^γ, and the direct fits of C against E_p[h_p²];
+* the relative commutator ‖CH − HC‖_F / ‖CH‖_F against its value with H replaced by Q H Qᵀ
+  for Haar-random Q (``noise.relative_commutator``, ``noise.rotation_baseline``: what
+  ``noise.noise_curvature_commutation`` computes, here from the C and H already formed).
+
+Conventions. C is the per-sample covariance with the 1/n normalisation; the noise of a
+mini-batch gradient is C/B (with replacement), a factor that changes neither γ nor the
+commutators. E_p[h_p²] is that of the layer's own per-sample Hessian, E_p[(h_p)_SS²] (the
+paper code's per-layer h_p). The commutator is normalised by ‖CH‖_F as in the paper's
+text (its code divides by ‖C‖_F‖H‖_F); either way it is compared with its value for a
+random rotation of H's eigenbasis, the paper code's spectrum-preserving baseline. The
+analysis runs in ``analysis_dtype`` (float64 by default) on the float32-trained weights.
+
+Checks, per layer (and per loss where it applies):
+
+* 1 ≤ γ ≤ 2 for the eigenbasis γ. The paper's "diagonal elements" are v_iᵀ C v_i against
+  the Hessian eigenvalues λ_i: its bounds are derived in the Hessian eigenbasis
+  (λ_i² ≤ v_iᵀE_p[h_p²]v_i ≤ κ_max λ_i) and its code fits there, over the top N. The
+  coordinate γ (C_ii against H_ii) is reported but not checked: a coordinate's H_ii averages
+  many eigenvalues, so its exponent is a different, basis-dependent quantity that the
+  paper does not bound;
+* γ(cross-entropy) > γ(squared error): the difference, passing when the two bootstrap
+  intervals are disjoint with the cross-entropy one above;
+* C and H nearly commute: relative commutator ≤ ``commutator_factor`` × the mean of its
+  random-rotation baseline;
+* C ∝ E_p[h_p²]: the eigenbasis γ predicted from E_p[h_p²] lies within
+  ``prediction_tolerance`` of the measured one (the paper's γ_emp against γ_AWD). The direct
+  fit of v_iᵀCv_i against v_iᵀE_p[h_p²]v_i (slope 1 under exact proportionality) and its R²
+  are reported with it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from experiments.studies import common
+from sharpness_jax import data, linalg, models, noise, operators, plots, subsets, training
+from sharpness_jax.objective import Batch, Objective, get_loss
+
+NAME = "noise_curvature"
+
+PyTree = Any
+
+_LOSS_LABELS = {
+    "cross_entropy": "CE",
+    "squared_error_half": "MSE",
+    "squared_error_sum": "MSE",
+}
+# The fits of a layer analysis: name -> (x key, y key, description).
+FITS = {
+    "eigen": ("eigenvalues", "c_eigen", "v_iᵀCv_i ∝ λ_i^γ (top N)"),
+    "eigen_second_moment": ("eigenvalues", "e_eigen", "v_iᵀE[h²]v_i ∝ λ_i^γ (top N)"),
+    "eigen_c_vs_second_moment": ("e_eigen", "c_eigen", "v_iᵀCv_i ∝ (v_iᵀE[h²]v_i)^γ (top N)"),
+    "coordinate": ("h_diag", "c_diag", "C_ii ∝ H_ii^γ"),
+    "coordinate_second_moment": ("h_diag", "e_diag", "E[h²]_ii ∝ H_ii^γ"),
+    "coordinate_c_vs_second_moment": ("e_diag", "c_diag", "C_ii ∝ (E[h²]_ii)^γ"),
+}
+_FIT_FIELDS = ("gamma", "intercept", "r2", "ci_low", "ci_high", "num_used")
+
+
+def _run_name(loss: str) -> str:
+    return loss
+
+
+def _slug(layer: str) -> str:
+    return layer.strip("/").replace("/", "_")
+
+
+def num_eigen(num_params: int, fraction: float) -> int:
+    """N = round(fraction · P), at least 2 (a fit needs two points) and at most P."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"eigen_fraction must lie in (0, 1], got {fraction!r}")
+    return int(min(num_params, max(2, round(fraction * num_params))))
+
+
+def layer_quantities(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    layer: str,
+    num_eigen: int,
+    chunk_size: int | None = None,
+    basis_chunk_size: int | None = None,
+) -> dict[str, jax.Array]:
+    """C, H and E_p[h_p²] of one layer, exactly, in the Hessian eigenbasis and the coordinates.
+
+    All matrices are those of the objective restricted to ``layer`` (the diagonal blocks
+    C_SS, H_SS and E_p[(h_p)_SS²]); means over the n examples of ``batch``. Jit-compatible
+    (``objective``, ``layer`` and the sizes static).
+
+    Args:
+      objective, params, batch: the trained model and the examples.
+      layer: the parameter selector of the layer (see :mod:`sharpness_jax.subsets`).
+      num_eigen: N, the Hessian eigenvectors (largest eigenvalues first) for v_iᵀE_p[h_p²]v_i.
+      chunk_size: examples per chunk; basis_chunk_size: basis (or eigen-) vectors per chunk.
+
+    Returns:
+      ``h`` and ``c`` (the dense P × P matrices, flat ``ravel_pytree`` basis),
+      ``eigenvalues`` λ_i (all P, descending), ``c_eigen`` = v_iᵀ C v_i (all P),
+      ``e_eigen`` = v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² (top N), and the diagonals
+      ``h_diag``, ``c_diag``, ``e_diag`` = (1/n) Σ_p Σ_j (h_p)_ij².
+    """
+    sub = subsets.select(params, layer)
+    h_matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=layer)
+    h = linalg.dense(h_matvec, sub, chunk_size=basis_chunk_size)
+    h = (h + h.T) / 2  # symmetric up to rounding; eigh reads one triangle
+    c = noise.gradient_covariance_dense(
+        objective, params, batch, chunk_size=chunk_size, subset=layer
+    )
+    e_diag = ravel_pytree(
+        noise.hessian_second_moment_diagonal(
+            objective,
+            params,
+            batch,
+            chunk_size=chunk_size,
+            basis_chunk_size=basis_chunk_size,
+            subset=layer,
+        )
+    )[0]
+    values, vectors = jnp.linalg.eigh(h)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    c_eigen = jnp.sum(vectors * jnp.matmul(c, vectors, precision=jax.lax.Precision.HIGHEST), 0)
+    # v_iᵀ E_p[h_p²] v_i, ``basis_chunk_size`` vectors at a time (memory ~ chunk_size ·
+    # basis_chunk_size · P, as for the diagonal); zero vectors pad the last block.
+    _, unravel = ravel_pytree(sub)
+    block = num_eigen if basis_chunk_size is None else min(basis_chunk_size, num_eigen)
+    num_blocks = -(-num_eigen // block)
+    top = jnp.zeros((num_blocks * block, values.shape[0]), values.dtype)
+    top = top.at[:num_eigen].set(vectors[:, :num_eigen].T)
+
+    def forms(rows):
+        return noise.hessian_second_moment_quadratic_forms(
+            objective, params, batch, jax.vmap(unravel)(rows), chunk_size=chunk_size, subset=layer
+        )
+
+    e_eigen = jax.lax.map(forms, top.reshape(num_blocks, block, -1)).reshape(-1)[:num_eigen]
+    return {
+        "h": h,
+        "c": c,
+        "eigenvalues": values,
+        "c_eigen": c_eigen,
+        "e_eigen": e_eigen,
+        "h_diag": jnp.diagonal(h),
+        "c_diag": jnp.diagonal(c),
+        "e_diag": e_diag,
+    }
+
+
+def fit_pairs(
+    quantities: dict[str, Any], *, num_eigen: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) pairs of every fit of ``FITS``, stacked and padded with NaN.
+
+    The eigenbasis fits take the top ``num_eigen`` eigenpairs, the coordinate fits all P
+    coordinates; each row is padded with NaN to ``length`` ≥ P (default P), which
+    :func:`noise.fit_power_law` excludes, so that one program fits every row of every layer.
+
+    Returns:
+      ``(xs, ys)``, each ``(len(FITS), length)``.
+    """
+    size = int(np.shape(quantities["h_diag"])[0])
+    length = size if length is None else length
+    if length < size:
+        raise ValueError(f"length={length} is below the number of parameters {size}")
+    xs = np.full((len(FITS), length), np.nan, np.asarray(quantities["h_diag"]).dtype)
+    ys = np.full_like(xs, np.nan)
+    for row, (name, (x_name, y_name, _)) in enumerate(FITS.items()):
+        count = num_eigen if name.startswith("eigen") else size
+        xs[row, :count] = np.asarray(quantities[x_name])[:count]
+        ys[row, :count] = np.asarray(quantities[y_name])[:count]
+    return xs, ys
+
+
+def power_law_fits(
+    xs: jax.Array, ys: jax.Array, *, key: jax.Array, num_resamples: int
+) -> dict[str, jax.Array]:
+    """:func:`noise.fit_power_law` on every row of :func:`fit_pairs`: the fits
+    ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` make (the NaN padding is
+    excluded; the bootstrap draws depend on the padded length).
+
+    Returns:
+      ``<fit>/<field>`` for every fit of ``FITS`` and every field of
+      :class:`noise.PowerLawFit` but the exclusion counts.
+    """
+    fits = jax.vmap(lambda x, y, k: noise.fit_power_law(x, y, key=k, num_resamples=num_resamples))(
+        xs, ys, jax.random.split(key, len(FITS))
+    )
+    return {
+        f"{name}/{field}": getattr(fits, field)[i]
+        for i, name in enumerate(FITS)
+        for field in _FIT_FIELDS
+    }
+
+
+def commutation(
+    c: jax.Array, h: jax.Array, *, key: jax.Array, num_rotations: int
+) -> dict[str, jax.Array]:
+    """‖CH − HC‖_F / ‖CH‖_F and its Haar-rotation baseline, as
+    ``noise.noise_curvature_commutation`` computes them, from the dense C and H."""
+    baseline = noise.rotation_baseline(c, h, key=key, num_rotations=num_rotations)
+    return {
+        "relative_commutator": noise.relative_commutator(c, h),
+        "baseline_values": baseline.values,
+        "baseline_mean": baseline.mean,
+        "baseline_std": baseline.std,
+    }
+
+
+# Objective-independent programs, compiled once per layer size and shared by the runs.
+_power_law_fits = jax.jit(power_law_fits, static_argnames=("num_resamples",))
+_commutation = jax.jit(commutation, static_argnames=("num_rotations",))
+
+
+def _objective_and_batch(run_cfg: ml_collections.ConfigDict, num_examples: int | None):
+    """The run's objective (model and loss as the training loop builds them) and the first
+    ``num_examples`` training examples."""
+    c = training.resolve_config(run_cfg)
+    options = {k: v for k, v in c.dataset.to_dict().items() if k not in ("name", "dtype")}
+    dataset = data.load_dataset(c.dataset.name, dtype=c.dtype, **options)
+    inputs, targets = dataset.train
+    model_options = {k: v for k, v in c.model.to_dict().items() if k not in ("name", "param_dtype")}
+    model = models.build_model(
+        c.model.name,
+        input_shape=np.shape(inputs)[1:],
+        num_outputs=dataset.num_classes,
+        param_dtype=c.dtype,
+        **model_options,
+    )
+    loss = get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)
+    n = len(targets) if num_examples is None else min(num_examples, len(targets))
+    batch = Batch(jnp.asarray(inputs[:n]), jnp.asarray(targets[:n]))
+    return Objective(model.predict, loss), batch
+
+
+def _layer_sizes(config, params) -> dict[str, int]:
+    sizes = {layer: subsets.num_params(subsets.select(params, layer)) for layer in config.layers}
+    for layer, size in sizes.items():
+        if size > config.max_dense_params:
+            raise ValueError(
+                f"layer {layer} has {size} parameters, above max_dense_params="
+                f"{config.max_dense_params}: its dense C and H would not fit; choose a smaller "
+                "layer"
+            )
+    return sizes
+
+
+def _analyse(config, run_cfg, params, layer: str, key: jax.Array) -> dict[str, Any]:
+    """The layer's analysis (``layer_quantities``, ``power_law_fits``, ``commutation``) in
+    ``config.analysis_dtype``: float64 runs under ``jax.enable_x64`` with the trained
+    parameters and the inputs cast up, so that the small Hessian eigenvalues of the top N
+    are far above rounding."""
+    if config.analysis_dtype not in ("float32", "float64"):
+        raise ValueError(f"analysis_dtype must be float32 or float64, got {config.analysis_dtype}")
+    if config.analysis_dtype == "float32":
+        return _analyse_in_dtype(config, run_cfg, params, layer, key)
+    with jax.enable_x64(True):
+        return _analyse_in_dtype(config, run_cfg, params, layer, key)
+
+
+def _analyse_in_dtype(config, run_cfg, params, layer: str, key: jax.Array) -> dict[str, Any]:
+    dtype = jnp.dtype(config.analysis_dtype)
+    objective, batch = _objective_and_batch(run_cfg, config.analysis_examples)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    batch = Batch(jnp.asarray(batch.inputs, dtype), batch.targets)
+    sizes = _layer_sizes(config, params)
+    size = sizes[layer]
+    n_eig = num_eigen(size, config.eigen_fraction)
+    quantities = jax.jit(
+        functools.partial(
+            layer_quantities,
+            objective,
+            layer=layer,
+            num_eigen=n_eig,
+            chunk_size=config.chunk_size,
+            basis_chunk_size=config.basis_chunk_size,
+        )
+    )(params, batch)
+    fit_key, rotation_key = jax.random.split(key)
+    out = {k: v for k, v in quantities.items() if k not in ("h", "c")}
+    out.update(
+        _power_law_fits(
+            *fit_pairs(quantities, num_eigen=n_eig, length=max(sizes.values())),
+            key=fit_key,
+            num_resamples=config.num_resamples,
+        )
+    )
+    out.update(
+        _commutation(
+            quantities["c"], quantities["h"], key=rotation_key, num_rotations=config.num_rotations
+        )
+    )
+    out = {k: np.asarray(v) for k, v in out.items()}
+    out.update(
+        num_params=size,
+        num_eigen=n_eig,
+        num_examples=int(batch.targets.shape[0]),
+        dtype=config.analysis_dtype,
+    )
+    return out
+
+
+def _fit(an: dict[str, Any], name: str) -> dict[str, float]:
+    return {f: float(np.asarray(an[f"{name}/{f}"])) for f in _FIT_FIELDS}
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path):
+    checks, results, analyses = [], {}, {}
+    for loss_index, loss in enumerate(config.losses):
+        name = _run_name(loss)
+        run_cfg = common.run_config(config.base, **{"loss.name": loss})
+        result = common.train_run(workdir, name, run_cfg)
+        cols = common.columns(workdir, name)
+        entry = {
+            "status": result.status,
+            "step": int(result.step),
+            "final_train_loss": float(cols["train_loss"][-1]),
+            "final_train_accuracy": float(cols["train_accuracy"][-1]),
+            "final_test_accuracy": float(cols["test_accuracy"][-1]),
+            "layers": {},
+        }
+        results[name] = entry
+        if result.status == "diverged":
+            checks.append(
+                common.Check(
+                    f"SGD with the {loss} loss trains",
+                    None,
+                    "no divergence",
+                    None,
+                    f"diverged at step {result.step}: no analysis",
+                )
+            )
+            continue
+        for layer_index, layer in enumerate(config.layers):
+            key = jax.random.fold_in(
+                jax.random.fold_in(jax.random.PRNGKey(config.seed), loss_index), layer_index
+            )
+            an = common.cached(
+                workdir,
+                f"{name}__{_slug(layer)}",
+                lambda layer=layer, key=key: _analyse(config, run_cfg, result.params, layer, key),
+            )
+            analyses[(loss, layer)] = an
+            entry["layers"][layer] = _layer_results(an)
+            checks.extend(_layer_checks(config, loss, layer, entry["layers"][layer]))
+    checks.extend(_loss_comparison_checks(config, results))
+    figures = []
+    if analyses:
+        figures = [
+            _power_law_figure(workdir, config, analyses, "eigen"),
+            _power_law_figure(workdir, config, analyses, "coordinate"),
+            _second_moment_figure(workdir, config, analyses),
+            _commutator_figure(workdir, config, analyses),
+            _gamma_figure(workdir, config, results),
+        ]
+    return checks, results, figures
+
+
+def _layer_results(an: dict[str, Any]) -> dict[str, Any]:
+    relative = float(np.asarray(an["relative_commutator"]))
+    mean = float(np.asarray(an["baseline_mean"]))
+    return {
+        "num_params": int(an["num_params"]),
+        "num_eigen": int(an["num_eigen"]),
+        "num_examples": int(an["num_examples"]),
+        "lambda_max": float(np.asarray(an["eigenvalues"])[0]),
+        "num_positive_eigenvalues": int(np.sum(np.asarray(an["eigenvalues"]) > 0)),
+        "fits": {fit: _fit(an, fit) for fit in FITS},
+        "relative_commutator": relative,
+        "baseline_mean": mean,
+        "baseline_std": float(np.asarray(an["baseline_std"])),
+        "commutator_ratio": relative / mean,
+    }
+
+
+def _layer_checks(config, loss: str, layer: str, res: dict[str, Any]) -> list[common.Check]:
+    label = f"{_LOSS_LABELS.get(loss, loss)}, {layer}"
+    eig, coord = res["fits"]["eigen"], res["fits"]["coordinate"]
+    pred = res["fits"]["eigen_second_moment"]
+    direct = res["fits"]["eigen_c_vs_second_moment"]
+    low, high = config.gamma_bounds
+    tol = config.prediction_tolerance
+    return [
+        common.check_range(
+            f"1 ≤ γ ≤ 2 in the Hessian eigenbasis ({label})",
+            eig["gamma"],
+            low=low,
+            high=high,
+            detail=(
+                f"v_iᵀCv_i ∝ λ_i^γ over the top {res['num_eigen']} of {res['num_params']} "
+                f"eigenpairs: 95% CI [{eig['ci_low']:.3f}, {eig['ci_high']:.3f}], "
+                f"R² = {eig['r2']:.3f}; coordinate fit C_ii ∝ H_ii^γ: γ = {coord['gamma']:.3f} "
+                f"[{coord['ci_low']:.3f}, {coord['ci_high']:.3f}], R² = {coord['r2']:.3f} "
+                "(reported, not checked)"
+            ),
+        ),
+        common.check_range(
+            f"C and H nearly commute ({label}): commutator / random-rotation baseline",
+            res["commutator_ratio"],
+            high=config.commutator_factor,
+            detail=(
+                f"‖CH − HC‖_F/‖CH‖_F = {res['relative_commutator']:.3f}; with H → QHQᵀ "
+                f"(Haar Q): {res['baseline_mean']:.3f} ± {res['baseline_std']:.3f}"
+            ),
+        ),
+        common.check_range(
+            f"C ∝ E_p[h_p²] ({label}): γ predicted from E_p[h_p²] minus measured γ",
+            pred["gamma"] - eig["gamma"],
+            low=-tol,
+            high=tol,
+            detail=(
+                f"v_iᵀE[h²]v_i ∝ λ_i^γ: γ = {pred['gamma']:.3f} "
+                f"[{pred['ci_low']:.3f}, {pred['ci_high']:.3f}] against {eig['gamma']:.3f}; "
+                f"direct fit v_iᵀCv_i ∝ (v_iᵀE[h²]v_i)^s: s = {direct['gamma']:.3f}, "
+                f"R² = {direct['r2']:.3f}"
+            ),
+        ),
+    ]
+
+
+def _loss_comparison_checks(config, results) -> list[common.Check]:
+    ce = [loss for loss in config.losses if loss == "cross_entropy"]
+    mse = [loss for loss in config.losses if loss.startswith("squared_error")]
+    if not ce or not mse:
+        return []
+    ce_res, mse_res = results[ce[0]]["layers"], results[mse[0]]["layers"]
+    checks = []
+    for layer in config.layers:
+        if layer not in ce_res or layer not in mse_res:
+            checks.append(
+                common.Check(f"γ(CE) > γ(MSE) ({layer})", None, "> 0", None, "a run diverged")
+            )
+            continue
+        a, b = ce_res[layer]["fits"]["eigen"], mse_res[layer]["fits"]["eigen"]
+        checks.append(
+            common.Check(
+                f"γ(CE) > γ(MSE) in the Hessian eigenbasis ({layer})",
+                a["gamma"] - b["gamma"],
+                "> 0, with the CE bootstrap interval above the MSE one",
+                bool(a["ci_low"] > b["ci_high"]),
+                (
+                    f"CE {a['gamma']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], "
+                    f"MSE {b['gamma']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"
+                ),
+            )
+        )
+    return checks
+
+
+# ---------------------------------------------------------------------------------- figures
+
+
+def _grid(config, analyses, figsize_per=(3.6, 3.0)):
+    import matplotlib.pyplot as plt
+
+    losses = [loss for loss in config.losses if any(k[0] == loss for k in analyses)]
+    rows, cols = len(losses), len(config.layers)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(figsize_per[0] * cols, figsize_per[1] * rows),
+        constrained_layout=True,
+        squeeze=False,
+    )
+    return fig, axes, losses
+
+
+def _power_law_figure(workdir, config, analyses, basis: str) -> str:
+    fig, axes, losses = _grid(config, analyses)
+    for i, loss in enumerate(losses):
+        for j, layer in enumerate(config.layers):
+            ax = axes[i, j]
+            an = analyses.get((loss, layer))
+            if an is None:
+                ax.set_axis_off()
+                continue
+            fit = _fit(an, basis)
+            title = f"{_LOSS_LABELS.get(loss, loss)}, {layer.split('/')[-2]}"
+            if basis == "eigen":
+                n = int(an["num_eigen"])
+                x, y = np.asarray(an["eigenvalues"]), np.asarray(an["c_eigen"])
+                pos = (x > 0) & (y > 0)
+                ax.scatter(x[n:][pos[n:]], y[n:][pos[n:]], s=3, c="0.75", label="beyond top N")
+                plots.power_law(
+                    x[:n],
+                    y[:n],
+                    gamma=fit["gamma"],
+                    intercept=fit["intercept"],
+                    label=f"top {n} (R² = {fit['r2']:.2f})",
+                    xlabel="Hessian eigenvalue λ_i",
+                    ylabel="v_iᵀ C v_i",
+                    title=title,
+                    ax=ax,
+                )
+            else:
+                plots.power_law(
+                    np.asarray(an["h_diag"]),
+                    np.asarray(an["c_diag"]),
+                    gamma=fit["gamma"],
+                    intercept=fit["intercept"],
+                    label=f"coordinates (R² = {fit['r2']:.2f})",
+                    xlabel="H_ii",
+                    ylabel="C_ii",
+                    title=title,
+                    ax=ax,
+                )
+    name = "power_law_eigenbasis" if basis == "eigen" else "power_law_coordinates"
+    return common.figure(workdir, name, fig)
+
+
+def _second_moment_figure(workdir, config, analyses) -> str:
+    fig, axes, losses = _grid(config, analyses)
+    for i, loss in enumerate(losses):
+        for j, layer in enumerate(config.layers):
+            ax = axes[i, j]
+            an = analyses.get((loss, layer))
+            if an is None:
+                ax.set_axis_off()
+                continue
+            n = int(an["num_eigen"])
+            fit = _fit(an, "eigen_c_vs_second_moment")
+            plots.power_law(
+                np.asarray(an["e_eigen"]),
+                np.asarray(an["c_eigen"])[:n],
+                gamma=fit["gamma"],
+                intercept=fit["intercept"],
+                label=f"top {n} eigendirections (R² = {fit['r2']:.2f})",
+                xlabel="v_iᵀ E_p[h_p²] v_i",
+                ylabel="v_iᵀ C v_i",
+                title=f"C ∝ E_p[h_p²]? {_LOSS_LABELS.get(loss, loss)}, {layer.split('/')[-2]}",
+                ax=ax,
+            )
+    return common.figure(workdir, "covariance_vs_second_moment", fig)
+
+
+def _commutator_figure(workdir, config, analyses) -> str:
+    import matplotlib.pyplot as plt
+
+    keys = [(loss, layer) for loss in config.losses for layer in config.layers]
+    keys = [k for k in keys if k in analyses]
+    labels = [f"{_LOSS_LABELS.get(loss, loss)}\n{layer.split('/')[-2]}" for loss, layer in keys]
+    measured = [float(np.asarray(analyses[k]["relative_commutator"])) for k in keys]
+    base = [float(np.asarray(analyses[k]["baseline_mean"])) for k in keys]
+    std = [float(np.nan_to_num(np.asarray(analyses[k]["baseline_std"]))) for k in keys]
+    fig, ax = plt.subplots(figsize=(1.6 * len(keys) + 2, 3.4), constrained_layout=True)
+    pos = np.arange(len(keys))
+    ax.bar(pos - 0.2, measured, width=0.4, label="‖CH − HC‖_F / ‖CH‖_F")
+    ax.bar(pos + 0.2, base, width=0.4, yerr=std, color="0.6", label="H → QHQᵀ, Haar Q")
+    ax.set_xticks(pos, labels, fontsize=8)
+    ax.set_ylabel("relative commutator")
+    ax.set_title("C and H commute far better than randomly rotated", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    return common.figure(workdir, "commutator", fig)
+
+
+def _gamma_figure(workdir, config, results) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4), constrained_layout=True)
+    fits = (
+        ("eigen", "eigenbasis"),
+        ("eigen_second_moment", "from E[h²]"),
+        ("coordinate", "coord."),
+    )
+    ticks, labels, x = [], [], 0.0
+    for loss in config.losses:
+        for layer in config.layers:
+            res = results.get(loss, {}).get("layers", {}).get(layer)
+            if res is None:
+                continue
+            for k, (fit_name, fit_label) in enumerate(fits):
+                f = res["fits"][fit_name]
+                ax.errorbar(
+                    x + 0.2 * k,
+                    f["gamma"],
+                    yerr=[[f["gamma"] - f["ci_low"]], [f["ci_high"] - f["gamma"]]],
+                    fmt="os^"[k],
+                    color=f"C{k}",
+                    label=fit_label if not ticks else None,
+                )
+            ticks.append(x + 0.2)
+            labels.append(f"{_LOSS_LABELS.get(loss, loss)}\n{layer.split('/')[-2]}")
+            x += 1.0
+    low, high = config.gamma_bounds
+    ax.axhspan(low, high, color="0.9", zorder=0, label=f"{low:g} ≤ γ ≤ {high:g}")
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel("γ (95% bootstrap CI)")
+    ax.set_title("power-law exponents of the noise covariance", fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    return common.figure(workdir, "gamma", fig)
