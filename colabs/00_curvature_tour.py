@@ -36,19 +36,24 @@
 
 # %%
 # Installs sharpness_jax on a fresh runtime (e.g. Colab); does nothing when it is importable.
-# It installs from $SHARPNESS_JAX_SOURCE if set (a pip URL such as git+https://..., or a local
-# checkout), else from the project's repository: replace REPOSITORY_URL with its URL.
+# On a fresh runtime, set SOURCE (or $SHARPNESS_JAX_SOURCE) to where pip finds the project: a
+# checkout copied onto the runtime (e.g. "/content/sharpness_jax") or a pip VCS URL of its
+# repository ("git+https://..."); the `data` extra brings the offline MNIST subset.
 import importlib
 import os
 import subprocess
 import sys
 
-REPOSITORY_URL = "git+https://github.com/<org>/sharpness_jax"
+SOURCE = os.environ.get("SHARPNESS_JAX_SOURCE", "")
 try:
     import sharpness_jax  # noqa: F401
 except ImportError:
-    source = os.environ.get("SHARPNESS_JAX_SOURCE", REPOSITORY_URL)
-    requirement = f"{source}[data]" if os.path.isdir(source) else f"sharpness_jax[data] @ {source}"
+    if not SOURCE:
+        raise ImportError(
+            "sharpness_jax is not installed: set SOURCE in this cell (or $SHARPNESS_JAX_SOURCE) "
+            "to a checkout of the project or a pip URL of its repository, then rerun the cell."
+        ) from None
+    requirement = f"{SOURCE}[data]" if os.path.isdir(SOURCE) else f"sharpness_jax[data] @ {SOURCE}"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=True)
     importlib.invalidate_caches()
 

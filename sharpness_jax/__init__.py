@@ -50,6 +50,7 @@ from sharpness_jax.objective import (
     Objective,
     get_loss,
     softmax_cross_entropy,
+    softmax_squared_error,
     squared_error,
 )
 from sharpness_jax.operators import (
@@ -149,6 +150,7 @@ __all__ = [
     "shallow",
     "sharpness",
     "softmax_cross_entropy",
+    "softmax_squared_error",
     "spectral_density",
     "squared_error",
     "stability_threshold",

@@ -40,6 +40,7 @@ __all__ = [
     "Objective",
     "get_loss",
     "softmax_cross_entropy",
+    "softmax_squared_error",
     "squared_error",
 ]
 
@@ -189,10 +190,45 @@ def squared_error(scale: float = 0.5) -> Loss:
     return Loss(name, value, output_hessian, output_fisher_factor, sample_output_grad)
 
 
+def softmax_squared_error() -> Loss:
+    """Squared error on the softmax: ℓ(f, y) = (1/K) Σ_k (softmax(f)_k − y_k)².
+
+    The "mse" of the noise–curvature code (Zhang, Yang & Tu 2026). Integer targets are one-hot
+    encoded. With p = softmax(f) and S = ∂p/∂f = diag(p) − ppᵀ, Λ = ∇²_f ℓ is
+    (2/K)(S² + Σ_k (p_k − y_k) ∇²p_k): NOT positive semi-definite in general, so the GGN
+    Jᵀ Λ J of this loss is not the Fisher. The matching likelihood is N(y; p, (K/2) I), whose
+    output Fisher is F_out = (2/K) S² with the factor B = √(2/K) S (positive semi-definite).
+
+    Returns:
+      The :class:`Loss`.
+    """
+
+    def value(f, y):
+        return jnp.mean(jnp.square(jax.nn.softmax(f) - _as_dense_target(f, y)))
+
+    def output_hessian(f, y):
+        return jax.hessian(value)(f, y)
+
+    def output_fisher_factor(f):
+        p = jax.nn.softmax(f)
+        s = jnp.diag(p) - jnp.outer(p, p)
+        return jnp.sqrt(2.0 / f.shape[-1]) * s
+
+    def sample_output_grad(key, f):
+        # ŷ = p + σ ε with σ² = K/2; ∇_f (1/K)‖p − ŷ‖² = (2/K) S (p − ŷ) = −√(2/K) S ε.
+        eps = jax.random.normal(key, f.shape, f.dtype)
+        return -output_fisher_factor(f) @ eps
+
+    return Loss(
+        "softmax_squared_error", value, output_hessian, output_fisher_factor, sample_output_grad
+    )
+
+
 LOSSES: dict[str, Callable[[], Loss]] = {
     "cross_entropy": softmax_cross_entropy,
     "squared_error_half": lambda: squared_error(0.5),
     "squared_error_sum": lambda: squared_error(1.0),
+    "softmax_squared_error": softmax_squared_error,
 }
 
 

@@ -150,7 +150,8 @@ def default_config() -> ml_collections.ConfigDict:
     ``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
       ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
       set from the top-level ``dtype``.
-    ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum", see
+    ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
+      "softmax_squared_error", see
       ``objective.LOSSES``) and ``label_smoothing`` (0.0; cross-entropy only).
     ``optimizer``:
       ``name``: "gd" (full batch) | "sgd" | "momentum" (heavy ball, v ← g + μv, θ ← θ − ηv,

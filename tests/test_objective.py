@@ -8,6 +8,8 @@ import pytest
 import sharpness_jax as sj
 
 LOSS_NAMES = ["cross_entropy", "squared_error_half", "squared_error_sum"]
+# Losses whose output Fisher equals their output Hessian Λ (GGN = Fisher).
+ALL_LOSS_NAMES = [*LOSS_NAMES, "softmax_squared_error"]
 
 
 def _outputs_and_label():
@@ -15,7 +17,7 @@ def _outputs_and_label():
     return f, jnp.int32(2)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", ALL_LOSS_NAMES)
 def test_output_hessian_matches_autodiff(name):
     loss = sj.get_loss(name)
     f, y = _outputs_and_label()
@@ -33,14 +35,15 @@ def test_fisher_factor_squares_to_output_fisher(name):
     np.testing.assert_allclose(b @ b.T, loss.output_hessian(f, y), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", ALL_LOSS_NAMES)
 def test_sampled_output_gradients_have_fisher_second_moment(name):
     loss = sj.get_loss(name)
-    f, y = _outputs_and_label()
+    f, _ = _outputs_and_label()
     keys = jax.random.split(jax.random.PRNGKey(0), 40_000)
     r = jax.vmap(loss.sample_output_grad, in_axes=(0, None))(keys, f)
     second = np.einsum("si,sj->ij", r, r) / r.shape[0]
-    exact = np.asarray(loss.output_hessian(f, y))
+    b = np.asarray(loss.output_fisher_factor(f))
+    exact = b @ b.T
     # Each entry is a mean of 40k i.i.d. products: compare within 5 standard errors.
     prods = np.einsum("si,sj->sij", r, r)
     se = prods.std(0) / np.sqrt(r.shape[0])
@@ -85,3 +88,21 @@ def test_loss_errors():
         sj.get_loss("cross_entropy")(f, f)
     with pytest.raises(ValueError, match="outputs' shape"):
         sj.get_loss("squared_error_half")(f, f[:2])
+
+
+def test_softmax_squared_error_value_and_fisher():
+    """ℓ = mean_k (softmax(f) − onehot)²; its Fisher is that of N(y; p, K/2·I) in f."""
+    loss = sj.get_loss("softmax_squared_error")
+    f, y = _outputs_and_label()
+    p = np.asarray(jax.nn.softmax(f))
+    onehot = np.eye(f.shape[0])[int(y)]
+    np.testing.assert_allclose(loss(f, y), np.mean((p - onehot) ** 2), rtol=1e-14)
+    np.testing.assert_allclose(loss(f, jnp.asarray(onehot)), loss(f, y), rtol=1e-14)
+    # Fisher of the Gaussian likelihood: Jᵀ Σ⁻¹ J with J = ∂p/∂f and Σ = (K/2) I.
+    jac = np.asarray(jax.jacfwd(jax.nn.softmax)(f))
+    want = jac.T @ jac * (2.0 / f.shape[0])
+    b = np.asarray(loss.output_fisher_factor(f))
+    np.testing.assert_allclose(b @ b.T, want, rtol=1e-12, atol=1e-15)
+    # Unlike the other losses, Λ is indefinite for a misclassified example, so GGN ≠ Fisher.
+    lam = np.linalg.eigvalsh(np.asarray(loss.output_hessian(f, jnp.int32(0))))
+    assert lam.min() < -1e-3

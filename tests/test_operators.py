@@ -259,3 +259,32 @@ class TestBadInput:
         badp = jax.tree_util.tree_map(lambda a: a.at[..., 0].set(jnp.inf), p)
         with pytest.raises(ValueError, match="params"):
             sj.check_finite(badp, b, names=("params", "batch"))
+
+
+def test_softmax_squared_error_operators_match_dense_references():
+    """A loss whose GGN is not its Fisher: Λ from autodiff, F_out = (2/K) S² with S = ∂p/∂f."""
+    prob = mlp_problem("tanh", "softmax_squared_error")
+    ref = Dense(prob)
+    o, p, b = prob.objective, prob.params, prob.batch
+    outputs = [o.predict(p, x) for x in b.inputs]
+    k = outputs[0].shape[0]
+    s = [np.asarray(jax.jacfwd(jax.nn.softmax)(f)) for f in outputs]
+    fisher_ref = np.mean(
+        [jp.T @ (2.0 / k * sp.T @ sp) @ jp for jp, sp in zip(ref.J, s, strict=True)], axis=0
+    )
+    assert rel_err(fisher_ref, ref.G) > 1e-3  # the two genuinely differ
+    expected = {
+        "hessian": ref.H,
+        "ggn": ref.G,
+        "fisher": fisher_ref,
+        "gradient_covariance": ref.C,
+        "hessian_second_moment": ref.H2,
+    }
+
+    @jax.jit
+    def all_dense(p, b):
+        return {name: sj.dense(getattr(sj, name)(o, p, b, chunk_size=3), p) for name in expected}
+
+    mats = all_dense(p, b)
+    for name, want in expected.items():
+        assert rel_err(mats[name], want) < 1e-8, name

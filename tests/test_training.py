@@ -105,6 +105,16 @@ def test_sgd_decreases_the_loss(replace):
     assert losses(other)[-1] != loss[-1]  # different batches, different trajectory
 
 
+def test_every_classification_loss_trains_with_label_targets():
+    # The softmax squared error (a mean over classes of squared probabilities) is much flatter.
+    rates = {"squared_error_half": 0.1, "squared_error_sum": 0.05, "softmax_squared_error": 5.0}
+    for name, rate in rates.items():
+        result = training.train(config(loss={"name": name}, optimizer={"learning_rate": rate}))
+        loss = losses(result)
+        assert result.status == "completed" and loss[-1] < 0.9 * loss[0], name
+        assert result.rows[-1]["train_accuracy"] > 0.5, name
+
+
 def test_adam_and_momentum_decrease_the_loss():
     for name, lr in (("adam", 0.05), ("momentum", 0.1)):
         result = training.train(config(optimizer={"name": name, "learning_rate": lr}))

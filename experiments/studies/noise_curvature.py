@@ -74,6 +74,7 @@ _LOSS_LABELS = {
     "cross_entropy": "CE",
     "squared_error_half": "MSE",
     "squared_error_sum": "MSE",
+    "softmax_squared_error": "MSE(softmax)",
 }
 # The fits of a layer analysis: name -> (x key, y key, description).
 FITS = {
@@ -449,7 +450,7 @@ def _layer_checks(config, loss: str, layer: str, res: dict[str, Any]) -> list[co
 
 def _loss_comparison_checks(config, results) -> list[common.Check]:
     ce = [loss for loss in config.losses if loss == "cross_entropy"]
-    mse = [loss for loss in config.losses if loss.startswith("squared_error")]
+    mse = [loss for loss in config.losses if "squared_error" in loss]
     if not ce or not mse:
         return []
     ce_res, mse_res = results[ce[0]]["layers"], results[mse[0]]["layers"]
