@@ -25,7 +25,7 @@ riemannian_sharpness     ``riemannian_sharpness`` (± ``_stderr``), ``riemannian
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -77,6 +77,29 @@ _MC_DEFAULTS = {
 }
 
 
+def _batch_monte_carlo(
+    ctx: MeasureContext, name: str, estimator: Callable, option_names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Runs a keyed Monte-Carlo estimator over training-like batches; value, SE and draws."""
+    b, replace = _batch_options(ctx)
+    opts = {k: ctx.options[k] for k in ("rel_stderr", "min_draws", "max_draws", *option_names)}
+
+    def estimate(params, batch, key):
+        return estimator(
+            ctx.objective,
+            params,
+            batch,
+            batch_size=b,
+            key=key,
+            replace=replace,
+            chunk_size=ctx.chunk_size,
+            **opts,
+        )
+
+    est = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
+    return {name: est.value, f"{name}_stderr": est.stderr, f"{name}_draws": est.num_draws}
+
+
 @register_measurement(
     "batch_sharpness",
     defaults={**_MC_DEFAULTS, "draws_per_step": 10},
@@ -84,30 +107,9 @@ _MC_DEFAULTS = {
 )
 def _batch_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     """E_B[g_Bᵀ H_B g_B / ‖g_B‖²] by Monte-Carlo to a relative standard error target."""
-    b, replace = _batch_options(ctx)
-    opts = ctx.options
-
-    def estimate(params, batch, key):
-        return sharpness.batch_sharpness(
-            ctx.objective,
-            params,
-            batch,
-            batch_size=b,
-            key=key,
-            replace=replace,
-            rel_stderr=opts["rel_stderr"],
-            min_draws=opts["min_draws"],
-            max_draws=opts["max_draws"],
-            draws_per_step=opts["draws_per_step"],
-            chunk_size=ctx.chunk_size,
-        )
-
-    est = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
-    return {
-        "batch_sharpness": est.value,
-        "batch_sharpness_stderr": est.stderr,
-        "batch_sharpness_draws": est.num_draws,
-    }
+    return _batch_monte_carlo(
+        ctx, "batch_sharpness", sharpness.batch_sharpness, ("draws_per_step",)
+    )
 
 
 @register_measurement(
@@ -123,31 +125,12 @@ def _batch_sharpness(ctx: MeasureContext) -> dict[str, Any]:
 )
 def _batch_lambda_max(ctx: MeasureContext) -> dict[str, Any]:
     """E_B[λ_max(H_B)] by Monte-Carlo (Lanczos per batch)."""
-    b, replace = _batch_options(ctx)
-    opts = ctx.options
-
-    def estimate(params, batch, key):
-        return sharpness.expected_batch_lambda_max(
-            ctx.objective,
-            params,
-            batch,
-            batch_size=b,
-            key=key,
-            replace=replace,
-            rel_stderr=opts["rel_stderr"],
-            min_draws=opts["min_draws"],
-            max_draws=opts["max_draws"],
-            draws_per_step=opts["draws_per_step"],
-            num_iters=opts["num_iters"],
-            chunk_size=ctx.chunk_size,
-        )
-
-    est = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
-    return {
-        "batch_lambda_max": est.value,
-        "batch_lambda_max_stderr": est.stderr,
-        "batch_lambda_max_draws": est.num_draws,
-    }
+    return _batch_monte_carlo(
+        ctx,
+        "batch_lambda_max",
+        sharpness.expected_batch_lambda_max,
+        ("draws_per_step", "num_iters"),
+    )
 
 
 def _check_gni(options: Mapping[str, Any], info: RunInfo) -> None:
