@@ -226,10 +226,25 @@ def _ritz(alpha, beta, used):
     return vals, vecs, residuals
 
 
-def _orthogonalise(w, basis):
-    """w minus its projection on the rows of ``basis``, twice (unused rows are zero)."""
+#: Lanczos vectors per block of the reorthogonalisation (its cost follows the vectors in use).
+_ORTHO_BLOCK = 8
+
+
+def _orthogonalise(w, basis, used):
+    """w minus its projection on the first ``used`` rows of ``basis``, twice.
+
+    Only the first ``ceil(used / _ORTHO_BLOCK)`` blocks of rows are visited (``used`` may be
+    traced), so the cost grows with the Krylov dimension reached, not with ``num_iters``; rows
+    beyond ``used`` are zero, and ``basis`` has a multiple of ``_ORTHO_BLOCK`` rows.
+    """
+    num_blocks = (used + _ORTHO_BLOCK - 1) // _ORTHO_BLOCK
+
+    def project_out(i, w):
+        rows = jax.lax.dynamic_slice_in_dim(basis, i * _ORTHO_BLOCK, _ORTHO_BLOCK, axis=0)
+        return w - rows.T @ (rows @ w)
+
     for _ in range(2):
-        w = w - basis.T @ (basis @ w)
+        w = jax.lax.fori_loop(0, num_blocks, project_out, w)
     return w
 
 
@@ -249,12 +264,17 @@ def _lanczos(mv, v0, *, num_iters, key, k, tol, min_iters=1):
         basis = basis.at[j].set(q)
         w = mv(q)
         a = jnp.vdot(q, w)
-        w = _orthogonalise(w, basis)
+        w = _orthogonalise(w, basis, j + 1)
         b = jnp.linalg.norm(w)
         scale = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.abs(a)) + jnp.max(beta)
         broke = b <= jnp.sqrt(eps) * jnp.maximum(scale, jnp.finfo(dtype).tiny)
-        fresh = _orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (size,), dtype), basis)
-        q_next = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1, b))
+
+        def restart():
+            normal = jax.random.normal(jax.random.fold_in(key, j), (size,), dtype)
+            fresh = _orthogonalise(normal, basis, j + 1)
+            return fresh / jnp.linalg.norm(fresh)
+
+        q_next = jax.lax.cond(broke, restart, lambda: w / jnp.where(broke, 1, b))
         alpha = alpha.at[j].set(a)
         beta = beta.at[j].set(jnp.where(broke, 0, b))
         converged = jnp.bool_(False)
@@ -268,16 +288,17 @@ def _lanczos(mv, v0, *, num_iters, key, k, tol, min_iters=1):
         j, *_, converged = state
         return (j < num_iters) & ~converged
 
+    padded = -(-num_iters // _ORTHO_BLOCK) * _ORTHO_BLOCK
     init = (
         jnp.int32(0),
-        jnp.zeros((num_iters, size), dtype),
+        jnp.zeros((padded, size), dtype),
         jnp.zeros((num_iters,), dtype),
         jnp.zeros((num_iters,), dtype),
         q0,
         jnp.bool_(False),
     )
     used, basis, alpha, beta, _, _ = jax.lax.while_loop(cond, step, init)
-    return alpha, beta, basis, used
+    return alpha, beta, basis[:num_iters], used
 
 
 def _start_vector(template, flat, key, init):
