@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from problems import mlp_problem, rel_err
+from study_runs import run_twice
 
 from experiments.configs import fisher_sharpness as study_config
-from experiments.studies import common
 from experiments.studies import fisher_sharpness as study
 from sharpness_jax import fisher_geometry, records, training
 
@@ -32,33 +32,11 @@ def _expected_claims():
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke study run twice in the same workdir."""
+    """The smoke study run twice in the same workdir, the second time with analyses forbidden."""
     workdir = tmp_path_factory.mktemp("fisher_sharpness")
     config = study_config.get_config("smoke")
-    first = common.run_study(study.NAME, study.run, config, workdir)
-    metrics = {
-        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
-    }
-    analyses = {p.name: p.read_bytes() for p in sorted((workdir / "analysis").glob("*"))}
-    calls = []
-    train = training.train
-
-    def counted(*args, **kwargs):
-        result = train(*args, **kwargs)
-        calls.append(result)
-        return result
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an analysis was recomputed")
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(training, "train", counted)
-    mp.setattr(study._Setup, "analyse", refuse)
-    try:
-        second = common.run_study(study.NAME, study.run, config, workdir)
-    finally:
-        mp.undo()
-    return workdir, config, first, second, metrics, analyses, calls
+    r = run_twice(study, config, workdir, forbid=[(study._Setup, "analyse")])
+    return r.workdir, r.config, r.first, r.second, r.metrics, r.analyses, r.calls
 
 
 def test_smoke_summary(smoke):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from problems import mlp_problem, rel_err
+from study_runs import run_twice
 
 from experiments.configs import noise_curvature as study_config
 from experiments.studies import common
@@ -38,29 +39,8 @@ def smoke(tmp_path_factory):
     counted and the analyses forbidden."""
     workdir = tmp_path_factory.mktemp("noise_curvature")
     config = study_config.get_config("smoke")
-    first = common.run_study(study.NAME, study.run, config, workdir)
-    metrics = {
-        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
-    }
-    calls = []
-    train = training.train
-
-    def counted(*args, **kwargs):
-        result = train(*args, **kwargs)
-        calls.append(result)
-        return result
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("an analysis was recomputed")
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(training, "train", counted)
-    mp.setattr(study, "_analyse", forbidden)
-    try:
-        second = common.run_study(study.NAME, study.run, config, workdir)
-    finally:
-        mp.undo()
-    return workdir, config, first, second, metrics, calls
+    r = run_twice(study, config, workdir, forbid=[(study, "_analyse")])
+    return r.workdir, r.config, r.first, r.second, r.metrics, r.calls
 
 
 def test_smoke_summary(smoke):

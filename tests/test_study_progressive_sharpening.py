@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from problems import cnn_problem, mlp_problem, rel_err
+from study_runs import run_twice
 
 from experiments.configs import progressive_sharpening as study_config
-from experiments.studies import common
 from experiments.studies import progressive_sharpening as study
 from sharpness_jax import records, training
 
@@ -35,26 +35,8 @@ _CHECK_CLAIMS = (
 def smoke(tmp_path_factory):
     """The smoke study run twice in the same workdir; the second run's train results."""
     workdir = tmp_path_factory.mktemp("progressive_sharpening")
-    config = study_config.get_config("smoke")
-    first = common.run_study(study.NAME, study.run, config, workdir)
-    metrics = {
-        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
-    }
-    calls = []
-    train = training.train
-
-    def counted(*args, **kwargs):
-        result = train(*args, **kwargs)
-        calls.append(result)
-        return result
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(training, "train", counted)
-    try:
-        second = common.run_study(study.NAME, study.run, config, workdir)
-    finally:
-        mp.undo()
-    return workdir, config, first, second, metrics, calls
+    r = run_twice(study, study_config.get_config("smoke"), workdir)
+    return r.workdir, r.config, r.first, r.second, r.metrics, r.calls
 
 
 def test_smoke_summary(smoke):

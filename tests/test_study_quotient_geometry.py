@@ -7,6 +7,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from study_runs import run_twice
 
 from experiments.configs import quotient_geometry as study_config
 from experiments.studies import common
@@ -31,26 +32,8 @@ _CLAIMS = (
 def smoke(tmp_path_factory):
     """The smoke study run twice in the same workdir; the second run's train results."""
     workdir = tmp_path_factory.mktemp("quotient_geometry")
-    config = study_config.get_config("smoke")
-    first = common.run_study(study.NAME, study.run, config, workdir)
-    metrics = {
-        p.parent.name: p.read_bytes() for p in sorted((workdir / "runs").glob("*/metrics.jsonl"))
-    }
-    calls = []
-    train = training.train
-
-    def counted(*args, **kwargs):
-        result = train(*args, **kwargs)
-        calls.append(result)
-        return result
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(training, "train", counted)
-    try:
-        second = common.run_study(study.NAME, study.run, config, workdir)
-    finally:
-        mp.undo()
-    return workdir, config, first, second, metrics, calls
+    r = run_twice(study, study_config.get_config("smoke"), workdir)
+    return r.workdir, r.config, r.first, r.second, r.metrics, r.calls
 
 
 def _expected_claims(config):
