@@ -37,12 +37,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sharpness_jax import checks, subsets
+from sharpness_jax import checks, dense_factors, subsets
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import example_hvp, map_examples, sum_over_chunks
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
+
+SECOND_MOMENT_METHODS = ("auto", "factored", "per_example")
 
 __all__ = [
     "empirical_fisher",
@@ -361,12 +363,38 @@ def hessian_second_moment(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
+    method: str = "auto",
 ) -> MatVec:
-    """E_p[h_p²] v = (1/n) Σ_p h_p (h_p v), exactly, by two per-example HVPs.
+    """E_p[h_p²] v = (1/n) Σ_p h_p (h_p v), exactly.
 
-    Memory per chunk is ``chunk_size`` × P (the per-example products h_p v).
+    Two routes give the same matrix:
+
+    * ``"factored"``: when every free parameter is the kernel or bias of a flax
+      ``nn.Dense`` layer (MLPs, or the dense layers of any flax model under ``subset``),
+      h_p v is kept per layer as the factors of a rank-2 matrix and the second product is
+      one batched forward-over-reverse pass (:mod:`sharpness_jax.dense_factors`): about two
+      Hessian-vector products. Memory per chunk: ``chunk_size`` × the layers' widths.
+    * ``"per_example"``: any model; two per-example HVPs per example. Memory per chunk:
+      ``chunk_size`` × P (the products h_p v).
+
+    ``"auto"`` (default) takes the factored route when it applies.
+
+    Raises:
+      ValueError: for an unknown method, or ``"factored"`` on a model it does not apply to
+        (the message says why).
     """
+    if method not in SECOND_MOMENT_METHODS:
+        raise ValueError(
+            f"unknown E_p[h_p²] method {method!r}; choose one of {SECOND_MOMENT_METHODS}"
+        )
     objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    if method != "per_example":
+        example = jax.tree_util.tree_map(lambda a: a[0], batch[0])
+        layout = dense_factors.dense_layout(objective, params, example)
+        if layout.applicable or method == "factored":
+            return dense_factors.second_moment_matvec(
+                objective, params, batch, layout, chunk_size=chunk_size
+            )
 
     def matvec(v):
         checks.check_vector(v, params)

@@ -49,6 +49,9 @@ QUANTITIES = {
     "hessian_second_moment": lambda o: (
         lambda p, b, v: sj.hessian_second_moment(o, p, b, chunk_size=CHUNK)(v)
     ),
+    "hessian_second_moment_per_example": lambda o: (
+        lambda p, b, v: sj.hessian_second_moment(o, p, b, chunk_size=CHUNK, method="per_example")(v)
+    ),
     "covariance_diagonal": lambda o: (
         lambda p, b, v: noise.gradient_covariance_diagonal(o, p, b, chunk_size=CHUNK)
     ),
