@@ -256,7 +256,7 @@ def second_moment_matvec(
 
             def grad_at(s):
                 scaled = [
-                    {k: (x * s if k in ("A", "c") else x) for k, x in shift.items()}
+                    {k: (x * s.astype(x.dtype) if k in ("A", "c") else x) for k, x in shift.items()}
                     for shift in shifts
                 ]
                 return jax.grad(lambda theta: loss_sum(theta, chunk, mask, scaled, False)[0])(
