@@ -9,8 +9,11 @@ subset of at most ``measure_subset`` training examples) unless it says otherwise
 name                     row keys and quantity
 ======================== ==========================================================================
 batch_sharpness          ``batch_sharpness`` (± ``_stderr``, ``_draws``): E_B[g_Bᵀ H_B g_B/‖g_B‖²],
-                         batches of the training batch size drawn like the training sampler
-batch_lambda_max         ``batch_lambda_max`` (± ``_stderr``, ``_draws``): E_B[λ_max(H_B)]
+                         batches of the training batch size drawn like the training sampler,
+                         whole partitions of the data when 10 fit in ``max_draws`` (option
+                         ``sampling``, see ``sharpness``)
+batch_lambda_max         ``batch_lambda_max`` (± ``_stderr``, ``_draws``): E_B[λ_max(H_B)],
+                         independent batches by default
 gni                      ``gni`` (± ``gni_stderr`` for Hutchinson): E_B[g_Bᵀ H g_B]/‖ḡ‖²
                          = (ḡᵀHḡ + κ·tr(HC))/‖ḡ‖², κ = 1/b (with replacement) or
                          (n−b)/(b(n−1)) (without)
@@ -66,11 +69,17 @@ def _check_batch_options(name: str, options: Mapping[str, Any], info: RunInfo) -
         0 < options["rel_stderr"] < 1 and 1 <= options["min_draws"] <= options["max_draws"],
         f"{name}: need 0 < rel_stderr < 1 and 1 <= min_draws <= max_draws",
     )
+    _require(
+        options["sampling"] in ("auto", "partition", "independent"),
+        f"{name}: sampling must be 'auto', 'partition' or 'independent', "
+        f"got {options['sampling']!r}",
+    )
 
 
 _MC_DEFAULTS = {
     "batch_size": None,
     "replace": None,
+    "sampling": "auto",
     "rel_stderr": 0.01,
     "min_draws": 20,
     "max_draws": 500,
@@ -82,7 +91,8 @@ def _batch_monte_carlo(
 ) -> dict[str, Any]:
     """Runs a keyed Monte-Carlo estimator over training-like batches; value, SE and draws."""
     b, replace = _batch_options(ctx)
-    opts = {k: ctx.options[k] for k in ("rel_stderr", "min_draws", "max_draws", *option_names)}
+    names = ("sampling", "rel_stderr", "min_draws", "max_draws", *option_names)
+    opts = {k: ctx.options[k] for k in names}
 
     def estimate(params, batch, key):
         return estimator(
@@ -116,6 +126,7 @@ def _batch_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     "batch_lambda_max",
     defaults={
         **_MC_DEFAULTS,
+        "sampling": "independent",
         "rel_stderr": 0.02,
         "max_draws": 100,
         "draws_per_step": 4,

@@ -11,6 +11,22 @@ sampler draws them:
 * ``replace=False``: a uniformly random b-subset of the n examples (sampling without
   replacement; every batch of a shuffled epoch has this law).
 
+The Monte-Carlo estimators draw batches of that law in one of these ways (``sampling``):
+
+* ``"independent"``: every batch on its own key;
+* ``"partition"``: in i.i.d. groups, a group being the first k blocks of b entries of one
+  uniformly random permutation of the n examples (k ≤ n // b): disjoint batches that together
+  cover most of the data, like the batches of one shuffled epoch. With replacement each block
+  is turned into b i.i.d. indices that repeat only the block's own entries. Each batch has the
+  law above, so the mean over a group is unbiased; the standard error comes from the spread of
+  the group means. The part of a per-batch quantity that is a sum over the batch's examples
+  (nearly) cancels within a group: for batch sharpness on an MLP on MNIST (n = 1024, b = 32)
+  this cut the batches needed for a given standard error by a factor of about 1.5; on random
+  MLPs with n = 12–16 examples it needed up to 15% more.
+* ``"auto"``: ``"partition"`` with whole groups (k = n // b) when ten groups fit in
+  ``max_draws``, ``"independent"`` otherwise: partial groups cancel little, and the ten-group
+  minimum (for a usable standard error) would cost most of the budget.
+
 ==========================================  ==================================================
 function                                    quantity
 ==========================================  ==================================================
@@ -81,13 +97,22 @@ DEFAULT_LANCZOS_TOL = 3e-3
 #: Maximum Krylov dimension (memory O(num_iters · P)).
 DEFAULT_LANCZOS_ITERS = 64
 
+#: The ways of drawing the batches of the Monte-Carlo estimators (see the module docstring).
+_SAMPLINGS = ("auto", "partition", "independent")
+#: ``sampling="partition"`` runs at least this many groups (fewer only when ``min_draws`` or
+#: ``max_draws`` is below it), so that the standard error of the group means rests on several
+#: degrees of freedom. On the MNIST MLP, stopping at 1% after at least 10 groups gave z-scores
+#: with standard deviation 1.15 (1.05 with 20 groups, at about 30% more batches).
+_MIN_GROUPS = 10
+
 
 class BatchEstimate(NamedTuple):
     """A Monte-Carlo average over random mini-batches.
 
     Attributes:
       value: the mean over the draws.
-      stderr: its standard error, sqrt(sample variance / num_draws).
+      stderr: its standard error, sqrt(sample variance / count) over the count i.i.d. units:
+        the draws, or the group means when the batches are drawn in groups.
       num_draws: the number of batches drawn (an int32 array; data-dependent).
     """
 
@@ -160,7 +185,7 @@ def _check_replace(replace: Any) -> bool:
     return replace
 
 
-def _check_sampling(
+def _check_stopping(
     rel_stderr: Any, min_draws: Any, max_draws: Any, draws_per_step: Any
 ) -> tuple[float, int, int, int]:
     if isinstance(rel_stderr, bool) or not isinstance(rel_stderr, int | float | np.floating):
@@ -171,6 +196,12 @@ def _check_sampling(
     max_draws = _check_int("max_draws", max_draws, low=min_draws)
     draws_per_step = _check_int("draws_per_step", draws_per_step, low=1)
     return float(rel_stderr), min_draws, max_draws, draws_per_step
+
+
+def _check_scheme(sampling: Any) -> str:
+    if not (isinstance(sampling, str) and sampling in _SAMPLINGS):
+        raise ValueError(f"sampling must be one of {_SAMPLINGS}, got {sampling!r}")
+    return sampling
 
 
 def _check_tol(tol: Any) -> float | None:
@@ -217,46 +248,150 @@ def _sample_indices(key: jax.Array, n: int, b: int, replace: bool) -> jax.Array:
     return jax.random.permutation(key, n)[:b].astype(jnp.int32)
 
 
+def _coupled_with_replacement(block: jax.Array, r: jax.Array) -> jax.Array:
+    """b i.i.d. uniform indices in [0, n) built from b distinct ones.
+
+    ``block`` holds b distinct indices in uniformly random order (the first b entries of a
+    uniform permutation); ``r`` holds b i.i.d. uniform integers in [0, n). Slot s, with D
+    distinct indices placed so far (``block[:D]``), takes ``block[r_s]`` (a repeat) if
+    r_s < D and the next new index ``block[D]`` otherwise. Given the earlier slots, each
+    placed index then has probability 1/n (r_s = its position) and each of the n − D others
+    probability (1 − D/n)/(n − D) = 1/n (``block[D]`` is uniform over them and independent of
+    r): the slots are i.i.d. uniform. Batches built from disjoint blocks share no new index,
+    so a group of them covers the data almost as a partition does.
+    """
+
+    def slot(placed, r_s):
+        return placed + (r_s >= placed).astype(jnp.int32), block[jnp.minimum(r_s, placed)]
+
+    _, idx = jax.lax.scan(slot, jnp.int32(0), r)
+    return idx
+
+
 def _gather(batch: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), batch)
 
 
 def _draw_key(key: jax.Array, draw: jax.Array) -> jax.Array:
-    """The key of draw number ``draw``: a function of (key, draw) only, so the batches do not
-    depend on how many draws are evaluated together, on chunking or on devices."""
+    """The key of draw (or group) number ``draw``: a function of (key, draw) only, so the
+    batches do not depend on how many are evaluated together, on chunking or on devices."""
     return jax.random.fold_in(key, draw)
 
 
+class _Design(NamedTuple):
+    """How the batches are grouped: ``group_size`` batches per i.i.d. group, between
+    ``min_groups`` and ``max_groups`` groups."""
+
+    group_size: int
+    min_groups: int
+    max_groups: int
+
+
+def _resolve(n: int, b: int, sampling: str, max_draws: int) -> str:
+    """``"auto"``: whole partitions (k = n // b ≥ 2 batches) when ``max_draws`` allows ten of
+    them, independent draws otherwise (a partial group cancels little and the ten-group floor
+    would cost most of ``max_draws``)."""
+    if sampling != "auto":
+        return sampling
+    k = n // b
+    return "partition" if k >= 2 and _MIN_GROUPS * k <= max_draws else "independent"
+
+
+def _design(n: int, b: int, sampling: str, min_draws: int, max_draws: int) -> _Design:
+    """Independent draws are groups of one. A partition group holds k = min(n // b,
+    max_draws // 10) batches (at least one), so that ``max_draws`` allows ten groups; the loop
+    runs at least ceil(min_draws / k) and min(10, min_draws) groups and at most
+    max_draws // k."""
+    sampling = _resolve(n, b, sampling, max_draws)
+    if sampling == "independent":
+        return _Design(1, min_draws, max_draws)
+    k = max(1, min(n // b, max_draws // _MIN_GROUPS))
+    max_groups = max_draws // k
+    min_groups = max(-(-min_draws // k), min(_MIN_GROUPS, min_draws))
+    return _Design(k, min(min_groups, max_groups), max_groups)
+
+
+def _batch_indices(
+    key: jax.Array, units: jax.Array, *, n: int, b: int, replace: bool, sampling: str, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """The batches of draws (``independent``) or groups (``partition``) ``units``.
+
+    Returns ``(idx, keys)``: ``idx`` of shape (len(units) · k, b), group after group, and one
+    auxiliary key per batch (for randomness the estimator needs besides the batch). Batch j of
+    group u depends only on (key, u, j).
+    """
+    unit_keys = jax.vmap(lambda u: _draw_key(key, u))(units)
+    if sampling == "independent":
+        idx = jax.vmap(lambda kk: _sample_indices(kk, n, b, replace))(unit_keys)
+        return idx, jax.vmap(lambda kk: jax.random.fold_in(kk, 1))(unit_keys)
+
+    def group(gkey):
+        perm = jax.random.permutation(jax.random.fold_in(gkey, 0), n).astype(jnp.int32)
+        blocks = perm[: k * b].reshape(k, b)
+        slots = jnp.arange(k, dtype=jnp.int32)
+        keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(gkey, 2), j))(slots)
+        if not replace:
+            return blocks, keys
+
+        def with_replacement(block, j):
+            r = jax.random.randint(
+                jax.random.fold_in(jax.random.fold_in(gkey, 1), j), (b,), 0, n, dtype=jnp.int32
+            )
+            return _coupled_with_replacement(block, r)
+
+        return jax.vmap(with_replacement)(blocks, slots), keys
+
+    idx, keys = jax.vmap(group)(unit_keys)
+    return idx.reshape(-1, b), keys.reshape(-1, *keys.shape[2:])
+
+
 def _monte_carlo(
-    draw_fn: Callable[[jax.Array], jax.Array],
+    batch_value: Callable[[jax.Array, jax.Array], jax.Array],
     key: jax.Array,
     dtype,
     *,
+    n: int,
+    b: int,
+    replace: bool,
+    sampling: str,
     rel_stderr: float,
     min_draws: int,
     max_draws: int,
     draws_per_step: int,
 ) -> BatchEstimate:
-    """Mean and standard error of ``draw_fn(key_d)`` over draws d = 0, 1, 2, …
+    """Mean and standard error of ``batch_value(idx, key)`` over random batches ``idx``.
 
-    ``draws_per_step`` draws are evaluated together (vmapped) per ``lax.while_loop`` step and
-    merged into a running (count, mean, M2) by Chan et al.'s pairwise update (stable in
-    float32). Stops after the first step at which count ≥ min_draws and
-    stderr ≤ rel_stderr · |mean|, or count = max_draws.
+    The batches come in i.i.d. groups (:func:`_design`; single draws for ``independent``);
+    each ``lax.while_loop`` step evaluates max(1, draws_per_step // k) groups of k batches,
+    ``draws_per_step`` batches at a time (vmapped), and merges the group means into a running
+    (count, mean, M2) by Chan et al.'s pairwise update (stable in float32). Stops after the
+    first step at which count ≥ min_groups and stderr ≤ rel_stderr · |mean|, or
+    count = max_groups.
     """
+    sampling = _resolve(n, b, sampling, max_draws)
+    k, min_groups, max_groups = _design(n, b, sampling, min_draws, max_draws)
+    per_step = max(1, draws_per_step // k)
+
+    def group_means(units):
+        idx, keys = _batch_indices(key, units, n=n, b=b, replace=replace, sampling=sampling, k=k)
+        if idx.shape[0] <= draws_per_step:
+            values = jax.vmap(batch_value)(idx, keys)
+        else:
+            values = jax.lax.map(lambda a: batch_value(*a), (idx, keys), batch_size=draws_per_step)
+        return jnp.mean(values.astype(dtype).reshape(per_step, k), axis=1)
 
     def step(state):
         i, count, mean, m2 = state
-        ids = i * draws_per_step + jnp.arange(draws_per_step, dtype=jnp.int32)
-        values = jax.vmap(lambda d: draw_fn(_draw_key(key, d)))(ids).astype(dtype)
-        valid = ids < max_draws
+        units = i * per_step + jnp.arange(per_step, dtype=jnp.int32)
+        values = group_means(units)
+        valid = units < max_groups
         m = jnp.sum(valid.astype(dtype))
-        group_mean = jnp.sum(jnp.where(valid, values, 0)) / m
-        group_m2 = jnp.sum(jnp.where(valid, jnp.square(values - group_mean), 0))
+        step_mean = jnp.sum(jnp.where(valid, values, 0)) / m
+        step_m2 = jnp.sum(jnp.where(valid, jnp.square(values - step_mean), 0))
         total = count.astype(dtype) + m
-        delta = group_mean - mean
+        delta = step_mean - mean
         mean = mean + delta * m / total
-        m2 = m2 + group_m2 + jnp.square(delta) * count.astype(dtype) * m / total
+        m2 = m2 + step_m2 + jnp.square(delta) * count.astype(dtype) * m / total
         return i + 1, count + jnp.sum(valid, dtype=jnp.int32), mean, m2
 
     def stderr(count, m2):
@@ -266,12 +401,12 @@ def _monte_carlo(
     def cond(state):
         _, count, mean, m2 = state
         noisy = stderr(count, m2) > rel_stderr * jnp.abs(mean)
-        return (count < min_draws) | ((count < max_draws) & noisy)
+        return (count < min_groups) | ((count < max_groups) & noisy)
 
     zero = jnp.zeros((), dtype)
     init = (jnp.int32(0), jnp.int32(0), zero, zero)
     _, count, mean, m2 = jax.lax.while_loop(cond, step, init)
-    return BatchEstimate(mean, stderr(count, m2), count)
+    return BatchEstimate(mean, stderr(count, m2), count * k)
 
 
 def _float_dtype(params: PyTree):
@@ -436,6 +571,7 @@ def batch_sharpness(
     batch_size: int,
     key: jax.Array,
     replace: bool = False,
+    sampling: str = "auto",
     rel_stderr: float = 0.005,
     min_draws: int = 20,
     max_draws: int = 1000,
@@ -450,16 +586,36 @@ def batch_sharpness(
     ``batch_size`` are drawn as the training sampler draws them (``replace``; default a uniform
     b-subset, the law of each batch of a shuffled epoch).
 
-    Each draw gathers its batch and computes (g_B, H_B g_B) by one linearisation of ∇L_B
-    (``jax.linearize``: about one gradient plus one Hessian-vector product); with
-    ``chunk_size`` < b, by a chunked gradient and a chunked Hessian-vector product instead.
-    A batch with g_B = 0 contributes 0 (its SGD step is zero). ``draws_per_step`` draws run
-    together (vmapped) in each ``lax.while_loop`` step; the loop stops after the first step at
-    which at least ``min_draws`` draws give a standard error ≤ ``rel_stderr`` · |mean|, or at
-    ``max_draws`` draws. The d-th batch depends only on ``(key, d)``: the same key gives the
-    same batches whatever ``draws_per_step``, ``chunk_size`` or device layout, and the same
-    batches as :func:`expected_batch_lambda_max`. Jittable (``batch_size`` and the options are
-    static).
+    ``sampling`` says how the batches are drawn; each batch has that law either way.
+
+    * ``"auto"`` (default): ``"partition"`` with whole groups (k = n // b ≥ 2) when
+      ``max_draws`` ≥ 10 k, ``"independent"`` otherwise.
+    * ``"partition"``: in i.i.d. groups of k = min(n // b, max_draws // 10) batches
+      (at least one), the consecutive blocks of b entries of one uniformly random permutation
+      of the n examples (with ``replace``, each block turned into b i.i.d. indices that reuse
+      only its own entries). The estimate is the mean of the group means and its standard
+      error their spread / sqrt(number of groups). Disjoint batches that cover the data make
+      the part of the ratio that adds up over examples cancel within a group; on an MLP on
+      MNIST (n = 1024, b = 32) a 1% standard error took about 1.5 times fewer batches than
+      with independent draws. The loop runs whole groups: at least ceil(``min_draws`` / k)
+      groups and min(10, ``min_draws``) groups, at most ``max_draws`` // k groups, so
+      ``num_draws`` is a multiple of k.
+    * ``"independent"``: every batch on its own key; the estimate is the mean over the draws,
+      between ``min_draws`` and ``max_draws`` of them.
+
+    Each draw gathers its batch, computes g_B (one gradient) and then
+    g_Bᵀ H_B g_B = d²/dt² L_B(θ + t g_B) at t = 0 by forward-over-forward differentiation
+    (``jax.jvp`` of ``jax.jvp``; on an MLP on MNIST a draw cost about 0.55 times a gradient
+    plus a Hessian-vector product); with ``chunk_size`` < b, by a chunked gradient and a
+    chunked Hessian-vector product instead. A batch with g_B = 0 contributes 0 (its SGD step
+    is zero). Each ``lax.while_loop`` step evaluates max(1, ``draws_per_step`` // k) groups,
+    ``draws_per_step`` batches at a time (vmapped); the loop stops after the first step at
+    which the minimum is reached and the standard error is ≤ ``rel_stderr`` · |mean|, or at
+    the maximum. The batches depend only on ``key`` and their index (draw d, or batch j of
+    group g) and, for ``"partition"``, on k: the same key gives the same batches whatever
+    ``draws_per_step``, ``chunk_size`` or device layout, and the same batches as
+    :func:`expected_batch_lambda_max` with the same ``replace``, ``sampling`` and k. Jittable
+    (``batch_size`` and the options are static).
 
     Memory: ``draws_per_step`` × min(b, ``chunk_size``) examples' activations at a time.
 
@@ -468,10 +624,12 @@ def batch_sharpness(
       batch_size: b, 1 ≤ b ≤ n.
       key: PRNG key of the batch draws.
       replace: sample with replacement (b i.i.d. indices) instead of a uniform b-subset.
+      sampling: ``"auto"``, ``"partition"`` (groups of disjoint batches) or
+        ``"independent"``.
       rel_stderr: target relative standard error, in (0, 1) (default 0.5%).
-      min_draws: draws before the target may stop the loop (≥ 2).
-      max_draws: at most this many draws.
-      draws_per_step: draws evaluated together per loop step.
+      min_draws: batches before the target may stop the loop (≥ 2; whole groups, see above).
+      max_draws: at most this many batches.
+      draws_per_step: batches evaluated together (vmapped).
       chunk_size: examples per chunk within one batch.
       subset: restrict H_B and g_B to these parameter leaves.
 
@@ -484,7 +642,8 @@ def batch_sharpness(
     objective, params, batch, n = _restricted(objective, params, batch, chunk_size, subset)
     b = _check_batch_size(batch_size, n)
     replace = _check_replace(replace)
-    rel_stderr, min_draws, max_draws, draws_per_step = _check_sampling(
+    sampling = _check_scheme(sampling)
+    rel_stderr, min_draws, max_draws, draws_per_step = _check_stopping(
         rel_stderr, min_draws, max_draws, draws_per_step
     )
     chunked = chunk_size is not None and chunk_size < b
@@ -492,22 +651,32 @@ def batch_sharpness(
     def batch_loss(p, sub):
         return jnp.mean(objective.batch_losses(p, sub))
 
-    def draw(k):
-        sub = _gather(batch, _sample_indices(k, n, b, replace))
+    def draw(idx, aux_key):
+        del aux_key
+        sub = _gather(batch, idx)
         if chunked:
             g = operators.gradient(objective, params, sub, chunk_size=chunk_size)
             hg = operators.hessian(objective, params, sub, chunk_size=chunk_size)(g)
+            ghg = _vdot(g, hg)
         else:
-            g, hvp = jax.linearize(jax.grad(lambda p: batch_loss(p, sub)), params)
-            hg = hvp(g)
+            g = jax.grad(batch_loss)(params, sub)
+
+            def slope(p):
+                return jax.jvp(lambda q: batch_loss(q, sub), (p,), (g,))[1]
+
+            ghg = jax.jvp(slope, (params,), (g,))[1]
         g2 = _vdot(g, g)
         ok = g2 > 0
-        return jnp.where(ok, _vdot(g, hg) / jnp.where(ok, g2, 1), 0)
+        return jnp.where(ok, ghg / jnp.where(ok, g2, 1), 0)
 
     return _monte_carlo(
         draw,
         key,
         _float_dtype(params),
+        n=n,
+        b=b,
+        replace=replace,
+        sampling=sampling,
         rel_stderr=rel_stderr,
         min_draws=min_draws,
         max_draws=max_draws,
@@ -523,6 +692,7 @@ def expected_batch_lambda_max(
     batch_size: int,
     key: jax.Array,
     replace: bool = False,
+    sampling: str = "independent",
     rel_stderr: float = 0.005,
     min_draws: int = 20,
     max_draws: int = 1000,
@@ -535,17 +705,22 @@ def expected_batch_lambda_max(
 ) -> BatchEstimate:
     """E_B[λ_max(H_B)] by Monte-Carlo over random batches, H_B = (1/b) Σ_{p∈B} ∇²ℓ_p.
 
-    Batches are drawn exactly as in :func:`batch_sharpness` (same key, same batches). Each
-    draw runs Lanczos (:func:`hessian_top_k` settings ``num_iters``, ``tol``; optional warm
-    start ``init``, e.g. the full-batch top eigenvector, shared by all draws) on H_B; the loop
-    stops as in :func:`batch_sharpness`. Memory: ``draws_per_step`` × ``num_iters`` × P for the
-    Krylov bases.
+    Batches are drawn exactly as in :func:`batch_sharpness` (the same key, ``replace``,
+    ``sampling`` and group size give the same batches), but by default independently:
+    ``sampling="partition"`` runs at least min(10, ``min_draws``) groups of up to n // b
+    batches, a floor that is costly at one Lanczos run per batch. Each draw runs Lanczos
+    (:func:`hessian_top_k` settings ``num_iters``, ``tol``; optional warm start ``init``, e.g.
+    the full-batch top eigenvector, shared by all draws) on H_B; the loop stops as in
+    :func:`batch_sharpness`. Memory: ``draws_per_step`` × ``num_iters`` × P for the Krylov
+    bases.
 
     Args:
       objective, params, batch: the training objective and the n training examples.
       batch_size: b, 1 ≤ b ≤ n.
       key: PRNG key of the batch draws (and of the Lanczos start vectors).
       replace: sample with replacement instead of a uniform b-subset.
+      sampling: ``"independent"``, ``"partition"`` or ``"auto"`` (see
+        :func:`batch_sharpness`).
       rel_stderr, min_draws, max_draws, draws_per_step: the stopping rule and grouping.
       num_iters, tol, init: Lanczos settings per draw.
       chunk_size: examples per chunk within one batch.
@@ -557,20 +732,21 @@ def expected_batch_lambda_max(
     objective, params, batch, n = _restricted(objective, params, batch, chunk_size, subset)
     b = _check_batch_size(batch_size, n)
     replace = _check_replace(replace)
+    sampling = _check_scheme(sampling)
     tol = _check_tol(tol)
-    rel_stderr, min_draws, max_draws, draws_per_step = _check_sampling(
+    rel_stderr, min_draws, max_draws, draws_per_step = _check_stopping(
         rel_stderr, min_draws, max_draws, draws_per_step
     )
 
-    def draw(k):
-        sub = _gather(batch, _sample_indices(k, n, b, replace))
+    def draw(idx, aux_key):
+        sub = _gather(batch, idx)
         matvec = operators.hessian(objective, params, sub, chunk_size=chunk_size)
         eig = linalg.lanczos_top_k(
             matvec,
             params,
             k=1,
             num_iters=num_iters,
-            key=jax.random.fold_in(k, 1),
+            key=aux_key,
             init=init,
             tol=tol,
         )
@@ -580,6 +756,10 @@ def expected_batch_lambda_max(
         draw,
         key,
         _float_dtype(params),
+        n=n,
+        b=b,
+        replace=replace,
+        sampling=sampling,
         rel_stderr=rel_stderr,
         min_draws=min_draws,
         max_draws=max_draws,
