@@ -175,7 +175,7 @@ print(f"‖F_emp v − Cv − ḡḡᵀv‖ / ‖F_emp v‖ = {femp_vs_c / np.li
 # %% [markdown]
 # ## Top eigenvalues
 #
-# `linalg.lanczos_top_k(matvec, template, k=, num_iters=, key=)` runs Lanczos with full
+# `linalg.lanczos_top_k(matvec, template, k=, num_iters=, key=)` runs Lanczos with partial
 # reorthogonalisation on any operator and returns eigenvalues, unit eigenvectors (as pytrees)
 # and residual norms ‖Au − λu‖. We compile one program for all six operators, built inside
 # the jitted function so that params and batch are arguments, not baked-in constants.

@@ -9,7 +9,9 @@ Workloads (float32, one CPU process unless the machine has accelerators):
   n = 1000.
 
 Times are medians over ``--repeats`` runs of the jitted computation after a compile run.
-"Gradient-equivalents" divide a time by the full-batch gradient's time on the same data.
+"Gradient-equivalents" (and "× gradient") are paired: each timed run follows a timed
+full-batch gradient on the same data, and the figure is the median of the per-pair ratios, so
+that the machine's drift between measurements cancels.
 Peak memory of a C matvec is XLA's compiled temporary-buffer size (arguments excluded) at
 two batch sizes and one chunk size. ``--markdown`` prints the table for README.md instead.
 
@@ -68,6 +70,26 @@ def timeit(fn: Callable[..., Any], *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def paired(fn: Callable[..., Any], args, gradient, *, repeats: int) -> tuple[float, float]:
+    """(median seconds of ``fn(*args)``, median ratio to the gradient timed just before it).
+
+    ``gradient`` is ``(grad_fn, grad_args)``. Both are compiled by a warm-up call first.
+    """
+    grad_fn, grad_args = gradient
+    _block(grad_fn(*grad_args))
+    _block(fn(*args))
+    times, ratios = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(grad_fn(*grad_args))
+        grad_s = time.perf_counter() - start
+        start = time.perf_counter()
+        _block(fn(*args))
+        times.append(time.perf_counter() - start)
+        ratios.append(times[-1] / grad_s)
+    return float(np.median(times)), float(np.median(ratios))
+
+
 def _mnist(n: int, *, flatten: bool) -> sj.Batch:
     ds = data.load_dataset("mnist5k", num_train=n, flatten=flatten)
     return sj.Batch(jnp.asarray(ds.train.inputs), jnp.asarray(ds.train.targets))
@@ -99,7 +121,8 @@ OPERATORS = {
 
 def operator_times(objective, params, batch, *, chunk: int, repeats: int) -> dict[str, float]:
     """Full-batch gradient, one matvec of each operator, all per-example gradients."""
-    grad = jax.jit(lambda p, b: sj.gradient(objective, p, b, chunk_size=chunk))
+    gradient = gradient_fn(objective, params, batch, chunk=chunk)
+    grad = gradient[0]
     out = {"gradient_s": timeit(grad, params, batch, repeats=repeats)}
     g = grad(params, batch)
     v = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -112,17 +135,26 @@ def operator_times(objective, params, batch, *, chunk: int, repeats: int) -> dic
             kw = {"mean_gradient": g} if name == "gradient_covariance" else {}
             return ctor(objective, p, b, chunk_size=c, **kw)(v)
 
-        out[f"{name}_s"] = timeit(jax.jit(matvec), params, batch, v, g, repeats=repeats)
-        out[f"{name}_x_grad"] = out[f"{name}_s"] / out["gradient_s"]
+        out[f"{name}_s"], out[f"{name}_x_grad"] = paired(
+            jax.jit(matvec), (params, batch, v, g), gradient, repeats=repeats
+        )
     pe = jax.jit(lambda p, b: sj.per_example_grads(objective, p, b, chunk_size=chunk))
-    out["per_example_grads_s"] = timeit(pe, params, batch, repeats=repeats)
-    out["per_example_grads_x_grad"] = out["per_example_grads_s"] / out["gradient_s"]
+    out["per_example_grads_s"], out["per_example_grads_x_grad"] = paired(
+        pe, (params, batch), gradient, repeats=repeats
+    )
     return out
 
 
-def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int, grad_s: float):
+def gradient_fn(objective, params, batch, *, chunk: int):
+    """The full-batch gradient that the gradient-equivalents refer to, with its arguments."""
+    grad = jax.jit(lambda p, b: sj.gradient(objective, p, b, chunk_size=chunk))
+    return grad, (params, batch)
+
+
+def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int):
     """λ_max(H) to 1e-3 cold and warm, Hutchinson tr(H), exact tr(C) and λ_max(C), BS."""
     out: dict[str, Any] = {}
+    gradient = gradient_fn(objective, params, batch, chunk=chunk)
 
     def reference(p):
         return sharpness.hessian_top_k(
@@ -138,8 +170,9 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int,
     out["lambda_max"] = truth
     out["lambda_max_cold_rel_error"] = abs(float(cold.values[0]) - truth) / truth
     out["lambda_max_cold_matvecs"] = int(cold.num_matvecs)
-    out["lambda_max_cold_s"] = timeit(top, params, batch, zero, repeats=repeats)
-    out["lambda_max_cold_grad_equivalents"] = out["lambda_max_cold_s"] / grad_s
+    out["lambda_max_cold_s"], out["lambda_max_cold_grad_equivalents"] = paired(
+        top, (params, batch, zero), gradient, repeats=repeats
+    )
 
     # Tracking: one SGD step (η = 0.1 on a batch of n/8) later, from the previous vector.
     mini = jax.tree_util.tree_map(lambda a: a[: max(1, a.shape[0] // 8)], batch)
@@ -149,8 +182,9 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int,
     truth2 = float(jax.jit(reference)(moved))
     out["lambda_max_warm_rel_error"] = abs(float(warm.values[0]) - truth2) / truth2
     out["lambda_max_warm_matvecs"] = int(warm.num_matvecs)
-    out["lambda_max_warm_s"] = timeit(top, moved, batch, cold.vectors, repeats=repeats)
-    out["lambda_max_warm_grad_equivalents"] = out["lambda_max_warm_s"] / grad_s
+    out["lambda_max_warm_s"], out["lambda_max_warm_grad_equivalents"] = paired(
+        top, (moved, batch, cold.vectors), gradient, repeats=repeats
+    )
 
     key = jax.random.PRNGKey(0)
     hutch = jax.jit(
@@ -176,8 +210,9 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int,
     out["batch_sharpness"] = float(est.value)
     out["batch_sharpness_rel_stderr"] = float(est.stderr / abs(est.value))
     out["batch_sharpness_draws"] = int(est.num_draws)
-    out["batch_sharpness_s"] = timeit(bs, params, batch, key, repeats=max(1, repeats // 2))
-    out["batch_sharpness_grad_equivalents"] = out["batch_sharpness_s"] / grad_s
+    out["batch_sharpness_s"], out["batch_sharpness_grad_equivalents"] = paired(
+        bs, (params, batch, key), gradient, repeats=max(1, repeats // 2)
+    )
     return out
 
 
@@ -268,11 +303,7 @@ def run(
     n, widths = sizes["w1"]
     obj, params, batch = _problem("mlp", n, widths=widths, activation="tanh")
     w1 = operator_times(obj, params, batch, chunk=chunk, repeats=repeats)
-    w1.update(
-        eigen_and_trace_times(
-            obj, params, batch, chunk=chunk, repeats=repeats, grad_s=w1["gradient_s"]
-        )
-    )
+    w1.update(eigen_and_trace_times(obj, params, batch, chunk=chunk, repeats=repeats))
     w1.update(covariance_memory(obj, params, n=n, chunk=chunk))
     w1.update(training_overheads(n, widths, chunk, repeats))
     result["w1"] = w1

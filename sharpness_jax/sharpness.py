@@ -431,7 +431,7 @@ def hessian_top_k(
 ) -> Eigen:
     """Top-k eigenpairs of the full-batch Hessian H = (1/n) Σ_p ∇²ℓ_p; λ_max = ``values[0]``.
 
-    Lanczos with full reorthogonalisation (:func:`sharpness_jax.linalg.lanczos_top_k`) on
+    Lanczos with partial reorthogonalisation (:func:`sharpness_jax.linalg.lanczos_top_k`) on
     exact Hessian-vector products. It stops when every one of the top k Ritz pairs (θ, u) has
     residual ‖Hu − θu‖ ≤ tol·|θ|; the eigenvalue error is then about ‖r‖²/gap
     (≤ tol²·θ²/(λ_1 − λ_2) for k = 1) and at most about ‖r‖. The default ``tol = 3e-3``

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 from problems import Dense, mlp_problem
 
 import sharpness_jax as sj
+from sharpness_jax import linalg
 
 P = 30
 
@@ -61,6 +62,69 @@ def test_lanczos_tolerance_stops_early_and_warm_start_is_cheaper():
     warm = sj.lanczos_top_k(H, prob.params, k=2, num_iters=60, tol=1e-6, init=cold.vectors)
     np.testing.assert_allclose(warm.values, want, rtol=1e-8)
     assert int(warm.num_matvecs) < int(cold.num_matvecs)
+
+
+def _outliers_and_bulk(size, dtype):
+    """Three outliers over a Gaussian bulk: plain Lanczos loses orthogonality (and repeats
+    the outliers as ghosts) once they converge."""
+    rng = np.random.default_rng(0)
+    eigs = np.concatenate([[10.0, 9.0, 8.5], rng.standard_normal(size - 3)])
+    return eigs, jnp.asarray(eigs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_partial_reorthogonalisation_keeps_the_basis_semi_orthogonal(dtype):
+    size, num_iters = 400, 80
+    eigs, diag = _outliers_and_bulk(size, dtype)
+    v0 = jax.random.normal(jax.random.PRNGKey(0), (size,), dtype)
+    eps = float(jnp.finfo(dtype).eps)
+    want = np.sort(eigs)[::-1][:5]
+    results = {}
+    for mode in ("partial", "full"):
+        run = jax.jit(
+            lambda v, mode=mode: linalg._lanczos(
+                lambda x: diag * x,
+                v,
+                num_iters=num_iters,
+                key=jax.random.PRNGKey(1),
+                k=1,
+                tol=None,
+                reorthogonalisation=mode,
+                num_vectors=num_iters,
+            )
+        )
+        alpha, beta, used, count, vectors = run(v0)
+        assert int(used) == num_iters
+        # All Ritz vectors V = Sᵀ Q with S orthogonal: V Vᵀ − I is Q's loss of orthogonality.
+        gram = np.asarray(vectors, np.float64) @ np.asarray(vectors, np.float64).T
+        assert np.max(np.abs(gram - np.eye(num_iters))) < 10 * np.sqrt(eps)
+        values = np.asarray(linalg._ritz(alpha, beta, used)[0][:5])
+        np.testing.assert_allclose(values, want, rtol=100 * eps)
+        results[mode] = int(count)
+    assert results["full"] == num_iters
+    # Once the outliers converge, float32 needs a pair of orthogonalisations about every
+    # fourth step, float64 rarely.
+    assert results["partial"] <= (0.6 if dtype == jnp.float32 else 0.3) * num_iters
+
+
+def test_two_stage_basis_equals_one_stage(monkeypatch):
+    size = 400
+    _, diag = _outliers_and_bulk(size, jnp.float64)
+    template = jnp.zeros((size,), jnp.float64)
+
+    def top(tol):
+        return sj.lanczos_top_k(lambda x: diag * x, template, k=2, num_iters=60, tol=tol)
+
+    one = {tol: top(tol) for tol in (1e-2, 1e-11)}
+    # A first stage of 16 vectors: the loose tolerance stops inside it, the tight one moves on.
+    monkeypatch.setattr(linalg, "_FIRST_STAGE_BYTES", 8 * size * 8)
+    assert linalg._first_stage_rows(64, size, 8) == linalg._FIRST_STAGE_MIN_ROWS == 16
+    for tol, want in one.items():
+        got = top(tol)
+        assert int(got.num_matvecs) == int(want.num_matvecs)
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-13)
+        np.testing.assert_allclose(np.abs(got.vectors @ want.vectors.T), np.eye(2), atol=1e-10)
+    assert int(one[1e-2].num_matvecs) <= 16 < int(one[1e-11].num_matvecs)
 
 
 def test_power_iteration_and_lobpcg():
@@ -140,3 +204,7 @@ def test_bad_arguments():
         sj.dense(mv, {"a": jnp.zeros(3, jnp.int32)})
     with pytest.raises(ValueError, match="num_probes <= P"):
         sj.xtrace(mv, template, key=jax.random.PRNGKey(0), num_probes=P + 1)
+    with pytest.raises(ValueError, match="reorthogonalisation"):
+        sj.lanczos_top_k(mv, template, reorthogonalisation="none")
+    with pytest.raises(ValueError, match="reorthogonalisation"):
+        sj.spectral_density(mv, template, key=jax.random.PRNGKey(0), reorthogonalisation="")
