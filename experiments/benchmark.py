@@ -9,9 +9,11 @@ Workloads (float32, one CPU process unless the machine has accelerators):
   n = 1000.
 
 Times are medians over ``--repeats`` runs of the jitted computation after a compile run.
-"Gradient-equivalents" (and "× gradient") are paired: each timed run follows a timed
-full-batch gradient on the same data, and the figure is the median of the per-pair ratios, so
-that the machine's drift between measurements cancels.
+"Gradient-equivalents" (and "× gradient") are paired: each timed run follows three timed
+full-batch gradients on the same data, the fastest of which (a gradient in steady state, as in
+a training loop; the first after a large computation pays for fresh memory) is its reference,
+and the figure is the median of the per-pair ratios, so that the machine's drift between
+measurements cancels.
 Peak memory of a C matvec is XLA's compiled temporary-buffer size (arguments excluded) at
 two batch sizes and one chunk size. ``--markdown`` prints the table for README.md instead.
 
@@ -49,7 +51,9 @@ TARGETS = {
     "gradient_covariance_x_grad": (2.5, "× gradient"),
     "hessian_second_moment_x_grad": (6.0, "× gradient"),
     "lambda_max_cold_grad_equivalents": (100.0, "gradients"),
+    "lambda_max_cold_rel_error": (1e-3, "relative"),
     "lambda_max_warm_grad_equivalents": (25.0, "gradients"),
+    "lambda_max_warm_rel_error": (1e-3, "relative"),
     "batch_sharpness_grad_equivalents": (60.0, "gradients"),
     "w3_exact_h2_diagonal_s": (600.0, "s"),
 }
@@ -73,16 +77,20 @@ def timeit(fn: Callable[..., Any], *args, repeats: int) -> float:
 def paired(fn: Callable[..., Any], args, gradient, *, repeats: int) -> tuple[float, float]:
     """(median seconds of ``fn(*args)``, median ratio to the gradient timed just before it).
 
-    ``gradient`` is ``(grad_fn, grad_args)``. Both are compiled by a warm-up call first.
+    ``gradient`` is ``(grad_fn, grad_args)``; the reference of each run is the fastest of
+    three gradients timed just before it. Both are compiled by a warm-up call first.
     """
     grad_fn, grad_args = gradient
     _block(grad_fn(*grad_args))
     _block(fn(*args))
     times, ratios = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        _block(grad_fn(*grad_args))
-        grad_s = time.perf_counter() - start
+        grad_times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            _block(grad_fn(*grad_args))
+            grad_times.append(time.perf_counter() - start)
+        grad_s = min(grad_times)
         start = time.perf_counter()
         _block(fn(*args))
         times.append(time.perf_counter() - start)
@@ -151,6 +159,12 @@ def gradient_fn(objective, params, batch, *, chunk: int):
     return grad, (params, batch)
 
 
+#: Lanczos residual tolerance of the tracking row: the eigenvalue error is at most about
+#: tol²·λ_1/(λ_1 − λ_2), below 1e-3 when the relative gap exceeds 10%; the benchmark reports the
+#: gap and the error reached against a tight reference, which the target also checks.
+TRACKING_TOL = 1e-2
+
+
 def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int):
     """λ_max(H) to 1e-3 cold and warm, Hutchinson tr(H), exact tr(C) and λ_max(C), BS."""
     out: dict[str, Any] = {}
@@ -158,33 +172,41 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
 
     def reference(p):
         return sharpness.hessian_top_k(
-            objective, p, batch, num_iters=120, tol=1e-7, chunk_size=chunk
-        ).values[0]
+            objective, p, batch, k=2, num_iters=120, tol=1e-7, chunk_size=chunk
+        ).values
 
-    top = jax.jit(
-        lambda p, b, init: sharpness.hessian_top_k(objective, p, b, init=init, chunk_size=chunk)
-    )
+    def top_fn(tol):
+        return jax.jit(
+            lambda p, b, init: sharpness.hessian_top_k(
+                objective, p, b, init=init, tol=tol, chunk_size=chunk
+            )
+        )
+
+    top = top_fn(sharpness.DEFAULT_LANCZOS_TOL)
     zero = jax.tree_util.tree_map(lambda a: jnp.zeros((1, *a.shape), a.dtype), params)
     cold = top(params, batch, zero)
-    truth = float(jax.jit(reference)(params))
+    truth, second = (float(x) for x in jax.jit(reference)(params))
     out["lambda_max"] = truth
+    out["lambda_max_rel_gap"] = (truth - second) / truth
     out["lambda_max_cold_rel_error"] = abs(float(cold.values[0]) - truth) / truth
     out["lambda_max_cold_matvecs"] = int(cold.num_matvecs)
     out["lambda_max_cold_s"], out["lambda_max_cold_grad_equivalents"] = paired(
         top, (params, batch, zero), gradient, repeats=repeats
     )
 
-    # Tracking: one SGD step (η = 0.1 on a batch of n/8) later, from the previous vector.
+    # Tracking: one SGD step (η = 0.1 on a batch of n/8) later, from the previous vector; at
+    # the tracking tolerance (the target row) and at the default one.
     mini = jax.tree_util.tree_map(lambda a: a[: max(1, a.shape[0] // 8)], batch)
     g = sj.gradient(objective, params, mini)
     moved = jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, g)
-    warm = top(moved, batch, cold.vectors)
-    truth2 = float(jax.jit(reference)(moved))
-    out["lambda_max_warm_rel_error"] = abs(float(warm.values[0]) - truth2) / truth2
-    out["lambda_max_warm_matvecs"] = int(warm.num_matvecs)
-    out["lambda_max_warm_s"], out["lambda_max_warm_grad_equivalents"] = paired(
-        top, (moved, batch, cold.vectors), gradient, repeats=repeats
-    )
+    truth2 = float(jax.jit(reference)(moved)[0])
+    for label, fn in (("warm", top_fn(TRACKING_TOL)), ("warm_default_tol", top)):
+        warm = fn(moved, batch, cold.vectors)
+        out[f"lambda_max_{label}_rel_error"] = abs(float(warm.values[0]) - truth2) / truth2
+        out[f"lambda_max_{label}_matvecs"] = int(warm.num_matvecs)
+        out[f"lambda_max_{label}_s"], out[f"lambda_max_{label}_grad_equivalents"] = paired(
+            fn, (moved, batch, cold.vectors), gradient, repeats=repeats
+        )
 
     key = jax.random.PRNGKey(0)
     hutch = jax.jit(

@@ -146,6 +146,8 @@ def test_benchmark_small_runs_every_measurement():
         "gradient_covariance_x_grad",
         "lambda_max_cold_matvecs",
         "lambda_max_warm_rel_error",
+        "lambda_max_warm_default_tol_grad_equivalents",
+        "lambda_max_rel_gap",
         "batch_sharpness_grad_equivalents",
         "c_matvec_temp_mib_4n",
         "measure_lambda_max_x_step",
