@@ -159,7 +159,7 @@ def gradient_fn(objective, params, batch, *, chunk: int):
     return grad, (params, batch)
 
 
-#: Lanczos residual tolerance of the tracking row: the eigenvalue error is at most about
+#: Lanczos residual tolerance of the tracking row: the relative eigenvalue error is at most
 #: tol²·λ_1/(λ_1 − λ_2), below 1e-3 when the relative gap exceeds 10%; the benchmark reports the
 #: gap and the error reached against a tight reference, which the target also checks.
 TRACKING_TOL = 1e-2

@@ -442,9 +442,9 @@ def hessian_top_k(
     eigenvector; if the top eigenvalues cross, it may lock onto the formerly-top one, so use
     k ≥ 2 or a cold start now and then. Each matvec costs about 2–2.5 gradients;
     ``num_matvecs`` reports the count. Tracking at ``tol = 1e-2`` saves about a third of the
-    matvecs; its error bound tol²·λ_1/(λ_1 − λ_2) is below 1e-3 where a cold run with k = 2
-    shows a relative gap (λ_1 − λ_2)/λ_1 above 10% (on the MLP of the benchmark, gap 8.6%:
-    7 matvecs instead of 10 after an SGD step, relative error 2.3e-4).
+    matvecs; its relative error bound tol²·λ_1/(λ_1 − λ_2) is below 1e-3 where a cold run
+    with k = 2 shows a relative gap (λ_1 − λ_2)/λ_1 above 10% (on the MLP of the benchmark,
+    gap 8.6%: 7 matvecs instead of 10 after an SGD step, relative error 2.3e-4).
 
     Args:
       objective, params, batch: the mean loss and where to take its Hessian.
