@@ -418,11 +418,9 @@ def _combine(coefficients, basis, used):
     """
     rows = basis.shape[0]
     k = coefficients.shape[1]
-    # Coefficients beyond ``used`` are zero; match them to the basis's rows.
+    # Coefficients beyond ``used`` are zero; cut or pad them to the basis's rows.
     coefficients = coefficients[:rows]
-    coefficients = (
-        jnp.zeros((rows, k), coefficients.dtype).at[: coefficients.shape[0]].set(coefficients)
-    )
+    coefficients = jnp.pad(coefficients, ((0, rows - coefficients.shape[0]), (0, 0)))
     num_blocks = (used + _ORTHO_BLOCK - 1) // _ORTHO_BLOCK
 
     def add(i, acc):
