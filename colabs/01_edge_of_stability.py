@@ -76,7 +76,7 @@ import sharpness_jax as sj
 # ## Full-batch gradient descent, measured along the way
 #
 # A config is a nested dict (or an `ml_collections.ConfigDict`); missing fields take the
-# defaults of `sj.training.default_config()`, whose docstring documents every field.
+# defaults of `sj.config.default_config()`, whose docstring documents every field.
 # `optimizer.name = "gd"` is full-batch gradient descent. `measure.names` lists registered
 # measurements, here the training and test loss and λ_max of the Hessian of the full training
 # loss (the measurement batch is the whole training set: n ≤ `measure_subset`).

@@ -37,6 +37,8 @@ from absl import app, flags
 
 import sharpness_jax as sj
 from sharpness_jax import data, models, noise, sharpness, training
+from sharpness_jax.config import default_config
+from sharpness_jax.programs import CompileCache
 
 # Workload sizes: (n, MLP widths) of W1, (n, CNN channels) of W2, (n, MLP widths) of W3.
 FULL = {"w1": (1024, (512, 512)), "w2": (512, (16, 32)), "w3": (1000, (12,))}
@@ -256,7 +258,7 @@ def covariance_memory(objective, params, *, n: int, chunk: int) -> dict[str, flo
 
 def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, float]:
     """Each in-training measurement's time as a multiple of one SGD step (W1, b = n/8)."""
-    c = training.default_config()
+    c = default_config()
     c.dataset.update(name="mnist5k", num_train=n, flatten=True)
     c.model.update(name="mlp", widths=widths, activation="tanh")
     c.batch_size = n // 8
@@ -283,12 +285,13 @@ def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, fl
         "jacobian_norms": {},
         "riemannian_sharpness": {"num_probes": 20},
     }
+    cache = CompileCache()
     for name, options in measures.items():
         c.measure.names = (name,)
         c.measure.options = {name: options}
-        training.measure(c, params)  # compile
+        training.measure(c, params, cache=cache)  # compile
         start = time.perf_counter()
-        training.measure(c, params)
+        training.measure(c, params, cache=cache)
         out[f"measure_{name}_x_step"] = (time.perf_counter() - start) / step_s
     return out
 

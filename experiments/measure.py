@@ -12,17 +12,21 @@ config in JSON (its ``dataset``, ``model`` and ``loss`` say what the params are)
       --measures=lambda_max,riemannian_sharpness --dataset='{"name": "mnist5k"}'
 
 Prints one JSON object (the measurement row) and writes it to ``--output`` if given.
-Measurement names: see ``sharpness_jax.training.MEASUREMENTS`` (``--list`` prints them).
+Measurement names: see ``sharpness_jax.measurements.MEASUREMENTS`` (``--list`` prints them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
+import jax
 from absl import app, flags, logging
 
 from experiments import launch
 from sharpness_jax import records, training
+from sharpness_jax.config import resolve_config
+from sharpness_jax.measurements import MEASUREMENTS
 
 
 def run(
@@ -38,34 +42,40 @@ def run(
     chunk_size: int | None,
     mesh,
 ) -> dict:
-    """Loads config and params, runs the measurements once, returns the row."""
+    """Loads config and params, runs the measurements once, returns the row (in float64
+    JAX when the run's dtype is float64)."""
     if (run_dir is None) == (params_path is None):
         raise ValueError("give exactly one of --run and --params")
-    unknown = [m for m in measures if m not in training.MEASUREMENTS]
+    unknown = [m for m in measures if m not in MEASUREMENTS]
     if unknown:
-        raise ValueError(f"unknown measurements {unknown}; known: {sorted(training.MEASUREMENTS)}")
+        raise ValueError(f"unknown measurements {unknown}; known: {sorted(MEASUREMENTS)}")
+    if run_dir is None and config_json is None:
+        raise ValueError("--params needs --config_json (what model and data they belong to)")
     if run_dir is not None:
-        config, params, step = training.load_checkpoint(run_dir, step=step)
+        stored = records.read_config(run_dir)
     else:
-        if config_json is None:
-            raise ValueError("--params needs --config_json (what model and data they belong to)")
         with open(config_json) as f:
-            config = training.resolve_config(json.load(f))
-        params = None
-    config.measure.names = tuple(measures)
-    config.measure.options = {k: v for k, v in options.items() if k in measures}
-    if dataset is not None:
-        config.dataset = dataset
-    if measure_subset is not None:
-        config.measure_subset = measure_subset
-    if chunk_size is not None:
-        config.chunk_size = chunk_size
-    config.mesh = mesh
-    if params_path is not None:
-        import orbax.checkpoint as ocp
+            stored = json.load(f)
+    float64 = stored is not None and resolve_config(stored).dtype == "float64"
+    with jax.enable_x64(True) if float64 else contextlib.nullcontext():
+        if run_dir is not None:
+            config, params, step = training.load_checkpoint(run_dir, step=step)
+        else:
+            config, params = resolve_config(stored), None
+        config.measure.names = tuple(measures)
+        config.measure.options = {k: v for k, v in options.items() if k in measures}
+        if dataset is not None:
+            config.dataset = dataset
+        if measure_subset is not None:
+            config.measure_subset = measure_subset
+        if chunk_size is not None:
+            config.chunk_size = chunk_size
+        config.mesh = mesh
+        if params_path is not None:
+            import orbax.checkpoint as ocp
 
-        params = ocp.StandardCheckpointer().restore(params_path)
-    row, arrays = training.measure(config, params, step=step or 0)
+            params = ocp.StandardCheckpointer().restore(params_path)
+        row, arrays = training.measure(config, params, step=step or 0)
     row = {"step": step or 0, **row, **{k: v.tolist() for k, v in arrays.items()}}
     return records.encode_value(row)
 
@@ -75,7 +85,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     if f.list:
-        for name, m in sorted(training.MEASUREMENTS.items()):
+        for name, m in sorted(MEASUREMENTS.items()):
             print(f"{name}: options {dict(m.defaults)}")
         return
     mesh = launch.setup()

@@ -7,19 +7,27 @@ functions over parameter pytrees, and feed them to the algorithms in :mod:`linal
 """
 
 from sharpness_jax import (
+    builtin_measurements,
     checks,
+    config,
     data,
     fisher_geometry,
     jacobian,
     linalg,
-    measures,  # importing it registers the studies' measurements
+    measurements,
     models,
     noise,
     objective,
     operators,
+    optim,
     per_example,
+    placement,
     plots,
+    problem,
+    programs,
+    progress,
     quotient,
+    quotient_summary,
     records,
     shallow,
     sharpness,
@@ -44,6 +52,7 @@ from sharpness_jax.linalg import (
     trace_exact,
     xtrace,
 )
+from sharpness_jax.measurements import register_measurement
 from sharpness_jax.objective import (
     Batch,
     Loss,
@@ -84,7 +93,7 @@ from sharpness_jax.sharpness import (
     stability_threshold,
 )
 from sharpness_jax.subsets import embed, leaf_paths, num_params, restrict, select
-from sharpness_jax.training import register_measurement, train
+from sharpness_jax.training import train
 
 __version__ = "0.1.0"
 
@@ -97,8 +106,10 @@ __all__ = [
     "SpectralDensity",
     "batch_sharpness",
     "batch_sharpness_ratio_of_expectations",
+    "builtin_measurements",
     "check_finite",
     "checks",
+    "config",
     "data",
     "dense",
     "diagonal_exact",
@@ -129,20 +140,26 @@ __all__ = [
     "lobpcg_top_k",
     "loss_value",
     "map_examples",
-    "measures",
+    "measurements",
     "models",
     "noise",
     "num_params",
     "objective",
     "operators",
+    "optim",
     "per_example",
     "per_example_grads",
     "per_example_hvps",
     "per_example_jacobians",
     "per_example_losses",
+    "placement",
     "plots",
     "power_iteration",
+    "problem",
+    "programs",
+    "progress",
     "quotient",
+    "quotient_summary",
     "records",
     "register_measurement",
     "restrict",

@@ -23,7 +23,10 @@ __all__ = [
     "check_memory",
     "check_params",
     "check_vector",
+    "is_int",
+    "is_number",
     "num_examples",
+    "require",
 ]
 
 
@@ -169,3 +172,19 @@ def check_finite(*trees: PyTree, names: tuple[str, ...] | None = None) -> None:
                     f"{tree_name}{path} holds {bad} non-finite value(s) (NaN or Inf) out of "
                     f"{arr.size}"
                 )
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises ``ValueError(message)`` unless ``condition`` holds (for config and option checks)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def is_int(x: Any) -> bool:
+    """Whether ``x`` is a Python or NumPy integer (bools excluded)."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    """Whether ``x`` is a Python or NumPy real number (bools excluded)."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)

@@ -23,6 +23,11 @@ function                                    q_p
                                             JVP and one VJP per step
 ==========================================  =================================================
 
+Two terms of the progressive-sharpening argument (MacDonald et al. 2023) live here too:
+:func:`curvature_terms` (the output curvature ‖Λ_p‖₂ of the loss and the input-space
+Gauss–Newton curvature κ_p = ‖J_pᵀ Λ_p J_p‖₂ ≤ ‖Λ_p‖₂ ‖J_p‖₂²) and
+:func:`jacobian_bound_term` (the Jacobian term of their generalisation bound).
+
 Examples are processed ``chunk_size`` at a time (``per_example.map_examples``), so peak memory
 is ``chunk_size`` times one example's work (for the dense routes, ``chunk_size · K · D``
 numbers); only the n per-example scalars are kept.
@@ -30,6 +35,7 @@ numbers); only the n per-example scalars are kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,14 +44,18 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks
+from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import map_examples
 
 PyTree = Any
 
 __all__ = [
     "OUTPUTS",
+    "CurvatureTerms",
     "JacobianNorms",
+    "curvature_terms",
     "input_jacobians",
+    "jacobian_bound_term",
     "jacobian_frobenius_norm",
     "jacobian_frobenius_squared_hutchinson",
     "jacobian_spectral_norm",
@@ -358,3 +368,107 @@ def jacobian_frobenius_squared_hutchinson(
         values_stderr=se if per_example else None,
         num_probes=num_probes,
     )
+
+
+# ---------------------------------------------------------------------------- curvature
+
+
+class CurvatureTerms(NamedTuple):
+    """Per-example terms of the Jacobian–curvature argument, each of shape ``(n,)``.
+
+    Attributes:
+      output_curvature: ‖Λ_p‖₂, the top eigenvalue of Λ_p = ∇²_f ℓ(f(x_p), y_p).
+      input_gauss_newton: κ_p = ‖J_pᵀ Λ_p J_p‖₂ = ‖Λ_p^{1/2} J_p‖₂², the Gauss–Newton
+        curvature of ℓ_p in input space.
+      jacobian_spectral_squared: ‖J_p‖₂², so that κ_p ≤ ‖Λ_p‖₂ ‖J_p‖₂².
+    """
+
+    output_curvature: jax.Array
+    input_gauss_newton: jax.Array
+    jacobian_spectral_squared: jax.Array
+
+
+def curvature_terms(
+    objective: Objective, params: PyTree, batch: Batch, *, chunk_size: int | None = None
+) -> CurvatureTerms:
+    """‖Λ_p‖₂, κ_p = ‖J_pᵀ Λ_p J_p‖₂ and ‖J_p‖₂² for every example (exact).
+
+    J_p = ∂f(x_p)/∂x ∈ R^{K×D} is the Jacobian of the outputs (logits) with respect to the
+    flattened input (dense: min(K, D) JVPs/VJPs), Λ_p the loss's closed-form output Hessian.
+    With S_p = J_p J_pᵀ (K×K) and Λ_p^{1/2} from its eigendecomposition (negative rounding
+    errors clipped), κ_p = λ_max(Λ_p^{1/2} S_p Λ_p^{1/2}) and ‖J_p‖₂² = λ_max(S_p).
+
+    Args:
+      objective: the model and a loss with ``output_hessian`` (``objective.LOSSES``).
+      params: the parameters.
+      batch: the examples (floating-point inputs).
+      chunk_size: examples per chunk (memory ``chunk_size · K · D``).
+
+    Returns:
+      :class:`CurvatureTerms`.
+    """
+    checks.check_params(params)
+    checks.num_examples(batch)
+
+    def one(example):
+        x, y = example
+        flat_x, unravel = ravel_pytree(x)
+        if not jnp.issubdtype(flat_x.dtype, jnp.floating):
+            raise TypeError(f"input Jacobians need floating-point inputs, got {flat_x.dtype}")
+
+        def g(z):
+            return objective.predict(params, unravel(z))
+
+        f = g(flat_x)
+        jac = (jax.jacfwd if flat_x.size <= f.size else jax.jacrev)(g)(flat_x)
+        lam = objective.loss.output_hessian(f, y)
+        w, v = jnp.linalg.eigh(0.5 * (lam + lam.T))
+        root = (v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]) @ v.T
+        s = jac @ jac.T
+        m = root @ s @ root
+        return (
+            w[-1],
+            jnp.linalg.eigvalsh(0.5 * (m + m.T))[-1],
+            jnp.linalg.eigvalsh(0.5 * (s + s.T))[-1],
+        )
+
+    out = map_examples(one, (batch.inputs, batch.targets), chunk_size=chunk_size)
+    return CurvatureTerms(*out)
+
+
+def jacobian_bound_term(
+    jacobian_norm: float, num_examples: int, dimension: int, *, constant: float = 1.0
+) -> float:
+    """The Jacobian term of the generalisation bound, (standard form) C · M · (log n / n)^{1/d}.
+
+    The paper bounds the generalisation gap of a model through its Lipschitz constant over
+    the data distribution, which it approximates by the empirical Jacobian norm
+    M = max_p ‖∂f(x_p)/∂x‖₂ over the n training examples; the rate at which the empirical
+    measure of n samples approaches a d-dimensional data distribution (in Wasserstein
+    distance) gives the decay (log n / n)^{1/d}. The paper's exact constants are not
+    reproduced here: ``constant`` C (default 1) stands for them and for the Lipschitz
+    constant of the loss in the outputs (√2 for softmax cross-entropy on logits), so the
+    term is meant for comparing runs at the same n and d.
+
+    Args:
+      jacobian_norm: M ≥ 0, the empirical Jacobian norm.
+      num_examples: n ≥ 2.
+      dimension: d ≥ 1 (the input dimension, or an intrinsic dimension of the data).
+      constant: C > 0.
+
+    Returns:
+      C · M · (log n / n)^{1/d}.
+
+    Raises:
+      ValueError: for M < 0 (or not finite), n < 2, d < 1 or C ≤ 0.
+    """
+    if not (math.isfinite(jacobian_norm) and jacobian_norm >= 0):
+        raise ValueError(f"jacobian_norm must be finite and >= 0, got {jacobian_norm}")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 2:
+        raise ValueError(f"num_examples must be an int >= 2, got {num_examples!r}")
+    if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1:
+        raise ValueError(f"dimension must be an int >= 1, got {dimension!r}")
+    if not constant > 0:
+        raise ValueError(f"constant must be positive, got {constant}")
+    rate = (math.log(num_examples) / num_examples) ** (1.0 / dimension)
+    return float(constant * jacobian_norm * rate)

@@ -1,13 +1,16 @@
-"""Input–output Jacobian norms against dense jax.jacfwd references."""
+"""Input–output Jacobian norms against dense jax.jacfwd references; the curvature terms
+of the progressive-sharpening argument against dense loops; the Jacobian bound term."""
 
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from problems import cnn_problem, mlp_problem
+from problems import cnn_problem, mlp_problem, rel_err
 
 from sharpness_jax import jacobian as jn
 
@@ -185,3 +188,69 @@ def test_bad_inputs_raise_clear_errors():
         jn.input_jacobians(predict, params, jnp.ones((), jnp.float64))
     with pytest.raises(ValueError, match="chunk_size"):
         jn.jacobian_frobenius_norm(predict, params, x, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------- curvature terms
+
+
+def _dense_terms(problem):
+    """‖Λ_p‖₂, λ_max(J_pᵀΛ_pJ_p) (D × D) and σ_max(J_p)² by a loop over examples."""
+    predict, loss = problem.objective.predict, problem.objective.loss
+    shape = problem.batch.inputs.shape[1:]
+    jac_fn = jax.jit(jax.jacrev(lambda z: predict(problem.params, z.reshape(shape))))
+    lam_fn = jax.jit(jax.hessian(lambda f, y: loss(f, y)))
+    out_fn = jax.jit(lambda x: predict(problem.params, x))
+    out = []
+    for x, y in zip(problem.batch.inputs, problem.batch.targets, strict=True):
+        jac = np.asarray(jac_fn(x.reshape(-1)))
+        lam = np.asarray(lam_fn(out_fn(x), y))
+        out.append(
+            (
+                np.linalg.eigvalsh(lam)[-1],
+                np.linalg.eigvalsh(jac.T @ lam @ jac)[-1],
+                np.linalg.svd(jac, compute_uv=False)[0] ** 2,
+            )
+        )
+    return [np.array(v) for v in zip(*out, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mlp_problem("tanh", "cross_entropy"),  # D = 4 > K = 3: reverse mode
+        lambda: mlp_problem("gelu", "cross_entropy", d=2),  # D = 2 ≤ K: forward mode
+        lambda: mlp_problem("tanh", "squared_error_half"),  # Λ = I: κ_p = ‖J_p‖₂²
+        lambda: cnn_problem(),  # image inputs (4, 4, 1), flattened
+    ],
+    ids=["mlp-ce-rev", "mlp-ce-fwd", "mlp-mse", "cnn-ce"],
+)
+def test_curvature_terms_match_dense(make):
+    problem = make()
+    terms = jax.jit(lambda p, b: jn.curvature_terms(problem.objective, p, b, chunk_size=3))
+    got = terms(problem.params, problem.batch)
+    want = _dense_terms(problem)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == jnp.float64
+        assert rel_err(np.asarray(g), w) < 1e-10
+    if problem.objective.loss.name == "squared_error_half":
+        assert rel_err(np.asarray(got.input_gauss_newton), want[2]) < 1e-10
+
+
+def test_jacobian_bound_term():
+    # C · M · (log n / n)^{1/d}
+    assert jn.jacobian_bound_term(2.0, 100, 2) == pytest.approx(
+        2.0 * math.sqrt(math.log(100) / 100), rel=1e-14
+    )
+    assert jn.jacobian_bound_term(1.5, 50, 1, constant=3.0) == pytest.approx(
+        4.5 * math.log(50) / 50, rel=1e-14
+    )
+    values = [jn.jacobian_bound_term(1.0, n, 3) for n in (10, 100, 1000, 10_000)]
+    assert all(a > b for a, b in itertools.pairwise(values))  # decays in n
+    for bad in (
+        dict(jacobian_norm=-1.0, num_examples=10, dimension=2),
+        dict(jacobian_norm=1.0, num_examples=1, dimension=2),
+        dict(jacobian_norm=1.0, num_examples=10, dimension=0),
+        dict(jacobian_norm=math.nan, num_examples=10, dimension=2),
+    ):
+        with pytest.raises(ValueError):
+            jn.jacobian_bound_term(**bad)

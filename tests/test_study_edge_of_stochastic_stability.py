@@ -11,6 +11,7 @@ from experiments.configs import edge_of_stochastic_stability as study_config
 from experiments.studies import common
 from experiments.studies import edge_of_stochastic_stability as study
 from sharpness_jax import training
+from sharpness_jax.config import validate_config
 
 SMOKE = study_config.get_config("smoke")
 RUNS = [f"sgd_b{b}" for b in SMOKE.batch_sizes] + ["gd"]
@@ -126,7 +127,7 @@ def test_run_configs_validate(preset):
     runs = study._run_configs(config)
     assert list(runs) == [f"sgd_b{b}" for b in config.batch_sizes] + ["gd"]
     for name, run_cfg in runs.items():
-        c = training.validate_config(run_cfg)  # no data needed
+        c = validate_config(run_cfg)  # no data needed
         assert c.loss.name == "squared_error_sum"
         assert c.optimizer.learning_rate == config.learning_rate
         if name == "gd":

@@ -14,7 +14,8 @@ from study_runs import run_twice
 
 from experiments.configs import fisher_sharpness as study_config
 from experiments.studies import fisher_sharpness as study
-from sharpness_jax import fisher_geometry, records, training
+from sharpness_jax import fisher_geometry, records
+from sharpness_jax.config import validate_config
 
 
 def _expected_claims():
@@ -101,7 +102,7 @@ def test_paper_config_builds():
         setup = study._Setup(config, name)
         assert setup.run_base.model.activation == "relu"
         for run in study.grid(config):  # validates without the data
-            training.validate_config(setup.run_config(run))
+            validate_config(setup.run_config(run))
     with pytest.raises(ValueError, match="unknown preset"):
         study_config.get_config("huge")
 

@@ -15,7 +15,8 @@ from study_runs import run_twice
 from experiments.configs import noise_curvature as study_config
 from experiments.studies import common
 from experiments.studies import noise_curvature as study
-from sharpness_jax import linalg, noise, records, subsets, training
+from sharpness_jax import linalg, noise, records, subsets
+from sharpness_jax.config import validate_config
 
 _LAYERS = ("params/Dense_1/kernel", "params/Dense_2/kernel")
 
@@ -262,6 +263,6 @@ def test_configs_build():
         assert config.preset == preset and tuple(config.layers) == _LAYERS
         for loss in config.losses:
             run_cfg = common.run_config(config.base, **{"loss.name": loss})
-            assert training.validate_config(run_cfg).loss.name == loss  # needs no data
+            assert validate_config(run_cfg).loss.name == loss  # needs no data
     with pytest.raises(ValueError, match="preset"):
         study_config.get_config("huge")

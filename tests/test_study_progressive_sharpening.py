@@ -5,16 +5,14 @@ import itertools
 import json
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from problems import cnn_problem, mlp_problem, rel_err
 from study_runs import run_twice
 
 from experiments.configs import progressive_sharpening as study_config
 from experiments.studies import progressive_sharpening as study
-from sharpness_jax import records, training
+from sharpness_jax import records
+from sharpness_jax.config import validate_config
 
 _CHECK_CLAIMS = (
     "progressive sharpening (baseline): λ_max rises during training",
@@ -112,7 +110,7 @@ def test_configs_build():
         assert "baseline" in config.variants
         for overrides in config.variants.values():
             cfg = study._run_config(config, overrides.to_dict(), 0, 1000)
-            training.validate_config(cfg)  # needs no data (CIFAR-10 is not available here)
+            validate_config(cfg)  # needs no data (CIFAR-10 is not available here)
             assert cfg.max_steps >= config.num_measurements
     with pytest.raises(ValueError, match="unknown preset"):
         study_config.get_config("huge")
@@ -123,26 +121,6 @@ def test_configs_build():
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def test_jacobian_bound_term():
-    # C · M · (log n / n)^{1/d}
-    assert study.jacobian_bound_term(2.0, 100, 2) == pytest.approx(
-        2.0 * math.sqrt(math.log(100) / 100), rel=1e-14
-    )
-    assert study.jacobian_bound_term(1.5, 50, 1, constant=3.0) == pytest.approx(
-        4.5 * math.log(50) / 50, rel=1e-14
-    )
-    values = [study.jacobian_bound_term(1.0, n, 3) for n in (10, 100, 1000, 10_000)]
-    assert all(a > b for a, b in itertools.pairwise(values))  # decays in n
-    for bad in (
-        dict(jacobian_norm=-1.0, num_examples=10, dimension=2),
-        dict(jacobian_norm=1.0, num_examples=1, dimension=2),
-        dict(jacobian_norm=1.0, num_examples=10, dimension=0),
-        dict(jacobian_norm=math.nan, num_examples=10, dimension=2),
-    ):
-        with pytest.raises(ValueError):
-            study.jacobian_bound_term(**bad)
 
 
 def test_final_value_and_sharpening_phase():
@@ -156,46 +134,3 @@ def test_final_value_and_sharpening_phase():
 
 def test_dotted_overrides():
     assert study._dotted({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
-
-
-def _dense_terms(problem):
-    """‖Λ_p‖₂, λ_max(J_pᵀΛ_pJ_p) (D × D) and σ_max(J_p)² by a loop over examples."""
-    predict, loss = problem.objective.predict, problem.objective.loss
-    shape = problem.batch.inputs.shape[1:]
-    jac_fn = jax.jit(jax.jacrev(lambda z: predict(problem.params, z.reshape(shape))))
-    lam_fn = jax.jit(jax.hessian(lambda f, y: loss(f, y)))
-    out_fn = jax.jit(lambda x: predict(problem.params, x))
-    out = []
-    for x, y in zip(problem.batch.inputs, problem.batch.targets, strict=True):
-        jac = np.asarray(jac_fn(x.reshape(-1)))
-        lam = np.asarray(lam_fn(out_fn(x), y))
-        out.append(
-            (
-                np.linalg.eigvalsh(lam)[-1],
-                np.linalg.eigvalsh(jac.T @ lam @ jac)[-1],
-                np.linalg.svd(jac, compute_uv=False)[0] ** 2,
-            )
-        )
-    return [np.array(v) for v in zip(*out, strict=True)]
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: mlp_problem("tanh", "cross_entropy"),  # D = 4 > K = 3: reverse mode
-        lambda: mlp_problem("gelu", "cross_entropy", d=2),  # D = 2 ≤ K: forward mode
-        lambda: mlp_problem("tanh", "squared_error_half"),  # Λ = I: κ_p = ‖J_p‖₂²
-        lambda: cnn_problem(),  # image inputs (4, 4, 1), flattened
-    ],
-    ids=["mlp-ce-rev", "mlp-ce-fwd", "mlp-mse", "cnn-ce"],
-)
-def test_curvature_terms_match_dense(make):
-    problem = make()
-    terms = jax.jit(lambda p, b: study.curvature_terms(problem.objective, p, b, chunk_size=3))
-    got = terms(problem.params, problem.batch)
-    want = _dense_terms(problem)
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == jnp.float64
-        assert rel_err(np.asarray(g), w) < 1e-10
-    if problem.objective.loss.name == "squared_error_half":
-        assert rel_err(np.asarray(got.input_gauss_newton), want[2]) < 1e-10

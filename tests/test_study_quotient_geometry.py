@@ -12,7 +12,8 @@ from study_runs import run_twice
 from experiments.configs import quotient_geometry as study_config
 from experiments.studies import common
 from experiments.studies import quotient_geometry as study
-from sharpness_jax import data, records, training
+from sharpness_jax import records, training
+from sharpness_jax.config import validate_config
 
 _CLAIMS = (
     "{m}: ambient flatness moves along the orbit (max/min λ_max(H), c ∈ [0.1, 10])",
@@ -137,7 +138,7 @@ def test_paper_and_quick_presets_build():
             for regime in ("underdetermined", "regular"):
                 setup = config.models[model][regime]
                 run = common.run_config(config.base, **study.flatten_overrides(setup.to_dict()))
-                training.validate_config(run)
+                validate_config(run)
     with pytest.raises(ValueError, match="unknown preset"):
         study_config.get_config("huge")
 
@@ -183,26 +184,6 @@ def test_orbit_scales():
     assert np.all((per_unit >= 0.1) & (per_unit <= 10.0))
     with pytest.raises(ValueError, match="orbit range"):
         study.orbit_scales(2.0, 10.0, 5, 3, 4, seed=0)
-
-
-def test_step_weights_reproduce_the_minibatch_mean():
-    idx = np.array([2, 0, 2, 5])
-    w = study.step_weights(idx, 6)
-    np.testing.assert_allclose(w, [0.25, 0.0, 0.5, 0.0, 0.0, 0.25])
-    losses = np.arange(6.0) ** 2
-    assert w @ losses == pytest.approx(np.mean(losses[idx]))
-    sampler = data.Sampler(10, 3, replace=False, seed=1)
-    assert study.step_weights(sampler.indices(7), 10).sum() == pytest.approx(1.0)
-
-
-def test_shallow_activation():
-    assert study.shallow_activation({"name": "quadratic"}) == "quadratic"
-    assert study.shallow_activation({"name": "shallow"}) == "relu"
-    assert study.shallow_activation({"name": "shallow", "activation": "leaky_relu"}) == "leaky_relu"
-    with pytest.raises(ValueError, match="no continuous rescaling"):
-        study.shallow_activation({"name": "shallow", "activation": "tanh"})
-    with pytest.raises(ValueError, match="shallow or quadratic"):
-        study.shallow_activation({"name": "mlp"})
 
 
 def test_measurement_refuses_unsupported_runs():

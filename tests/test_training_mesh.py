@@ -6,10 +6,11 @@ import pytest
 
 import sharpness_jax as sj
 from sharpness_jax import training
+from sharpness_jax.config import default_config, validate_config
 
 
 def _config(mesh):
-    c = training.default_config()
+    c = default_config()
     c.dataset.update(name="gaussian_mixture", num_train=64, num_test=32, input_dim=6)
     c.model.update(name="mlp", widths=(8,), activation="tanh")
     c.optimizer.update(name="sgd", learning_rate=0.1)
@@ -53,9 +54,9 @@ def test_training_on_a_mesh_equals_one_device():
 
 def test_mesh_validation():
     with pytest.raises(ValueError, match="mesh"):
-        training.validate_config(_config(10_000))
+        validate_config(_config(10_000))
     with pytest.raises(ValueError, match="mesh"):
-        training.validate_config(_config("tpu"))
+        validate_config(_config("tpu"))
 
 
 def test_measure_once_equals_the_training_row():

@@ -31,6 +31,7 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 from sharpness_jax import training  # noqa: E402
+from sharpness_jax.measurements import register_measurement  # noqa: E402
 
 
 def _die():
@@ -46,7 +47,7 @@ def main(workdir: str, config: str, kill: str = "none:-1") -> None:
             _die()
         return {}
 
-    training.register_measurement("kill_switch", kill_switch)
+    register_measurement("kill_switch", kill_switch)
 
     if kind == "step":
         batch_indices = training._batch_indices

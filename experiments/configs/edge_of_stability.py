@@ -14,13 +14,13 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.loss.name = "squared_error_half"
     base.optimizer.name = "gd"
     base.model.update(name="mlp", activation="tanh", init="torch")

@@ -27,13 +27,13 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.loss.name = "squared_error_sum"
     base.optimizer.name = "sgd"
     base.replace = False  # epoch-wise shuffling, as the published code's data loader

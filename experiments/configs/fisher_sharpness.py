@@ -18,7 +18,7 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
 
 def _setup(dataset: dict, widths: tuple[int, ...]) -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def _setup(dataset: dict, widths: tuple[int, ...]) -> ml_collections.ConfigDict:
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.loss.name = "cross_entropy"
     base.optimizer.name = "sgd"
     # Stop rule: every net is trained to the same training loss (cross-entropy 0.01, as in

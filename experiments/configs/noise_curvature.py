@@ -22,13 +22,13 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.dataset.update(name="mnist5k", flatten=True)
     base.model.update(name="mlp", widths=(50, 50), activation="relu", bias=False, init="torch")
     base.optimizer.update(name="sgd", learning_rate=0.1)

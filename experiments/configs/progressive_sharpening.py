@@ -20,13 +20,13 @@ Run::
 import ml_collections
 from ml_collections import config_dict
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.loss.name = "cross_entropy"
     base.optimizer.update(name="sgd", learning_rate=0.1)
     base.batch_size = 32

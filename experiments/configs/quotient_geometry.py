@@ -30,9 +30,9 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from sharpness_jax.config import default_config
 
-# The study's measurement, registered by ``experiments.studies.quotient_geometry``.
+# The study's measurement, a built-in one (``sharpness_jax.measurements``).
 MEASUREMENT = "quotient_geometry"
 
 
@@ -65,7 +65,7 @@ def _setup(
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
-    base = training.default_config()
+    base = default_config()
     base.dataset = ml_collections.ConfigDict(
         {"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0}
     )

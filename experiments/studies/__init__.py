@@ -1,4 +1,5 @@
-"""The study runners: one module per study, each with ``NAME`` and ``run(config, workdir)``."""
+"""The study runners: one module per study, each with ``NAME`` and
+``run(config, workdir, *, mesh, cache)``."""
 
 STUDIES = (
     "edge_of_stability",

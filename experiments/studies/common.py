@@ -16,7 +16,6 @@ analyses are read back, the interrupted run resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
 import math
@@ -31,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from sharpness_jax import plots, records, training
+from sharpness_jax.programs import CompileCache
 
 __all__ = [
     "PRESETS",
@@ -45,9 +45,6 @@ __all__ = [
 ]
 
 PRESETS = ("smoke", "quick", "paper")
-
-# The device mesh of the training runs of the study being run (see run_study).
-_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("mesh", default=None)
 
 
 def check_preset(preset: str) -> str:
@@ -145,14 +142,29 @@ def run_config(base: ml_collections.ConfigDict, **overrides: Any) -> ml_collecti
     return config
 
 
-def train_run(workdir: str | os.PathLike, name: str, config: ml_collections.ConfigDict):
-    """Trains (or resumes, or reads back) one run in ``workdir/runs/<name>``, on the mesh
-    given to :func:`run_study` unless the config names one."""
+def train_run(
+    workdir: str | os.PathLike,
+    name: str,
+    config: ml_collections.ConfigDict,
+    *,
+    mesh: Any = None,
+    cache: CompileCache | None = None,
+):
+    """Trains (or resumes, or reads back) one run in ``workdir/runs/<name>``.
+
+    Args:
+      workdir: the study's workdir.
+      name: the run's name.
+      config: the run's training config.
+      mesh: the device mesh (``config.default_config``'s ``mesh``), unless the config names
+        one.
+      cache: the study's compile cache (:func:`run_study` holds one for all its sub-runs).
+    """
     path = Path(workdir) / "runs" / name
     logging.info("run %s -> %s", name, path)
-    if config.get("mesh") is None and _MESH.get() is not None:
-        config = run_config(config, mesh=_MESH.get())
-    return training.train(config, path)
+    if config.get("mesh") is None and mesh is not None:
+        config = run_config(config, mesh=mesh)
+    return training.train(config, path, cache=cache)
 
 
 def columns(workdir: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
@@ -211,7 +223,7 @@ def figure(workdir: str | os.PathLike, name: str, fig) -> str:
 
 def run_study(
     study: str,
-    run: Callable[[ml_collections.ConfigDict, Path], tuple[list[Check], dict, list[str]]],
+    run: Callable[..., tuple[list[Check], dict, list[str]]],
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
     *,
@@ -222,11 +234,13 @@ def run_study(
 
     Args:
       study: the study's name.
-      run: ``(config, workdir) -> (checks, results, figures)``.
+      run: ``(config, workdir, *, mesh, cache) -> (checks, results, figures)``; it passes
+        ``mesh`` and ``cache`` (one compile cache for all the study's sub-runs) to
+        :func:`train_run`.
       config: the study config (with a ``preset`` field).
       workdir: the study's workdir; rerunning with the same one resumes.
       force: accept a config that differs from the one stored in the workdir.
-      mesh: the device mesh of every training run (``training.default_config``'s ``mesh``:
+      mesh: the device mesh of every training run (``config.default_config``'s ``mesh``:
         None, "auto" or a device count); it does not change results beyond float rounding,
         so a study may resume on another mesh.
 
@@ -239,11 +253,7 @@ def run_study(
     records.write_config(workdir, config, force=force)
     start = time.time()
     logging.info("study %s (%s) in %s", study, config.preset, workdir)
-    token = _MESH.set(mesh)
-    try:
-        checks, results, figures = run(config, workdir)
-    finally:
-        _MESH.reset(token)
+    checks, results, figures = run(config, workdir, mesh=mesh, cache=CompileCache())
     evaluated = [c.passed for c in checks if c.passed is not None]
     summary = {
         "study": study,

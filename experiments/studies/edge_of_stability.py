@@ -29,12 +29,12 @@ def _run_name(lr: float) -> str:
     return f"gd_lr{lr:g}"
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     checks, results, curves = [], {}, {}
     for lr in config.learning_rates:
         name = _run_name(lr)
         run_cfg = common.run_config(config.base, **{"optimizer.learning_rate": float(lr)})
-        result = common.train_run(workdir, name, run_cfg)
+        result = common.train_run(workdir, name, run_cfg, mesh=mesh, cache=cache)
         cols = common.columns(workdir, name)
         steps, lam, loss = cols["step"], cols["lambda_max"], cols["train_loss"]
         threshold = sharpness.stability_threshold(float(lr))

@@ -114,7 +114,7 @@ def _nan_column(cols: dict[str, np.ndarray], name: str) -> np.ndarray:
     return cols[name].astype(float) if name in cols else np.full(len(cols["step"]), np.nan)
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     lr = float(config.learning_rate)
     threshold = float(sharpness.stability_threshold(lr))
     fraction = float(config.late_fraction)
@@ -124,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
     statuses = {}
 
     for name, run_cfg in _run_configs(config).items():
-        result = common.train_run(workdir, name, run_cfg)
+        result = common.train_run(workdir, name, run_cfg, mesh=mesh, cache=cache)
         statuses[name] = result
         cols = common.columns(workdir, name)
         curves[name] = {

@@ -472,12 +472,14 @@ class _Setup:
         return out
 
 
-def _train_and_analyse(config, workdir: Path, setup: _Setup) -> list[dict[str, Any]]:
+def _train_and_analyse(
+    config, workdir: Path, setup: _Setup, *, mesh=None, cache=None
+) -> list[dict[str, Any]]:
     """Trains every run of one dataset and analyses it (both resumable); one row per run."""
     rows = []
     for index, run in enumerate(grid(config)):
         name = run_name(setup.name, run)
-        result = common.train_run(workdir, name, setup.run_config(run))
+        result = common.train_run(workdir, name, setup.run_config(run), mesh=mesh, cache=cache)
         final = common.columns(workdir, name)
         metrics = {k: float(final[k][-1]) for k in _SPLIT_METRICS}
 
@@ -625,12 +627,12 @@ def _strict_positive(claim: str, value: float, detail: str) -> common.Check:
 # ------------------------------------------------------------------------ the study
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     checks, results, figures = [], {}, []
     multiple = len(config.setups) > 1
     for setup_name in config.setups:
         setup = _Setup(config, setup_name)
-        rows = _train_and_analyse(config, workdir, setup)
+        rows = _train_and_analyse(config, workdir, setup, mesh=mesh, cache=cache)
         corr = correlations(rows)
         prefix = f"{setup_name}: " if multiple else ""
         checks += _checks(config, rows, corr, prefix)

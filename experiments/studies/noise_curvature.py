@@ -63,7 +63,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments.studies import common
-from sharpness_jax import data, linalg, models, noise, operators, plots, subsets, training
+from sharpness_jax import data, linalg, models, noise, operators, plots, subsets
+from sharpness_jax.config import resolve_config
 from sharpness_jax.objective import Batch, Objective, get_loss
 
 NAME = "noise_curvature"
@@ -245,7 +246,7 @@ _commutation = jax.jit(commutation, static_argnames=("num_rotations",))
 def _objective_and_batch(run_cfg: ml_collections.ConfigDict, num_examples: int | None):
     """The run's objective (model and loss as the training loop builds them) and the first
     ``num_examples`` training examples."""
-    c = training.resolve_config(run_cfg)
+    c = resolve_config(run_cfg)
     options = {k: v for k, v in c.dataset.to_dict().items() if k not in ("name", "dtype")}
     dataset = data.load_dataset(c.dataset.name, dtype=c.dtype, **options)
     inputs, targets = dataset.train
@@ -334,12 +335,12 @@ def _fit(an: dict[str, Any], name: str) -> dict[str, float]:
     return {f: float(np.asarray(an[f"{name}/{f}"])) for f in _FIT_FIELDS}
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     checks, results, analyses = [], {}, {}
     for loss_index, loss in enumerate(config.losses):
         name = _run_name(loss)
         run_cfg = common.run_config(config.base, **{"loss.name": loss})
-        result = common.train_run(workdir, name, run_cfg)
+        result = common.train_run(workdir, name, run_cfg, mesh=mesh, cache=cache)
         cols = common.columns(workdir, name)
         entry = {
             "status": result.status,

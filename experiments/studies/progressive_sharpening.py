@@ -9,7 +9,7 @@ learning rate; see the config) and seed, each for the same number of epochs. At 
 measurement step: the full train/test loss and accuracy, λ_max(H) of the training loss on the
 measurement batch (warm-started Lanczos), the Jacobian norms ‖J_p‖₂ and ‖J_p‖_F of the logits,
 J_p = ∂f(x_p)/∂x, mean and max over the measurement batch, and two terms of the paper's
-argument (registered here as measurements):
+argument (built-in measurements of the library, ``sharpness_jax.measurements``):
 
 * ``progressive_sharpening_curvature``: the output curvature ‖Λ_p‖₂, Λ_p = ∇²_f ℓ(f(x_p), y_p)
   (softmax cross-entropy: diag(p) − ppᵀ, which label smoothing leaves unchanged), and the
@@ -38,7 +38,7 @@ Checks (claims of the paper):
   train accuracy − test accuracy and for the loss gap test − train unsmoothed loss).
 
 The generalisation bound of the paper in terms of the empirical Jacobian is reported through
-its Jacobian term (:func:`jacobian_bound_term`).
+its Jacobian term (``sharpness_jax.jacobian.jacobian_bound_term``).
 """
 
 from __future__ import annotations
@@ -46,18 +46,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from experiments.studies import common
-from sharpness_jax import checks, data, operators, training
-from sharpness_jax.objective import Batch, Objective, get_loss
-from sharpness_jax.per_example import map_examples
+from sharpness_jax import checks
+from sharpness_jax.jacobian import jacobian_bound_term
+from sharpness_jax.problem import problem_from_config
 
 NAME = "progressive_sharpening"
 
@@ -68,154 +65,6 @@ JACOBIAN_COLUMNS = (
     "jacobian_frobenius_mean",
 )
 GAPS = ("error_gap", "loss_gap")
-
-PyTree = Any
-
-
-# ================================================================================ the theory
-
-
-def jacobian_bound_term(
-    jacobian_norm: float, num_examples: int, dimension: int, *, constant: float = 1.0
-) -> float:
-    """The Jacobian term of the generalisation bound, (standard form) C · M · (log n / n)^{1/d}.
-
-    The paper bounds the generalisation gap of a model through its Lipschitz constant over
-    the data distribution, which it approximates by the empirical Jacobian norm
-    M = max_p ‖∂f(x_p)/∂x‖₂ over the n training examples; the rate at which the empirical
-    measure of n samples approaches a d-dimensional data distribution (in Wasserstein
-    distance) gives the decay (log n / n)^{1/d}. The paper's exact constants are not
-    reproduced here: ``constant`` C (default 1) stands for them and for the Lipschitz
-    constant of the loss in the outputs (√2 for softmax cross-entropy on logits), so the
-    term is meant for comparing runs at the same n and d.
-
-    Args:
-      jacobian_norm: M ≥ 0, the empirical Jacobian norm.
-      num_examples: n ≥ 2.
-      dimension: d ≥ 1 (the input dimension, or an intrinsic dimension of the data).
-      constant: C > 0.
-
-    Returns:
-      C · M · (log n / n)^{1/d}.
-
-    Raises:
-      ValueError: for M < 0 (or not finite), n < 2, d < 1 or C ≤ 0.
-    """
-    if not (math.isfinite(jacobian_norm) and jacobian_norm >= 0):
-        raise ValueError(f"jacobian_norm must be finite and >= 0, got {jacobian_norm}")
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 2:
-        raise ValueError(f"num_examples must be an int >= 2, got {num_examples!r}")
-    if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 1:
-        raise ValueError(f"dimension must be an int >= 1, got {dimension!r}")
-    if not constant > 0:
-        raise ValueError(f"constant must be positive, got {constant}")
-    rate = (math.log(num_examples) / num_examples) ** (1.0 / dimension)
-    return float(constant * jacobian_norm * rate)
-
-
-class CurvatureTerms(NamedTuple):
-    """Per-example terms of the Jacobian–curvature argument, each of shape ``(n,)``.
-
-    Attributes:
-      output_curvature: ‖Λ_p‖₂, the top eigenvalue of Λ_p = ∇²_f ℓ(f(x_p), y_p).
-      input_gauss_newton: κ_p = ‖J_pᵀ Λ_p J_p‖₂ = ‖Λ_p^{1/2} J_p‖₂², the Gauss–Newton
-        curvature of ℓ_p in input space.
-      jacobian_spectral_squared: ‖J_p‖₂², so that κ_p ≤ ‖Λ_p‖₂ ‖J_p‖₂².
-    """
-
-    output_curvature: jax.Array
-    input_gauss_newton: jax.Array
-    jacobian_spectral_squared: jax.Array
-
-
-def curvature_terms(
-    objective: Objective, params: PyTree, batch: Batch, *, chunk_size: int | None = None
-) -> CurvatureTerms:
-    """‖Λ_p‖₂, κ_p = ‖J_pᵀ Λ_p J_p‖₂ and ‖J_p‖₂² for every example (exact).
-
-    J_p = ∂f(x_p)/∂x ∈ R^{K×D} is the Jacobian of the outputs (logits) with respect to the
-    flattened input (dense: min(K, D) JVPs/VJPs), Λ_p the loss's closed-form output Hessian.
-    With S_p = J_p J_pᵀ (K×K) and Λ_p^{1/2} from its eigendecomposition (negative rounding
-    errors clipped), κ_p = λ_max(Λ_p^{1/2} S_p Λ_p^{1/2}) and ‖J_p‖₂² = λ_max(S_p).
-
-    Args:
-      objective: the model and a loss with ``output_hessian`` (``objective.LOSSES``).
-      params: the parameters.
-      batch: the examples (floating-point inputs).
-      chunk_size: examples per chunk (memory ``chunk_size · K · D``).
-
-    Returns:
-      :class:`CurvatureTerms`.
-    """
-    checks.check_params(params)
-    checks.num_examples(batch)
-
-    def one(example):
-        x, y = example
-        flat_x, unravel = ravel_pytree(x)
-        if not jnp.issubdtype(flat_x.dtype, jnp.floating):
-            raise TypeError(f"input Jacobians need floating-point inputs, got {flat_x.dtype}")
-
-        def g(z):
-            return objective.predict(params, unravel(z))
-
-        f = g(flat_x)
-        jac = (jax.jacfwd if flat_x.size <= f.size else jax.jacrev)(g)(flat_x)
-        lam = objective.loss.output_hessian(f, y)
-        w, v = jnp.linalg.eigh(0.5 * (lam + lam.T))
-        root = (v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]) @ v.T
-        s = jac @ jac.T
-        m = root @ s @ root
-        return (
-            w[-1],
-            jnp.linalg.eigvalsh(0.5 * (m + m.T))[-1],
-            jnp.linalg.eigvalsh(0.5 * (s + s.T))[-1],
-        )
-
-    out = map_examples(one, (batch.inputs, batch.targets), chunk_size=chunk_size)
-    return CurvatureTerms(*out)
-
-
-def _measure_curvature(ctx: training.MeasureContext) -> dict[str, Any]:
-    """Mean and max over the measurement batch of ‖Λ_p‖₂ and κ_p = ‖J_pᵀ Λ_p J_p‖₂."""
-
-    def terms(params, batch):
-        t = curvature_terms(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
-        return {
-            "output_curvature_mean": jnp.mean(t.output_curvature),
-            "output_curvature_max": jnp.max(t.output_curvature),
-            "input_gauss_newton_mean": jnp.mean(t.input_gauss_newton),
-            "input_gauss_newton_max": jnp.max(t.input_gauss_newton),
-        }
-
-    return ctx.jit(terms)(ctx.params, ctx.batch)
-
-
-def _measure_unsmoothed_loss(ctx: training.MeasureContext) -> dict[str, Any]:
-    """Train and test loss L = (1/n) Σ_p ℓ_p of the run's loss without label smoothing."""
-    if not ctx.config.loss.label_smoothing:
-        return {
-            "unsmoothed_train_loss": ctx.evaluate("train")["loss"],
-            "unsmoothed_test_loss": ctx.evaluate("test")["loss"],
-        }
-    plain = Objective(ctx.objective.predict, get_loss(ctx.config.loss.name))
-
-    def mean_loss(params, batch):
-        return operators.loss_value(plain, params, batch, chunk_size=ctx.chunk_size)
-
-    fn = ctx.jit(mean_loss)
-    return {
-        "unsmoothed_train_loss": fn(ctx.params, ctx.train),
-        "unsmoothed_test_loss": fn(ctx.params, ctx.test),
-    }
-
-
-for _name, _fn in (
-    ("progressive_sharpening_curvature", _measure_curvature),
-    ("progressive_sharpening_unsmoothed_loss", _measure_unsmoothed_loss),
-):
-    if _name not in training.MEASUREMENTS:
-        training.register_measurement(_name, _fn)
 
 
 # ================================================================================ analysis
@@ -244,8 +93,7 @@ def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _data_sizes(base: ml_collections.ConfigDict) -> tuple[int, int]:
     """(n, D): training examples and input dimension of the base config's data."""
-    options = {k: v for k, v in base.dataset.to_dict().items() if k not in ("name", "dtype")}
-    dataset = data.load_dataset(base.dataset.name, dtype=base.dtype, **options)
+    dataset = problem_from_config(base).dataset
     n = checks.num_examples(dataset.train)
     return n, int(np.prod(np.shape(dataset.train.inputs)[1:]))
 
@@ -361,7 +209,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     _validate(config)
     n, input_dim = _data_sizes(config.base)
     dimension = input_dim if config.bound_dimension is None else int(config.bound_dimension)
@@ -371,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
         for seed in config.seeds:
             name = _run_name(variant, seed, config.seeds)
             cfg = _run_config(config, overrides.to_dict(), seed, n)
-            result = common.train_run(workdir, name, cfg)
+            result = common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
             if result.status == "diverged":
                 raise RuntimeError(f"run {name} diverged at step {result.step}; lower its η")
             cols = common.columns(workdir, name)

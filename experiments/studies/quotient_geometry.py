@@ -6,13 +6,15 @@ gradient descent conserves Q_i = k‖a_i‖² − ‖w_i‖² − b_i² up to a 
 
 Shallow ReLU nets (k = 1) and quadratic nets (k = 2) on teacher–student regression with
 ½‖f − y‖² and n·K < P (see ``experiments/configs/quotient_geometry.py`` for the two setups).
-The study's measurement (``quotient_geometry``, registered on import) runs inside the training
-loop and records, at every measurement step, the dense spectra of H = ∇²L (ambient), of BᵀHB
-(B an orthonormal basis of the Euclidean horizontal space W = V^⊥: reduced) and, on the regular
-set, the generalised spectrum of (BᵀHB, BᵀGB) with G = JᵀJ/n (the quotient curvature; W of the
+The study's measurement (``quotient_geometry``, a built-in measurement of the library,
+``sharpness_jax.quotient_summary``) runs inside the training loop and records, at every
+measurement step, the dense spectra of H = ∇²L (ambient), of BᵀHB (B an orthonormal basis
+of the Euclidean horizontal space W = V^⊥: reduced) and, on the regular set, the generalised
+spectrum of (BᵀHB, BᵀGB) with G = JᵀJ/n (the quotient curvature; W of the
 ``scale_invariant`` metric, under which it is invariant at every regular point), together with
 the conserved quantities, the parameters, and the split of the step the optimizer takes next
-into horizontal and vertical parts (``quotient.decompose_update``). Checks, per model:
+into horizontal and vertical parts (``quotient.decompose_update``; the update and the batch
+are those of the training step, ``MeasureContext.update``). Checks, per model:
 
 * ambient flatness moves along the orbit: max/min of λ_max(H) over c ∈ [0.1, 10] ≥ 10, at the
   last regular point of the regular-setup run;
@@ -31,7 +33,6 @@ into horizontal and vertical parts (``quotient.decompose_update``). Checks, per 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.configs.quotient_geometry import MEASUREMENT
 from experiments.studies import common
-from sharpness_jax import data, models, operators, quotient, records, training
-from sharpness_jax.objective import Batch, get_loss
+from sharpness_jax import data, models, quotient, records
+from sharpness_jax.objective import Batch
+from sharpness_jax.quotient_summary import point_summary, shallow_activation
 from sharpness_jax.shallow import HOMOGENEITY
 
 NAME = "quotient_geometry"
@@ -62,32 +64,10 @@ __all__ = [
     "relative_change",
     "relative_drift",
     "run",
-    "shallow_activation",
-    "step_weights",
 ]
 
 
 # ================================================================ pure helpers
-
-
-def shallow_activation(model: Mapping[str, Any]) -> str:
-    """The activation of a ``shallow`` or ``quadratic`` model config (``sharpness_jax.models``).
-
-    Raises:
-      ValueError: for another model, or an activation without rescaling symmetry.
-    """
-    name = model["name"]
-    if name == "quadratic":
-        return "quadratic"
-    if name != "shallow":
-        raise ValueError(f"the quotient geometry needs a shallow or quadratic model, got {name!r}")
-    activation = model.get("activation") or "relu"  # the zoo's default for "shallow"
-    if HOMOGENEITY.get(activation) is None:
-        raise ValueError(
-            f"activation {activation!r} has no continuous rescaling symmetry; use one of "
-            f"{sorted(a for a, k in HOMOGENEITY.items() if k is not None)}"
-        )
-    return activation
 
 
 def relative_change(values: np.ndarray, reference: np.ndarray) -> float:
@@ -136,192 +116,6 @@ def flatten_overrides(nested: Mapping[str, Any], prefix: str = "") -> dict[str, 
         else:
             flat[path] = value
     return flat
-
-
-# ================================================================ the measurement
-
-
-def _rms(outputs: jax.Array) -> jax.Array:
-    """(1/n Σ_p ‖o_p‖²)^{1/2} of per-example outputs (n, K)."""
-    return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(outputs), axis=-1)))
-
-
-def _tree_norm(tree) -> jax.Array:
-    return jnp.linalg.norm(ravel_pytree(tree)[0])
-
-
-@functools.partial(jax.jit, static_argnames=("activation", "loss_name", "generalised", "split"))
-def _quotient_measures(
-    params,
-    batch: Batch,
-    step_weights: jax.Array,
-    learning_rate: jax.Array,
-    weight_decay: jax.Array,
-    zero_rtol: jax.Array,
-    *,
-    activation: str,
-    loss_name: str,
-    generalised: bool,
-    split: bool,
-) -> dict[str, jax.Array]:
-    """Everything the study records at one point θ (see the module docstring).
-
-    H = ∇²L with L the MEAN loss over ``batch``; near-zero eigenvalues are counted with the
-    same threshold zero_rtol · max|λ(H)| for the ambient and the reduced spectrum. With
-    ``split``, the step is δ = −η(∇L_B(θ) + λθ) with L_B = Σ_p ω_p ℓ_p (``step_weights`` ω:
-    the multiplicity of example p in the mini-batch over its size; 1/n for the full batch),
-    split with the Euclidean metric; the plain gradient step −η∇L_B(θ) is split with the
-    ``scale_invariant`` metric. Predictor changes are RMS over ``batch``'s inputs.
-    """
-    objective = quotient.shallow_objective(get_loss(loss_name), activation=activation)
-    grad = operators.gradient(objective, params, batch)
-    eu = quotient.quotient_spectra(
-        objective, params, batch, activation=activation, metric="euclidean"
-    )
-    tol = zero_rtol * jnp.max(jnp.abs(eu.ambient))
-    reg = quotient.regularity(params, batch.inputs, activation=activation)
-    sv = reg.singular_values
-    out = {
-        "quotient_params": ravel_pytree(params)[0],
-        "quotient_conserved": quotient.conserved_quantities(params, activation=activation),
-        "quotient_gradient_norm": _tree_norm(grad),
-        "quotient_ambient": eu.ambient,
-        "quotient_reduced": eu.reduced,
-        "quotient_lambda_max": eu.ambient[0],
-        "quotient_reduced_lambda_max": eu.reduced[0],
-        "quotient_ambient_zeros": jnp.sum((jnp.abs(eu.ambient) <= tol).astype(jnp.int32)),
-        "quotient_reduced_zeros": jnp.sum((jnp.abs(eu.reduced) <= tol).astype(jnp.int32)),
-        "quotient_rank": reg.rank,
-        "quotient_expected_rank": reg.expected_rank,
-        "quotient_regular": reg.is_regular.astype(jnp.int32),
-        "quotient_jacobian_condition": sv[0] / sv[jnp.minimum(reg.expected_rank, sv.size) - 1],
-    }
-    if generalised:
-        si = quotient.quotient_spectra(
-            objective, params, batch, activation=activation, metric="scale_invariant"
-        )
-        out.update(
-            quotient_generalised=si.generalised,
-            quotient_generalised_lambda_max=si.generalised[0],
-            quotient_generalised_euclidean=eu.generalised,
-            quotient_generalised_euclidean_lambda_max=eu.generalised[0],
-        )
-    if split:
-        step_grad = jax.grad(lambda p: jnp.sum(step_weights * objective.batch_losses(p, batch)))(
-            params
-        )
-        with_decay = jax.tree.map(
-            lambda g, p: -learning_rate * (g + weight_decay * p), step_grad, params
-        )
-        plain = jax.tree.map(lambda g: -learning_rate * g, step_grad)
-        for prefix, delta, metric in (
-            ("split", with_decay, "euclidean"),
-            ("split_si", plain, "scale_invariant"),
-        ):
-            parts = quotient.decompose_update(
-                params, delta, batch.inputs, activation=activation, metric=metric
-            )
-            out.update(
-                {
-                    f"{prefix}_step_norm": _tree_norm(delta),
-                    f"{prefix}_horizontal_norm": _tree_norm(parts.horizontal),
-                    f"{prefix}_vertical_norm": _tree_norm(parts.vertical),
-                    f"{prefix}_jvp_horizontal": _rms(parts.first_order_horizontal),
-                    f"{prefix}_jvp_vertical": _rms(parts.first_order_vertical),
-                    f"{prefix}_change_horizontal": _rms(parts.change_horizontal),
-                    f"{prefix}_change_vertical": _rms(parts.change_vertical),
-                    f"{prefix}_change_total": _rms(parts.change_total),
-                }
-            )
-    return out
-
-
-def step_weights(indices: np.ndarray, num_examples: int) -> np.ndarray:
-    """ω_p = (multiplicity of p in the mini-batch) / B, so that L_B = Σ_p ω_p ℓ_p."""
-    indices = np.asarray(indices)
-    return np.bincount(indices, minlength=num_examples) / indices.size
-
-
-def _check_step_rule(config) -> None:
-    """The split reproduces the step θ ← θ − η(∇L_B + λθ): plain GD/SGD, constant η."""
-    o = config.optimizer
-    if o.name not in ("gd", "sgd") or o.schedule != "constant" or o.warmup_steps:
-        raise ValueError(
-            f"{MEASUREMENT}: split=True reproduces the step of plain GD/SGD with a constant "
-            f"learning rate; got optimizer {o.name!r}, schedule {o.schedule!r}, warmup "
-            f"{o.warmup_steps}"
-        )
-
-
-def _measure(ctx: training.MeasureContext) -> dict[str, Any]:
-    """The ``quotient_geometry`` measurement, on the measurement batch (the training set).
-
-    Metrics row: ``quotient_lambda_max`` (λ_max(H)), ``quotient_reduced_lambda_max``
-    (λ_max(BᵀHB), Euclidean W), ``quotient_ambient_zeros`` / ``quotient_reduced_zeros``
-    (#|λ| ≤ zero_rtol·max|λ(H)|), ``quotient_gradient_norm``, ``quotient_rank`` /
-    ``quotient_expected_rank`` / ``quotient_regular`` / ``quotient_jacobian_condition``
-    (``quotient.regularity``); with ``generalised``: ``quotient_generalised_lambda_max`` (top
-    eigenvalue of BᵀHB y = λ BᵀGB y, scale-invariant W) and its Euclidean-W counterpart; with
-    ``split`` (plain GD/SGD with a constant η only): ``split_*`` (Euclidean split of
-    δ = −η(∇L_B + λθ)) and ``split_si_*`` (scale-invariant split of −η∇L_B), each with
-    ``step_norm``, ``horizontal_norm``, ``vertical_norm`` (‖·‖₂ of δ, δ_h, δ_v),
-    ``jvp_horizontal`` / ``jvp_vertical`` (RMS of J δ_h, J δ_v over the inputs) and
-    ``change_horizontal`` / ``change_vertical`` / ``change_total`` (RMS of the exact output
-    changes). B_s is the batch the sampler gives training at this step, so δ is the update
-    training applies next. Arrays: ``quotient_params`` (ravelled θ), ``quotient_conserved``
-    (Q_i), ``quotient_ambient``, ``quotient_reduced`` and, with ``generalised``,
-    ``quotient_generalised`` and ``quotient_generalised_euclidean`` (descending spectra).
-    """
-    opts, c = ctx.options, ctx.config
-    activation = shallow_activation(c.model)
-    dtype = jax.tree.leaves(ctx.params)[0].dtype
-    n = ctx.info.num_train
-    if opts["split"]:
-        _check_step_rule(c)
-        sampler = data.Sampler(n, ctx.info.batch_size, replace=c.replace, seed=c.seed)
-        weights = step_weights(sampler.indices(ctx.step), n)
-        lr, wd = c.optimizer.learning_rate, c.optimizer.weight_decay
-    else:
-        weights, lr, wd = np.full(n, 1.0 / n), 0.0, 0.0
-    return _quotient_measures(
-        ctx.params,
-        Batch(*ctx.batch),
-        jnp.asarray(weights, dtype),
-        jnp.asarray(lr, dtype),
-        jnp.asarray(wd, dtype),
-        jnp.asarray(opts["zero_rtol"], dtype),
-        activation=activation,
-        loss_name=c.loss.name,
-        generalised=bool(opts["generalised"]),
-        split=bool(opts["split"]),
-    )
-
-
-def _check_measure(options: Mapping[str, Any], info: training.RunInfo) -> None:
-    for key in ("generalised", "split"):
-        if not isinstance(options[key], bool):
-            raise ValueError(f"{MEASUREMENT}: {key} must be a bool, got {options[key]!r}")
-    if not options["zero_rtol"] > 0:
-        raise ValueError(f"{MEASUREMENT}: zero_rtol must be positive, got {options['zero_rtol']}")
-    if info.num_params > info.exact_param_limit:
-        raise ValueError(
-            f"{MEASUREMENT}: builds dense P × P Hessians, P={info.num_params:,} exceeds "
-            f"measure.exact_param_limit={info.exact_param_limit:,}"
-        )
-    if options["split"] and info.num_measure != info.num_train:
-        raise ValueError(
-            f"{MEASUREMENT}: split=True needs the whole training set as the measurement batch "
-            f"(measure_subset=None), got {info.num_measure} of {info.num_train} examples"
-        )
-
-
-training.register_measurement(
-    MEASUREMENT,
-    _measure,
-    defaults={"generalised": False, "split": False, "zero_rtol": 1e-6},
-    check=_check_measure,
-    overwrite=True,
-)
 
 
 # ================================================================ runs and analyses
@@ -395,16 +189,16 @@ def _point(params, batch, rtol, *, activation, loss_name, generalised):
     """The spectra at θ, with the compiled program of the measurement of the same setup
     (underdetermined runs: ``split``; regular runs: ``generalised``)."""
     dtype = jax.tree.leaves(params)[0].dtype
-    n = batch.inputs.shape[0]
     device = next(iter(jnp.zeros(()).devices()))
-    # Placed like the measurement's arguments (committed params and data, uncommitted
-    # scalars), so that the compiled program is reused.
+    # Placed like the measurement's arguments (committed params, data and step, uncommitted
+    # scalars), so that the compiled program is reused; no step is split here.
     params, batch = jax.device_put((params, batch), device)
-    out = _quotient_measures(
+    zeros = jax.device_put(jax.tree.map(jnp.zeros_like, params), device)
+    out = point_summary(
         params,
         batch,
-        jnp.full((n,), 1.0 / n, dtype),
-        jnp.zeros((), dtype),
+        zeros,
+        zeros,
         jnp.zeros((), dtype),
         jnp.asarray(rtol, dtype),
         activation=activation,
@@ -481,7 +275,9 @@ def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:
     return out
 
 
-def _gd_runs(config, workdir: Path, model: str, setup) -> dict[float, tuple[str, Any]]:
+def _gd_runs(
+    config, workdir: Path, model: str, setup, *, mesh=None, cache=None
+) -> dict[float, tuple[str, Any]]:
     """GD at η₀·f for each f, all for the same time η·steps; {η: (run name, run config)}."""
     runs = {}
     lr0, steps0 = setup.optimizer.learning_rate, setup.max_steps
@@ -500,12 +296,12 @@ def _gd_runs(config, workdir: Path, model: str, setup) -> dict[float, tuple[str,
             },
         )
         name = f"{model}_gd_lr{lr:g}"
-        common.train_run(workdir, name, cfg)
+        common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
         runs[lr] = (name, cfg)
     return runs
 
 
-def _sgd_run(config, workdir: Path, model: str, setup, lr0: float) -> str:
+def _sgd_run(config, workdir: Path, model: str, setup, lr0: float, *, mesh=None, cache=None) -> str:
     """SGD with weight decay on the underdetermined setup; its steps are split."""
     sgd, steps = config.sgd, int(config.sgd.max_steps)
     cfg = _run_config(
@@ -523,11 +319,13 @@ def _sgd_run(config, workdir: Path, model: str, setup, lr0: float) -> str:
         },
     )
     name = f"{model}_sgd_wd{sgd.weight_decay:g}"
-    common.train_run(workdir, name, cfg)
+    common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
     return name
 
 
-def _regular_run(config, workdir: Path, model: str, setup) -> tuple[str, Any]:
+def _regular_run(
+    config, workdir: Path, model: str, setup, *, mesh=None, cache=None
+) -> tuple[str, Any]:
     """GD on the regular setup, with the quotient curvature at every measurement."""
     steps = int(setup.max_steps)
     cfg = _run_config(
@@ -541,7 +339,7 @@ def _regular_run(config, workdir: Path, model: str, setup) -> tuple[str, Any]:
         },
     )
     name = f"{model}_regular_gd"
-    common.train_run(workdir, name, cfg)
+    common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
     return name, cfg
 
 
@@ -575,11 +373,13 @@ def _split_summary(split: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nd
     return out
 
 
-def _model_study(config, workdir: Path, model: str, setups) -> tuple[list, dict, dict]:
+def _model_study(
+    config, workdir: Path, model: str, setups, *, mesh=None, cache=None
+) -> tuple[list, dict, dict]:
     under = setups.underdetermined
 
     # Underdetermined: GD at several η (interpolating minimum, conservation), SGD split.
-    gd = _gd_runs(config, workdir, model, under)
+    gd = _gd_runs(config, workdir, model, under, mesh=mesh, cache=cache)
     lr0 = max(gd)
     name0, cfg0 = gd[lr0]
     activation, k, unravel, _, sizes_u = _problem(cfg0)
@@ -594,12 +394,12 @@ def _model_study(config, workdir: Path, model: str, setups) -> tuple[list, dict,
         ),
     )
     conservation = _conservation(workdir, gd, k)
-    sgd_name = _sgd_run(config, workdir, model, under, lr0)
+    sgd_name = _sgd_run(config, workdir, model, under, lr0, mesh=mesh, cache=cache)
     split = common.columns(workdir, sgd_name)
     split_summary = _split_summary(split)
 
     # Regular: the quotient curvature along the orbit of the last regular point.
-    reg_name, reg_cfg = _regular_run(config, workdir, model, setups.regular)
+    reg_name, reg_cfg = _regular_run(config, workdir, model, setups.regular, mesh=mesh, cache=cache)
     reg_rows = _rows(workdir, reg_name)
     regular_rows = [r for r in reg_rows if r.get("quotient_regular") == 1]
     point_row = (regular_rows or reg_rows)[-1]
@@ -768,7 +568,7 @@ def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
     return checks
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path):
+def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     """Runs the study (float64 throughout); returns (checks, results, figures)."""
     workdir = Path(workdir)
     with jax.enable_x64(True):
@@ -779,7 +579,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
                 f"{tuple(config.models)}"
             )
         for model in config.model_names:
-            c, r, p = _model_study(config, workdir, model, config.models[model])
+            c, r, p = _model_study(
+                config, workdir, model, config.models[model], mesh=mesh, cache=cache
+            )
             checks += c
             results[model] = r
             plot_data[model] = p

@@ -1,0 +1,233 @@
+"""The compiled programs of the training loop, and the cache that holds them.
+
+A :class:`CompileCache` belongs to its caller: ``training.train(config, cache=cache)`` (and
+``training.measure``) look up the :class:`Programs` of the config's setup (model, loss,
+dtype, chunk size and data shapes) in it, and runs that share a setup and a cache (other
+seeds, a resumed or repeated run, another optimizer) reuse the compiled train step,
+evaluation and measurements: a repeated run compiles nothing again. Without a cache each call
+starts a fresh one. A study holds one cache for all its sub-runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sharpness_jax import checks, records
+from sharpness_jax.objective import Batch, Objective
+from sharpness_jax.optim import make_optimizer
+from sharpness_jax.per_example import sum_over_chunks
+from sharpness_jax.problem import Problem
+
+PyTree = Any
+
+__all__ = ["CompileCache", "Programs", "Runtime"]
+
+
+def _loss_and_grad(objective: Objective, params: PyTree, batch: Batch, chunk_size: int | None):
+    """(L_B(θ), ∇L_B(θ)) with L_B = (1/|B|) Σ_{p∈B} ℓ_p, chunked over examples."""
+    n = checks.num_examples(batch)
+
+    def chunk_fn(chunk, mask, index):
+        del index
+
+        def total(p):
+            return jnp.sum(jnp.where(mask, objective.batch_losses(p, Batch(*chunk)), 0))
+
+        return jax.value_and_grad(total)(params)
+
+    loss, grad = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    return loss / n, jax.tree.map(lambda g: g / n, grad)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def _update_fn(objective: Objective, tx: optax.GradientTransformation, chunk_size: int | None):
+    """(θ, opt_state, data, idx) -> (L_B(θ), ∇L_B(θ), update, opt_state'): one step's update,
+    B the rows ``idx`` of ``data`` (None: all of them)."""
+
+    def update(params, opt_state, batch_data, idx):
+        batch = batch_data if idx is None else jax.tree.map(lambda a: a[idx], batch_data)
+        loss, grads = _loss_and_grad(objective, params, batch, chunk_size)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return loss, grads, updates, new_opt_state
+
+    return update
+
+
+class Programs:
+    """The jitted functions of one setup: model, loss, dtype, chunk size and data shapes.
+
+    Runs that share a setup (other seeds, a resumed or repeated run, another optimizer) reuse
+    them: a repeated run compiles nothing again.
+    """
+
+    def __init__(self, model, objective, chunk_size, integer_labels):
+        self.model = model
+        self.objective = objective
+        self.chunk_size = chunk_size
+        self.integer_labels = integer_labels
+        self.compiled: dict[tuple[str, str, Any], Callable] = {}
+        self.optimizers: dict[str, optax.GradientTransformation] = {}
+        self.traces: Counter[str] = Counter()
+
+    def jit(
+        self, scope: str, name: str, fn: Callable, *, owner: Any = None, **jit_kwargs
+    ) -> Callable:
+        """``jax.jit(fn)`` created once per (scope, name, owner); traces counted under ``name``.
+
+        ``owner`` is the registered measurement function, so that re-registering a name
+        compiles the new function instead of reusing the old one.
+        """
+        key = (scope, name, owner)
+        if key not in self.compiled:
+
+            def counted(*args, **kwargs):
+                self.traces[name] += 1
+                return fn(*args, **kwargs)
+
+            counted.__name__ = counted.__qualname__ = name.replace("/", "_")
+            self.compiled[key] = jax.jit(counted, **jit_kwargs)
+        return self.compiled[key]
+
+    def optimizer(self, c: ml_collections.ConfigDict) -> tuple[str, optax.GradientTransformation]:
+        """The optax transformation of ``c.optimizer`` and its cache key."""
+        key = json.dumps(records.encode_value(c.optimizer.to_dict()), sort_keys=True)
+        if key not in self.optimizers:
+            self.optimizers[key] = make_optimizer(c)
+        return key, self.optimizers[key]
+
+    def train_step(self, c: ml_collections.ConfigDict) -> Callable:
+        """(θ, opt_state, data, idx, limit) -> (θ', opt_state', L_B(θ)); θ' = θ if diverged."""
+        key, tx = self.optimizer(c)
+        update = _update_fn(self.objective, tx, self.chunk_size)
+
+        def train_step(params, opt_state, batch_data, idx, limit):
+            loss, _, updates, new_opt_state = update(params, opt_state, batch_data, idx)
+            new_params = optax.apply_updates(params, updates)
+            ok = jnp.isfinite(loss) & (loss <= limit) & _all_finite(new_params)
+            keep = lambda new, old: jnp.where(ok, new, old)
+            return (
+                jax.tree.map(keep, new_params, params),
+                jax.tree.map(keep, new_opt_state, opt_state),
+                loss,
+            )
+
+        return self.jit(key, "train_step", train_step, donate_argnums=(0, 1))
+
+    def step_update(self, c: ml_collections.ConfigDict) -> Callable:
+        """(θ, opt_state, data, idx) -> (L_B(θ), ∇L_B(θ), update): the update of the train
+        step, without applying it (for measurements; nothing donated)."""
+        key, tx = self.optimizer(c)
+        update = _update_fn(self.objective, tx, self.chunk_size)
+
+        def step_update(params, opt_state, batch_data, idx):
+            return update(params, opt_state, batch_data, idx)[:3]
+
+        return self.jit(key, "step_update", step_update)
+
+    def evaluate(self) -> Callable:
+        """(θ, batch) -> (Σ_p ℓ_p(θ), number of correct argmax predictions)."""
+        objective, chunk_size, labels = self.objective, self.chunk_size, self.integer_labels
+
+        def evaluate(params, batch):
+            def chunk_fn(chunk, mask, index):
+                del index
+                chunk = Batch(*chunk)
+                outputs = objective.batch_outputs(params, chunk.inputs)
+                losses = jax.vmap(objective.loss)(outputs, chunk.targets)
+                total = jnp.sum(jnp.where(mask, losses, 0))
+                if not labels:
+                    return total, jnp.zeros((), jnp.int32)
+                predicted = jnp.argmax(outputs, axis=-1).astype(chunk.targets.dtype)
+                hit = (predicted == chunk.targets) & mask
+                return total, jnp.sum(hit.astype(jnp.int32))
+
+            return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+
+        return self.jit("", "evaluate", evaluate)
+
+
+class CompileCache:
+    """The :class:`Programs` of the last few setups, owned by the caller of ``train``.
+
+    Args:
+      max_setups: how many setups to keep (the oldest is dropped first).
+    """
+
+    def __init__(self, max_setups: int = 4):
+        self.max_setups = max_setups
+        self.setups: dict[str, Programs] = {}
+
+    def programs(self, c: ml_collections.ConfigDict, problem: Problem, labels: bool) -> Programs:
+        """The programs of the setup of config ``c`` on ``problem``'s data (built on a miss
+        from ``problem``'s model and objective)."""
+        setup = {
+            "model": c.model.to_dict(),
+            "loss": c.loss.to_dict(),
+            "dtype": c.dtype,
+            "chunk_size": c.chunk_size,
+            "input_shape": list(np.shape(problem.dataset.train.inputs)[1:]),
+            "num_outputs": problem.dataset.num_classes,
+            "integer_labels": labels,
+        }
+        key = json.dumps(records.encode_value(setup), sort_keys=True)
+        if key not in self.setups:
+            programs = Programs(problem.model, problem.objective, c.chunk_size, labels)
+            while len(self.setups) >= self.max_setups:
+                self.setups.pop(next(iter(self.setups)))
+            self.setups[key] = programs
+        return self.setups[key]
+
+
+class Runtime:
+    """One run's view of its programs: the measurement scope and the per-step memos."""
+
+    def __init__(self, programs: Programs, scope: str, config: ml_collections.ConfigDict):
+        self.programs = programs
+        self.scope = scope
+        self.config = config
+        self.memo: dict[tuple[int, str], dict[str, float]] = {}
+        self.updates: dict[int, tuple[jax.Array, PyTree, PyTree]] = {}
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.programs.chunk_size
+
+    def jit(self, name: str, fn: Callable, *, owner: Any = None, **jit_kwargs) -> Callable:
+        return self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
+
+    def evaluate(self, params: PyTree, batch: Batch, step: int, split: str) -> dict[str, float]:
+        """Full-split mean loss and accuracy at ``step``, computed once per (step, split)."""
+        memo_key = (step, split)
+        if memo_key not in self.memo:
+            n = checks.num_examples(batch)
+            total, correct = self.programs.evaluate()(params, batch)
+            if any(s != step for s, _ in self.memo):
+                self.memo.clear()
+            self.memo[memo_key] = {
+                "loss": float(total) / n,
+                "accuracy": float(correct) / n if self.programs.integer_labels else math.nan,
+            }
+        return self.memo[memo_key]
+
+    def step_update(
+        self, params: PyTree, opt_state: PyTree, train: Batch, idx, step: int
+    ) -> tuple[jax.Array, PyTree, PyTree]:
+        """(L_B(θ_s), ∇L_B(θ_s), u_s) of the train step at ``step``, computed once per step."""
+        if step not in self.updates:
+            self.updates.clear()
+            fn = self.programs.step_update(self.config)
+            self.updates[step] = fn(params, opt_state, train, idx)
+        return self.updates[step]
