@@ -28,7 +28,7 @@ def test_the_problem_is_what_training_trains_and_measures():
     assert problem.dataset.train.inputs.dtype == np.float64
     params = problem.model.init(jax.random.fold_in(jax.random.PRNGKey(c.seed), 1))
     shapes = sorted(leaf.shape for leaf in jax.tree.leaves(params))
-    assert shapes == [(3,), (5,), (3, 5), (5, 3)]  # the config's widths and the data's sizes
+    assert shapes == [(3,), (3, 5), (5,), (5, 3)]  # the config's widths and the data's sizes
     assert all(leaf.dtype == np.float64 for leaf in jax.tree.leaves(params))
     train_batch = Batch(*problem.dataset.train)
     loss = float(operators.loss_value(problem.objective, params, train_batch))
