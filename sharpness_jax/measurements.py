@@ -215,10 +215,11 @@ class MeasureContext:
     def jit(self, fn: Callable, *, name: str = "", **jit_kwargs) -> Callable:
         """``jax.jit(fn)``, created once per measurement (and ``name``) and reused.
 
-        The first call's ``fn`` is kept and reused at every step and by later runs whose
-        configs differ only in the seed or the stop rules: it may close over the objective,
-        the options and the config, but must take everything that changes between steps or
-        seeds (params, batch, key, state) as arguments. Use ``name`` for a second function.
+        The first call's ``fn`` is kept and reused at every step and by later runs with the
+        same compile cache whose configs differ only in the seed or the stop rules: it may
+        close over the objective, the options and the config, but must take everything that
+        changes between steps or seeds (params, batch, key, state) as arguments. Use ``name``
+        for a second function.
         """
         label = f"{self.name}/{name}" if name else self.name
         return self._runtime.jit(label, fn, owner=MEASUREMENTS[self.name].fn, **jit_kwargs)
