@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from sharpness_jax import fisher_geometry, jacobian, linalg, noise, operators, sharpness
+from sharpness_jax import jacobian, linalg, noise, operators, riemannian, sharpness
 from sharpness_jax.training import MeasureContext, RunInfo, register_measurement
 
 __all__: list[str] = []
@@ -292,12 +292,12 @@ def _check_riemannian(options: Mapping[str, Any], info: RunInfo) -> None:
     check=_check_riemannian,
 )
 def _riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
-    """Σ_i H_ii/(F_ii + ε) with the diagonal empirical Fisher (see fisher_geometry)."""
+    """Σ_i H_ii/(F_ii + ε) with the diagonal empirical Fisher (see riemannian)."""
     opts = ctx.options
 
     def estimate(params, batch, key):
         use_key = None if opts["num_probes"] is None else key
-        return fisher_geometry.diagonal_riemannian_sharpness(
+        return riemannian.diagonal_riemannian_sharpness(
             ctx.objective,
             params,
             batch,

@@ -44,7 +44,16 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.configs.quotient_geometry import MEASUREMENT
 from experiments.studies import common
-from sharpness_jax import data, models, operators, quotient, records, training
+from sharpness_jax import (
+    data,
+    models,
+    operators,
+    quotient,
+    quotient_spectra,
+    records,
+    symmetries,
+    training,
+)
 from sharpness_jax.objective import Batch, get_loss
 from sharpness_jax.shallow import HOMOGENEITY
 
@@ -173,13 +182,13 @@ def _quotient_measures(
     split with the Euclidean metric; the plain gradient step −η∇L_B(θ) is split with the
     ``scale_invariant`` metric. Predictor changes are RMS over ``batch``'s inputs.
     """
-    objective = quotient.shallow_objective(get_loss(loss_name), activation=activation)
+    objective = quotient_spectra.shallow_objective(get_loss(loss_name), activation=activation)
     grad = operators.gradient(objective, params, batch)
-    eu = quotient.quotient_spectra(
+    eu = quotient_spectra.quotient_spectra(
         objective, params, batch, activation=activation, metric="euclidean"
     )
     tol = zero_rtol * jnp.max(jnp.abs(eu.ambient))
-    reg = quotient.regularity(params, batch.inputs, activation=activation)
+    reg = quotient_spectra.regularity(params, batch.inputs, activation=activation)
     sv = reg.singular_values
     out = {
         "quotient_params": ravel_pytree(params)[0],
@@ -197,7 +206,7 @@ def _quotient_measures(
         "quotient_jacobian_condition": sv[0] / sv[jnp.minimum(reg.expected_rank, sv.size) - 1],
     }
     if generalised:
-        si = quotient.quotient_spectra(
+        si = quotient_spectra.quotient_spectra(
             objective, params, batch, activation=activation, metric="scale_invariant"
         )
         out.update(
@@ -260,8 +269,8 @@ def _measure(ctx: training.MeasureContext) -> dict[str, Any]:
     (λ_max(BᵀHB), Euclidean W), ``quotient_ambient_zeros`` / ``quotient_reduced_zeros``
     (#|λ| ≤ zero_rtol·max|λ(H)|), ``quotient_gradient_norm``, ``quotient_rank`` /
     ``quotient_expected_rank`` / ``quotient_regular`` / ``quotient_jacobian_condition``
-    (``quotient.regularity``); with ``generalised``: ``quotient_generalised_lambda_max`` (top
-    eigenvalue of BᵀHB y = λ BᵀGB y, scale-invariant W) and its Euclidean-W counterpart; with
+    (``quotient_spectra.regularity``); with ``generalised``: ``quotient_generalised_lambda_max``
+    (top eigenvalue of BᵀHB y = λ BᵀGB y, scale-invariant W) and its Euclidean-W counterpart; with
     ``split`` (plain GD/SGD with a constant η only): ``split_*`` (Euclidean split of
     δ = −η(∇L_B + λθ)) and ``split_si_*`` (scale-invariant split of −η∇L_B), each with
     ``step_norm``, ``horizontal_norm``, ``vertical_norm`` (‖·‖₂ of δ, δ_h, δ_v),
@@ -415,7 +424,7 @@ def _point(params, batch, rtol, *, activation, loss_name, generalised):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-_rescale = jax.jit(quotient.rescale_units, static_argnames="activation")
+_rescale = jax.jit(symmetries.rescale_units, static_argnames="activation")
 
 
 def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:
