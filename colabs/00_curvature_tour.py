@@ -78,7 +78,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import sharpness_jax as sj
-from sharpness_jax import data, fisher_geometry, linalg, models, noise
+from sharpness_jax import data, fisher_metrics, linalg, models, noise
 
 print("jax", jax.__version__, "on", jax.devices())
 
@@ -215,8 +215,8 @@ print(f"λ_max(E[h²]) = {lam_h2:.4g} ≥ λ_max(H)² = {lam_h**2:.4g}")
 # Exact traces and diagonals cost P operator products (`linalg.diagonal_exact`,
 # `linalg.trace_exact`), except where the structure gives a shortcut: diag C =
 # (1/n) Σ_p (g_p − ḡ)² from chunked per-example gradients (`noise.gradient_covariance_diagonal`;
-# likewise `fisher_geometry.empirical_fisher_diagonal` for F_emp), diag F from K
-# vector-Jacobian products per example (`fisher_geometry.fisher_diagonal`).
+# likewise `fisher_metrics.empirical_fisher_diagonal` for F_emp), diag F from K
+# vector-Jacobian products per example (`fisher_metrics.fisher_diagonal`).
 #
 # The stochastic estimators take an explicit key and probe budget and return an
 # `Estimate(value, stderr, num_probes)`: Hutchinson (1/m) Σ zᵀAz with Rademacher z (and
@@ -234,7 +234,7 @@ def traces_and_diagonals(params, key):
     return {
         "diag H": linalg.diagonal_exact(hvp, params, chunk_size=256),
         "diag C": noise.gradient_covariance_diagonal(objective, params, batch, chunk_size=CHUNK),
-        "diag F": fisher_geometry.fisher_diagonal(objective, params, batch, chunk_size=CHUNK),
+        "diag F": fisher_metrics.fisher_diagonal(objective, params, batch, chunk_size=CHUNK),
         "tr H Hutchinson": linalg.hutchinson_trace(hvp, params, key=k1, num_probes=NUM_PROBES),
         "tr H XTrace": linalg.xtrace(hvp, params, key=k2, num_probes=NUM_PROBES),
         "tr C Hutchinson": linalg.hutchinson_trace(cov, params, key=k3, num_probes=NUM_PROBES),

@@ -81,7 +81,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import sharpness_jax as sj
-from sharpness_jax import fisher_geometry, linalg, models
+from sharpness_jax import linalg, models, riemannian, symmetries
 
 # %% [markdown]
 # ## Training at several temperatures
@@ -152,13 +152,13 @@ sj.plots.curves(
 # %% [markdown]
 # ## Function-preserving rescalings
 #
-# `fisher_geometry.random_rescale_layers` multiplies layer l by α_l (Π α_l = 1) and
+# `symmetries.random_rescale_layers` multiplies layer l by α_l (Π α_l = 1) and
 # `random_rescale_units` rescales every hidden unit's incoming weights by c_j and its outgoing
 # weights by 1/c_j; for ReLU the network computes exactly the same function. We measure the
 # trained nets before and after, all in one compiled function on the full training set:
 #
 # * λ_max(H) (`sj.hessian_top_k`, Lanczos) and tr(H) (Hutchinson, ± standard error);
-# * Ŝ_R = Σ_i H_ii / F_ii exactly (`fisher_geometry.diagonal_riemannian_sharpness`): under
+# * Ŝ_R = Σ_i H_ii / F_ii exactly (`riemannian.diagonal_riemannian_sharpness`): under
 #   θ' = Tθ with T diagonal, H_ii → H_ii / T_ii² and F_ii → F_ii / T_ii², term by term;
 # * the damped Ŝ_R = Σ_i H_ii / (F_ii + ε), ε = 10⁻⁸, which is not invariant (ε does not scale
 #   with T) but does not let the coordinates with the tiniest F_ii dominate.
@@ -186,7 +186,7 @@ def measures(params, key):
         "λ_max(H)": sj.hessian_top_k(objective, params, batch, key=k1, chunk_size=CHUNK).values[0],
         "tr H": linalg.hutchinson_trace(hvp, params, key=k2, num_probes=NUM_PROBES),
         **{
-            name: fisher_geometry.diagonal_riemannian_sharpness(
+            name: riemannian.diagonal_riemannian_sharpness(
                 objective, params, batch, damping=eps, chunk_size=CHUNK, probe_chunk=BASIS_CHUNK
             ).value
             for name, eps in (("Ŝ_R", 0.0), ("Ŝ_R damped", DAMPING))
@@ -197,8 +197,8 @@ def measures(params, key):
 
 def rescale(params, key):
     k1, k2 = jax.random.split(key)
-    params = fisher_geometry.random_rescale_layers(k1, params, activation="relu", log_std=1.0)
-    return fisher_geometry.random_rescale_units(k2, params, activation="relu", log_std=1.0)
+    params = symmetries.random_rescale_layers(k1, params, activation="relu", log_std=1.0)
+    return symmetries.random_rescale_units(k2, params, activation="relu", log_std=1.0)
 
 
 key = jax.random.PRNGKey(0)

@@ -79,7 +79,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import sharpness_jax as sj
-from sharpness_jax import quotient
+from sharpness_jax import quotient, quotient_spectra, symmetries
 
 ACTIVATION = "relu"
 
@@ -154,17 +154,20 @@ for ax in axes:
 # %% [markdown]
 # ## Ambient, reduced and quotient spectra
 #
-# `quotient.regularity` checks that we are on the regular set (no zero or duplicated units,
-# rank J = P − m). `quotient.quotient_spectra` returns the dense spectra of the ambient Hessian
-# H (P values), of the reduced Hessian BᵀHB (P − m values, B an orthonormal basis of the
-# horizontal space) and the generalised eigenvalues of (BᵀHB, BᵀGB). With
+# `quotient_spectra.regularity` checks that we are on the regular set (no zero or duplicated
+# units, rank J = P − m). `quotient_spectra.quotient_spectra` returns the dense spectra of the
+# ambient Hessian H (P values), of the reduced Hessian BᵀHB (P − m values, B an orthonormal basis
+# of the horizontal space) and the generalised eigenvalues of (BᵀHB, BᵀGB). With
 # `metric="scale_invariant"` the horizontal space moves with the orbit, which makes the
-# generalised spectrum invariant at every regular point (see the `quotient` module docstring).
+# generalised spectrum invariant at every regular point (see the `quotient_spectra` module
+# docstring).
 
 # %%
 batch = sj.Batch(*sj.data.load_dataset(**config(LEARNING_RATE)["dataset"], dtype="float64").train)
-objective = quotient.shallow_objective(sj.get_loss("squared_error_half"), activation=ACTIVATION)
-reg = quotient.regularity(params, batch.inputs, activation=ACTIVATION)
+objective = quotient_spectra.shallow_objective(
+    sj.get_loss("squared_error_half"), activation=ACTIVATION
+)
+reg = quotient_spectra.regularity(params, batch.inputs, activation=ACTIVATION)
 print(
     f"regular: {bool(reg.is_regular)} (rank J = {int(reg.rank)}, P − m = {int(reg.expected_rank)})"
 )
@@ -172,7 +175,7 @@ print(
 
 @jax.jit
 def spectra(params):
-    return quotient.quotient_spectra(
+    return quotient_spectra.quotient_spectra(
         objective, params, batch, activation=ACTIVATION, metric="scale_invariant"
     )
 
@@ -197,7 +200,7 @@ fig = sj.plots.spectra(
 # %% [markdown]
 # ## Along an orbit
 #
-# Every unit rescaled by the same factor c ∈ [0.1, 10] (`quotient.rescale_units`): the
+# Every unit rescaled by the same factor c ∈ [0.1, 10] (`symmetries.rescale_units`): the
 # predictor does not change, λ_max of the ambient Hessian changes by orders of magnitude, the
 # quotient spectrum does not move.
 
@@ -206,7 +209,7 @@ factors = np.geomspace(0.1, 10.0, 3 if SMOKE else 9)
 outputs = jax.vmap(objective.predict, in_axes=(None, 0))(params, batch.inputs)
 rows = []
 for c in factors:
-    moved = quotient.rescale_units(params, jnp.full((WIDTH,), c), activation=ACTIVATION)
+    moved = symmetries.rescale_units(params, jnp.full((WIDTH,), c), activation=ACTIVATION)
     change = jnp.max(
         jnp.abs(jax.vmap(objective.predict, in_axes=(None, 0))(moved, batch.inputs) - outputs)
     )

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import optax
 
 from sharpness_jax import (
-    fisher_geometry,
     jacobian,
     linalg,
     noise,
     operators,
     quotient_summary,
+    riemannian,
     sharpness,
 )
 from sharpness_jax.checks import is_int as _is_int
@@ -440,12 +440,12 @@ def check_riemannian_sharpness(options: Mapping[str, Any], info: RunInfo) -> Non
 
 
 def measure_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
-    """Σ_i H_ii/(F_ii + ε) with the diagonal empirical Fisher (see fisher_geometry)."""
+    """Σ_i H_ii/(F_ii + ε) with the diagonal empirical Fisher (see riemannian)."""
     opts = ctx.options
 
     def estimate(params, batch, key):
         use_key = None if opts["num_probes"] is None else key
-        return fisher_geometry.diagonal_riemannian_sharpness(
+        return riemannian.diagonal_riemannian_sharpness(
             ctx.objective,
             params,
             batch,
@@ -523,8 +523,9 @@ def measure_quotient_geometry(ctx: MeasureContext) -> dict[str, Any]:
     (λ_max(BᵀHB), Euclidean W), ``quotient_ambient_zeros`` / ``quotient_reduced_zeros``
     (#|λ| ≤ zero_rtol·max|λ(H)|), ``quotient_gradient_norm``, ``quotient_rank`` /
     ``quotient_expected_rank`` / ``quotient_regular`` / ``quotient_jacobian_condition``
-    (``quotient.regularity``); with ``generalised``: ``quotient_generalised_lambda_max`` (top
-    eigenvalue of BᵀHB y = λ BᵀGB y, scale-invariant W) and its Euclidean-W counterpart; with
+    (``quotient_spectra.regularity``); with ``generalised``:
+    ``quotient_generalised_lambda_max`` (top eigenvalue of BᵀHB y = λ BᵀGB y, scale-invariant
+    W) and its Euclidean-W counterpart; with
     ``split`` (plain GD/SGD with a constant η only): ``split_*`` (Euclidean split of the update
     δ = −η(∇L_B + λθ) training applies at this step, ``ctx.update()``) and ``split_si_*``
     (scale-invariant split of −η∇L_B, the step's mini-batch gradient), each with

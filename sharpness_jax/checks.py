@@ -21,8 +21,11 @@ __all__ = [
     "check_chunk_size",
     "check_finite",
     "check_memory",
+    "check_nonnegative_scalar",
     "check_params",
+    "check_positive_scalar",
     "check_vector",
+    "concrete_value",
     "is_int",
     "is_number",
     "num_examples",
@@ -121,6 +124,40 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def concrete_value(x: Any) -> np.ndarray | None:
+    """The value of ``x`` as a NumPy array, or None under tracing (value checks are skipped)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_nonnegative_scalar(name: str, value: Any) -> None:
+    """``value`` is a finite scalar ≥ 0 (checked only when concrete).
+
+    Raises:
+      ValueError: naming ``name``.
+    """
+    val = concrete_value(value)
+    if val is None:
+        return
+    if val.ndim != 0 or not np.isfinite(val) or val < 0:
+        raise ValueError(f"{name} must be a finite scalar >= 0, got {value!r}")
+
+
+def check_positive_scalar(name: str, value: Any) -> None:
+    """``value`` is a finite scalar > 0 (checked only when concrete).
+
+    Raises:
+      ValueError: naming ``name``.
+    """
+    val = concrete_value(value)
+    if val is None:
+        return
+    if val.ndim != 0 or not np.isfinite(val) or val <= 0:
+        raise ValueError(f"{name} must be a finite scalar > 0, got {value!r}")
 
 
 #: Default limit on the memory an exact route may need before it is refused (4 GiB); every

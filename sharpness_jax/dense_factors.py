@@ -26,6 +26,9 @@ by a subset restriction); :func:`dense_layout` checks this by tracing ``predict`
 with boxed parameters are not recognised, and a parameter that ``predict`` also uses outside
 its Dense layer is not detected, which would make the result wrong; the zoo's models use
 neither.
+
+The same interception gives every Dense call's input a and output-gradient (∂f/∂z)ᵀ u of one
+example (:func:`dense_call_vjp`); :mod:`sharpness_jax.kfac` builds its Kronecker factors on it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from sharpness_jax.per_example import sum_over_chunks
 
 PyTree = Any
 
-__all__ = ["DenseLayout", "dense_layout", "second_moment_matvec"]
+__all__ = ["DenseLayout", "dense_call_vjp", "dense_layout", "second_moment_matvec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +196,34 @@ def _outputs(
         return out, inputs_seen
 
     return jax.vmap(one, in_axes=(0, 0))(inputs, perts)
+
+
+def dense_call_vjp(
+    objective: Objective, params: PyTree, x: PyTree, layout: DenseLayout
+) -> tuple[jax.Array, list[jax.Array], Callable[[jax.Array], list[jax.Array]]]:
+    """One example's outputs, the inputs of its Dense calls, and the VJP to their outputs.
+
+    With z_l the output of the l-th Dense call of ``objective.predict(params, x)`` (call order
+    of ``layout``) and f the model's outputs, returns ``(f, inputs, vjp)``: ``inputs[l]`` is
+    the input a_l of call l as the interception sees it, and ``vjp(u)[l]`` = (∂f/∂z_l)ᵀ u, the
+    output-gradient of call l for a direction u in output space (shaped like f).
+
+    Args:
+      objective, params: the model (already validated and restricted).
+      x: ONE example (no batch axis).
+      layout: the :class:`DenseLayout` of ``objective`` and ``params``.
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    zeros = [{"e": jnp.zeros(c.output_shape, dtype)} for c in layout.calls]
+
+    def forward(perts):
+        seen: list = []
+        with _perturbed(perts, seen):
+            out = objective.predict(params, x)
+        return out, seen
+
+    f, vjp, inputs = jax.vjp(forward, zeros, has_aux=True)
+    return f, inputs, lambda u: [g["e"] for g in vjp(u)[0]]
 
 
 def second_moment_matvec(

@@ -41,7 +41,6 @@ model whose output for x depends on x alone. Layer norm (per example) is availab
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sharpness_jax.activations import ACTIVATIONS as _ACTIVATION_TABLE
 from sharpness_jax.shallow import ACTIVATIONS as SHALLOW_ACTIVATIONS
 from sharpness_jax.shallow import init_shallow, shallow_predict
 
@@ -58,13 +58,8 @@ PyTree = Any
 
 __all__ = ["ACTIVATIONS", "INITS", "MODELS", "Model", "build_model", "check_per_example"]
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "tanh": jnp.tanh,
-    "relu": jax.nn.relu,
-    "elu": jax.nn.elu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "softplus": jax.nn.softplus,
-}
+# The activations of the flax models, by their names in sharpness_jax.activations.
+ACTIVATIONS: tuple[str, ...] = ("tanh", "relu", "elu", "gelu", "softplus")
 INITS: tuple[str, ...] = ("torch", "lecun", "he")
 _NORMALIZATIONS = (None, "layernorm")
 _EXAMPLE_MIXING = ("batchnorm", "batch_norm", "batchnorm2d", "bn")
@@ -187,7 +182,7 @@ class _Layers(nn.Module):
         return LayerNorm(self.param_dtype)(x)
 
     def act(self, x: jax.Array) -> jax.Array:
-        return ACTIVATIONS[self.activation](x)
+        return _ACTIVATION_TABLE[self.activation].fn(x)
 
 
 class _MLP(_Layers):
@@ -306,9 +301,9 @@ def _validate(name: str, options: dict[str, Any]) -> dict[str, Any]:
             f"model {name!r} takes no option(s) {unknown}; its options: {sorted(defaults)}"
         )
     opts = {**defaults, **options}
-    activations = SHALLOW_ACTIVATIONS if name == "shallow" else ACTIVATIONS
+    choices = SHALLOW_ACTIVATIONS if name == "shallow" else ACTIVATIONS
     if "activation" in opts:
-        _choice("activation", opts["activation"], tuple(activations))
+        _choice("activation", opts["activation"], tuple(choices))
     _choice("init", opts["init"], ("lecun",) if name in ("shallow", "quadratic") else INITS)
     if not (isinstance(opts["init_scale"], int | float) and opts["init_scale"] > 0):
         raise ValueError(f"init_scale must be a positive number, got {opts['init_scale']!r}")

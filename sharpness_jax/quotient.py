@@ -1,8 +1,11 @@
-"""Quotient geometry of shallow networks (Dong & Cheng 2026): symmetries, vertical and horizontal
-spaces, the realisation metric and the symmetry-reduced Hessian.
+"""Quotient geometry of shallow networks (Dong & Cheng 2026): vertical and horizontal spaces,
+the realisation metric, the split of an update and the conserved quantities.
 
 The model is f_θ(x) = Σ_i a_i σ(w_iᵀ x + b_i) with a_i ∈ R^K (layout of
-:mod:`sharpness_jax.shallow`: params ``{"w": (m, d), "b": (m,) optional, "a": (m, K)}``).
+:mod:`sharpness_jax.shallow`: params ``{"w": (m, d), "b": (m,) optional, "a": (m, K)}``). The
+symmetries themselves (``rescale_units``, ``permute_units``, ``flip_units``) are in
+:mod:`sharpness_jax.symmetries`; the loss curvature on the quotient (reduced and generalised
+spectra, the regular set) is in :mod:`sharpness_jax.quotient_spectra`.
 
 Symmetries and the vertical space
 ---------------------------------
@@ -22,8 +25,8 @@ permutations of units are discrete for every σ.
 For ``quadratic`` with scalar outputs (K = 1) and m ≥ 2 the realisation has a larger continuous
 symmetry group: with w̃_i = (w_i, b_i) and x̃ = (x, 1), f = x̃ᵀ W̃ᵀ diag(a) W̃ x̃ is invariant under
 W̃ → R W̃ for every R with Rᵀ diag(a) R = diag(a) (an indefinite orthogonal group of dimension
-m(m−1)/2). Only the rescalings are in V here, so :func:`regularity` reports rank J smaller than
-P − m for such nets; for K ≥ 2 and generic a_i the extra symmetries disappear.
+m(m−1)/2). Only the rescalings are in V here, so ``quotient_spectra.regularity`` reports rank
+J smaller than P − m for such nets; for K ≥ 2 and generic a_i the extra symmetries disappear.
 
 Horizontal spaces (``metric=``)
 -------------------------------
@@ -51,46 +54,13 @@ orthogonal for ``"euclidean"``, N-orthogonal for ``"scale_invariant"``).
 ``"euclidean"`` it coincides with δ ↦ δ_h); :func:`horizontal_basis` an orthonormal basis B
 of W (P × (P − m)).
 
-Which spectra are invariant under the symmetries, and why
----------------------------------------------------------
-Let φ(θ) = D_c θ be a rescaling (D_c diagonal: c_i^{−k} on a_i, c_i on w_i and b_i). Then
-L∘φ = L and F_X∘φ = F_X, so, with θ' = D_c θ,
-
-    H(θ) = D_c H(θ') D_c,   G(θ) = D_c G(θ') D_c,   V(θ') = D_c V(θ).
-
-Since D_c is not orthogonal,
-
-* the ambient spectrum of H is NOT invariant (λ_max can change by orders of magnitude), and
-* the spectrum of Bᵀ H B with B Euclidean-orthonormal (``QuotientSpectra.reduced``) is NOT
-  invariant either: the Euclidean metric is not preserved by D_c. What it does guarantee: at a
-  critical point (∇L = 0) Bᵀ H B has none of the m "false flat" zero eigenvalues of H along the
-  orbit (H v_i = 0 there), and spec(H) = spec(Bᵀ H B) ∪ {0}^m.
-* The generalised spectrum of the pencil (Bᵀ H B, Bᵀ G B), i.e. Bᵀ H B y = λ Bᵀ G B y
-  (``QuotientSpectra.generalised``), is the curvature of the loss as a function on the quotient
-  measured in the realisation metric; it does not depend on the basis B of W. It is invariant
-  whenever W moves with the symmetry, W(θ') = D_c W(θ) (then B' = D_c B gives
-  B'ᵀ H(θ') B' = Bᵀ H(θ) B and likewise for G):
-    - ``metric="scale_invariant"``: N_{θ'} = D_c^{−1} N_θ D_c^{−1}, so W(θ') = D_c W(θ) and
-      the generalised spectrum is invariant at EVERY regular point;
-    - ``metric="euclidean"``: W(θ') = D_c^{−1} W(θ), not D_c W(θ). Differentiating
-      ⟨∇L(θ), v_i(θ)⟩ = 0 gives H v_i = −A_i ∇L (A_i = d v_i/dθ, diagonal), so at a critical
-      point H and G both vanish on V, the pencil on ANY complement of V is the same, and the
-      generalised spectrum is invariant; away from critical points it is not.
-  For ½‖f − y‖² at an interpolating minimum H = G, so every generalised eigenvalue is 1. The
-  same holds at EVERY critical point (with all a_i ≠ 0) of ½‖f − y‖² for piecewise-linear σ
-  (ReLU, leaky ReLU) with scalar outputs: ∇²f_p has only a_i–(w_i, b_i) cross blocks, and their
-  residual-weighted sum (1/n) Σ_p r_p σ'(z_pi) (x_p, 1) equals ∇_{(w_i, b_i)}L / a_i = 0. A
-  non-trivial pencil needs K ≥ 2, a curved σ, or another loss.
-  Permutations of units are orthogonal and map V and W to themselves: every spectrum here is
-  permutation invariant.
-
 Dense and matrix-free routes
 ----------------------------
 Matrix-free (memory O(P) per chunk of examples): :func:`horizontal_projector`,
-:func:`split_update`, :func:`decompose_update`, :func:`realisation_metric`,
-:func:`horizontal_hessian`. Dense (small shallow nets): :func:`horizontal_basis`,
-:func:`realisation_jacobian`, :func:`reduced_hessian`, :func:`quotient_spectra`,
-:func:`regularity`.
+:func:`split_update`, :func:`decompose_update`, :func:`realisation_metric` (and
+``quotient_spectra.horizontal_hessian``). Dense (small shallow nets): :func:`horizontal_basis`,
+:func:`realisation_jacobian`, :func:`realisation_metric_dense` (and ``quotient_spectra``'s
+``reduced_hessian``, ``quotient_spectra``, ``regularity``).
 
 Conserved quantities
 --------------------
@@ -113,38 +83,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import checks, linalg, operators
-from sharpness_jax.objective import Batch, Loss, Objective
+from sharpness_jax import checks, operators
 from sharpness_jax.per_example import map_examples
-from sharpness_jax.shallow import HOMOGENEITY, shallow_predict
+from sharpness_jax.shallow import check_shallow, shallow_predict
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
 __all__ = [
     "METRICS",
-    "QuotientSpectra",
-    "Regularity",
     "UpdateSplit",
     "VerticalBasis",
     "conserved_quantities",
     "decompose_update",
     "drop_units",
-    "flip_units",
     "horizontal_basis",
-    "horizontal_hessian",
     "horizontal_projector",
-    "permute_units",
-    "quotient_spectra",
     "realisation_jacobian",
     "realisation_map",
     "realisation_metric",
     "realisation_metric_dense",
-    "reduced_hessian",
-    "reduced_realisation_metric",
-    "regularity",
-    "rescale_units",
-    "shallow_objective",
     "split_update",
     "vertical_basis",
     "vertical_components",
@@ -175,29 +133,6 @@ class VerticalBasis(NamedTuple):
     dim: jax.Array
 
 
-class Regularity(NamedTuple):
-    """Checks of the regular set (where the quotient is a manifold and ker J = V).
-
-    Attributes:
-      a_nonzero: ``(m,)`` ‖a_i‖ > rtol_units · max_j ‖a_j‖.
-      w_nonzero: ``(m,)`` ‖w_i‖ > rtol_units · max_j ‖w_j‖.
-      duplicated: ``(m,)`` unit i computes the same function as another unit up to the
-        symmetries (see :func:`regularity`).
-      singular_values: singular values of J = ∂F_X/∂θ, descending.
-      rank: numerical rank of J, #{s_j > rank_rtol · s_1}.
-      expected_rank: P − dim V.
-      is_regular: all units non-zero, none duplicated and rank == expected_rank.
-    """
-
-    a_nonzero: jax.Array
-    w_nonzero: jax.Array
-    duplicated: jax.Array
-    singular_values: jax.Array
-    rank: jax.Array
-    expected_rank: jax.Array
-    is_regular: jax.Array
-
-
 class UpdateSplit(NamedTuple):
     """An update δ = δ_h + δ_v and the change of the predictor each part causes.
 
@@ -222,66 +157,12 @@ class UpdateSplit(NamedTuple):
     change_total: jax.Array
 
 
-class QuotientSpectra(NamedTuple):
-    """Dense spectra of the loss Hessian, ambient and symmetry-reduced (all descending).
-
-    Attributes:
-      ambient: ``(P,)`` eigenvalues of H = ∇²L.
-      reduced: ``(P − m_V,)`` eigenvalues of Bᵀ H B, B an orthonormal basis of W. Not
-        invariant under rescalings (see the module docstring).
-      generalised: ``(P − m_V,)`` generalised eigenvalues of Bᵀ H B y = λ (Bᵀ G B + ε I) y,
-        G = JᵀJ/n, ε = ``damping``: the quotient curvature in the realisation metric,
-        invariant under rescalings (``scale_invariant``: everywhere; ``euclidean``: at
-        critical points).
-      vertical_dim: m_V, the number of removed (vertical) directions.
-    """
-
-    ambient: jax.Array
-    reduced: jax.Array
-    generalised: jax.Array
-    vertical_dim: int
-
-
 # ------------------------------------------------------------------------------ validation
-
-
-def _check_activation(activation: str) -> int | None:
-    if activation not in HOMOGENEITY:
-        raise ValueError(
-            f"unknown shallow-net activation {activation!r}; choose from {sorted(HOMOGENEITY)}"
-        )
-    return HOMOGENEITY[activation]
 
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
-def _check_shallow(params: PyTree, activation: str) -> tuple[int, int | None]:
-    """Validates the shallow-net layout; returns (m, k) with k None for non-homogeneous σ."""
-    k = _check_activation(activation)
-    if not isinstance(params, dict):
-        raise TypeError(f"shallow-net params must be a dict, got {type(params).__name__}")
-    extra = set(params) - {"w", "b", "a"}
-    if extra or "w" not in params or "a" not in params:
-        raise ValueError(
-            "shallow-net params need keys 'w' (m, d), 'a' (m, K) and optionally 'b' (m,); got "
-            f"{sorted(params)}"
-        )
-    checks.check_params(params)
-    w, a = params["w"], params["a"]
-    if jnp.ndim(w) != 2:
-        raise ValueError(f"params['w'] must have shape (m, d), got {jnp.shape(w)}")
-    m = jnp.shape(w)[0]
-    if jnp.ndim(a) != 2 or jnp.shape(a)[0] != m:
-        raise ValueError(f"params['a'] must have shape (m={m}, K), got {jnp.shape(a)}")
-    if "b" in params and jnp.shape(params["b"]) != (m,):
-        raise ValueError(f"params['b'] must have shape (m={m},), got {jnp.shape(params['b'])}")
-    dtypes = {jnp.result_type(leaf) for leaf in params.values()}
-    if len(dtypes) != 1:
-        raise TypeError(f"all shallow-net params must share one dtype, got {dtypes}")
-    return m, k
 
 
 def _dtype(params: PyTree):
@@ -377,10 +258,6 @@ def _unit_normals(params, k, metric, rtol):
     return _scale_units(normals, _safe_inverse(nn_norms, valid)), valid
 
 
-def _vertical_dim_static(k: int | None, m: int) -> int:
-    return 0 if k is None else m
-
-
 # ------------------------------------------------------------------------------ generators
 
 
@@ -397,7 +274,7 @@ def vertical_generators(params: PyTree, *, activation: str) -> PyTree:
     Returns:
       A pytree like ``params`` whose leaves have an extra leading axis m.
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     return _stack_units(_generator_field(params, k))
 
 
@@ -417,7 +294,7 @@ def vertical_basis(params: PyTree, *, activation: str, rtol: float | None = None
     Returns:
       :class:`VerticalBasis`.
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     rtol = _default_rtol(params, rtol)
     norms, valid = _valid_units(params, k, rtol)
     field = _scale_units(_generator_field(params, k), _safe_inverse(norms, valid))
@@ -431,7 +308,7 @@ def vertical_components(
 
     For v = ∇L these vanish at every θ (the loss is constant along orbits).
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     checks.check_vector(v, params)
     rtol = _default_rtol(params, rtol)
     norms, valid = _valid_units(params, k, rtol)
@@ -454,7 +331,7 @@ def horizontal_projector(
     Returns:
       The matvec ``u -> Q u`` over params-shaped pytrees.
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     _check_metric(metric)
     rtol = _default_rtol(params, rtol)
     normals, _ = _unit_normals(params, k, metric, rtol)
@@ -484,7 +361,7 @@ def split_update(
     Returns:
       ``(horizontal, vertical)``, each shaped like ``params``.
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     _check_metric(metric)
     checks.check_vector(delta, params, name="delta")
     rtol = _default_rtol(params, rtol)
@@ -509,12 +386,12 @@ def horizontal_basis(
     The shape is static, so every unit must be non-degenerate. With concrete params a
     degenerate unit raises; under ``jit`` it cannot be detected here and one horizontal
     direction per degenerate unit would be missing: check ``vertical_basis(...).valid`` or
-    :func:`regularity` first, or remove such units with :func:`drop_units`.
+    ``quotient_spectra.regularity`` first, or remove such units with :func:`drop_units`.
 
     Raises:
       ValueError: on a degenerate unit (concrete params only).
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     _check_metric(metric)
     rtol = _default_rtol(params, rtol)
     basis, valid = _horizontal_basis(params, k=k, metric=metric, rtol=rtol)
@@ -545,7 +422,7 @@ def _horizontal_basis(params, *, k, metric, rtol):
 
 def realisation_map(params: PyTree, inputs: jax.Array, *, activation: str) -> jax.Array:
     """F_X(θ) = (f_θ(x_1), …, f_θ(x_n)) ∈ R^{nK}, flattened example-major."""
-    _check_shallow(params, activation)
+    check_shallow(params, activation=activation)
     checks.num_examples(inputs)
     return jax.vmap(_predict_fn(activation), in_axes=(None, 0))(params, inputs).reshape(-1)
 
@@ -559,7 +436,7 @@ def realisation_jacobian(
     examples at a time. For small models and references; the matrix-free route is
     :func:`realisation_metric` (and ``operators.jacobian_vp`` / ``jacobian_tvp``).
     """
-    _check_shallow(params, activation)
+    check_shallow(params, activation=activation)
     checks.num_examples(inputs)
     flat, unravel = ravel_pytree(params)
     num_outputs = jnp.shape(params["a"])[1]
@@ -577,7 +454,7 @@ def realisation_metric(
     params: PyTree, inputs: jax.Array, *, activation: str, chunk_size: int | None = None
 ) -> MatVec:
     """G v = (1/n) Jᵀ J v = (1/n) Σ_p J_pᵀ J_p v, matrix-free (one JVP and one VJP)."""
-    _check_shallow(params, activation)
+    check_shallow(params, activation=activation)
     n = checks.num_examples(inputs)
     predict = _predict_fn(activation)
     jvp = operators.jacobian_vp(predict, params, inputs, chunk_size=chunk_size)
@@ -596,198 +473,6 @@ def realisation_metric_dense(
     n = checks.num_examples(inputs)
     jac = realisation_jacobian(params, inputs, activation=activation, chunk_size=chunk_size)
     return jac.T @ jac / n
-
-
-def regularity(
-    params: PyTree,
-    inputs: jax.Array,
-    *,
-    activation: str,
-    rank_rtol: float | None = None,
-    unit_rtol: float | None = None,
-    duplicate_tol: float | None = None,
-    chunk_size: int | None = None,
-) -> Regularity:
-    """Checks that θ lies in the regular set for the inputs X.
-
-    * a_i ≠ 0 and w_i ≠ 0: norms above ``unit_rtol`` times the largest over units
-      (default 100 · eps).
-    * no duplicated units: with u_i = (w_i, b_i), unit i duplicates j ≠ i when
-      ‖û_i − û_j‖ ≤ tol (û = u/‖u‖) for ReLU / leaky ReLU (same direction ⇒ proportional
-      functions), min(‖û_i − û_j‖, ‖û_i + û_j‖) ≤ tol for the even quadratic, and
-      min(‖u_i − u_j‖, ‖u_i + u_j‖) ≤ tol · max(‖u_i‖, ‖u_j‖) for the odd tanh (no rescaling).
-      Default tol = √eps.
-    * rank J = P − dim V with the numerical rank #{s_j > rank_rtol · s_1} of the singular
-      values of the dense J (default rank_rtol = max(nK, P) · eps, numpy's choice).
-
-    Returns:
-      :class:`Regularity`.
-    """
-    m, k = _check_shallow(params, activation)
-    dtype = _dtype(params)
-    eps = float(jnp.finfo(dtype).eps)
-    unit_rtol = 100.0 * eps if unit_rtol is None else unit_rtol
-    duplicate_tol = float(np.sqrt(eps)) if duplicate_tol is None else duplicate_tol
-    jac = realisation_jacobian(params, inputs, activation=activation, chunk_size=chunk_size)
-    rank_rtol = max(jac.shape) * eps if rank_rtol is None else rank_rtol
-
-    a_norm = jnp.linalg.norm(params["a"], axis=1)
-    w_norm = jnp.linalg.norm(params["w"], axis=1)
-    a_nonzero = a_norm > unit_rtol * jnp.max(a_norm)
-    w_nonzero = w_norm > unit_rtol * jnp.max(w_norm)
-
-    u = params["w"]
-    if "b" in params:
-        u = jnp.concatenate([u, params["b"][:, None]], axis=1)
-    u_norm = jnp.linalg.norm(u, axis=1)
-    if k is not None:
-        u = u / jnp.where(u_norm > 0, u_norm, 1.0)[:, None]
-        scale = jnp.ones((m, m), dtype)
-    else:
-        scale = jnp.maximum(u_norm[:, None], u_norm[None, :])
-    diff = jnp.linalg.norm(u[:, None, :] - u[None, :, :], axis=2)
-    if activation in ("quadratic", "tanh"):
-        diff = jnp.minimum(diff, jnp.linalg.norm(u[:, None, :] + u[None, :, :], axis=2))
-    close = (diff <= duplicate_tol * scale) & ~jnp.eye(m, dtype=bool)
-    duplicated = jnp.any(close, axis=1)
-
-    singular_values = jnp.linalg.svd(jac, compute_uv=False)
-    rank = jnp.sum((singular_values > rank_rtol * singular_values[0]).astype(jnp.int32))
-    _, valid = _valid_units(params, k, 100.0 * eps)
-    expected = jac.shape[1] - jnp.sum(valid.astype(jnp.int32))
-    is_regular = jnp.all(a_nonzero) & jnp.all(w_nonzero) & ~jnp.any(duplicated) & (rank == expected)
-    return Regularity(a_nonzero, w_nonzero, duplicated, singular_values, rank, expected, is_regular)
-
-
-# --------------------------------------------------------------- symmetry-reduced Hessian
-
-
-def shallow_objective(loss: Loss, *, activation: str) -> Objective:
-    """The :class:`Objective` of the shallow net with this activation and per-example loss.
-
-    The loss-dependent functions below take an objective whose ``predict`` must be this
-    shallow net with the SAME activation as their ``activation`` argument.
-    """
-    _check_activation(activation)
-    return Objective(_predict_fn(activation), loss)
-
-
-def horizontal_hessian(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    *,
-    activation: str,
-    metric: str = "euclidean",
-    rtol: float | None = None,
-    chunk_size: int | None = None,
-) -> MatVec:
-    """Q H Q v, the loss Hessian H = ∇²L (mean over examples) restricted to W, matrix-free.
-
-    Q is :func:`horizontal_projector`. Its spectrum is the reduced spectrum (that of Bᵀ H B)
-    plus dim V zeros, so Lanczos on it returns the top reduced eigenvalues directly.
-    """
-    _check_shallow(params, activation)
-    proj = horizontal_projector(params, activation=activation, metric=metric, rtol=rtol)
-    hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size)
-    return lambda v: proj(hvp(proj(v)))
-
-
-def _dense_hessian(objective, params, batch, chunk_size):
-    return linalg.dense(operators.hessian(objective, params, batch, chunk_size=chunk_size), params)
-
-
-def reduced_hessian(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    *,
-    activation: str,
-    metric: str = "euclidean",
-    rtol: float | None = None,
-    chunk_size: int | None = None,
-) -> jax.Array:
-    """Dense Bᵀ H B, ``(P − m_V, P − m_V)``, B = :func:`horizontal_basis`, H = ∇²L (mean)."""
-    basis = horizontal_basis(params, activation=activation, metric=metric, rtol=rtol)
-    return basis.T @ _dense_hessian(objective, params, batch, chunk_size) @ basis
-
-
-def reduced_realisation_metric(
-    params: PyTree,
-    inputs: jax.Array,
-    *,
-    activation: str,
-    metric: str = "euclidean",
-    rtol: float | None = None,
-    chunk_size: int | None = None,
-) -> jax.Array:
-    """Dense Bᵀ G B with G = JᵀJ/n; positive definite on the regular set."""
-    basis = horizontal_basis(params, activation=activation, metric=metric, rtol=rtol)
-    jac = realisation_jacobian(params, inputs, activation=activation, chunk_size=chunk_size)
-    jb = jac @ basis
-    return jb.T @ jb / checks.num_examples(inputs)
-
-
-def _descending_eigvalsh(a: jax.Array) -> jax.Array:
-    return jnp.linalg.eigvalsh(0.5 * (a + a.T))[::-1]
-
-
-def _generalised_eigvalsh(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Eigenvalues of a y = λ b y (b positive definite) via b = LLᵀ: eig(L⁻¹ a L⁻ᵀ)."""
-    chol = jnp.linalg.cholesky(0.5 * (b + b.T))
-    x = jax.scipy.linalg.solve_triangular(chol, a, lower=True)
-    c = jax.scipy.linalg.solve_triangular(chol, x.T, lower=True)
-    return _descending_eigvalsh(c)
-
-
-def quotient_spectra(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    *,
-    activation: str,
-    metric: str = "euclidean",
-    damping: float = 0.0,
-    rtol: float | None = None,
-    chunk_size: int | None = None,
-) -> QuotientSpectra:
-    """Ambient, reduced and generalised (realisation-metric) spectra of the loss Hessian.
-
-    H = ∇²L with L the MEAN loss, G = JᵀJ/n, B = :func:`horizontal_basis`:
-
-    * ambient: eig(H), P values;
-    * reduced: eig(Bᵀ H B), P − m_V values — no "false flat" zeros along orbits at critical
-      points, but NOT rescaling invariant;
-    * generalised: Bᵀ H B y = λ (Bᵀ G B + ε I) y — rescaling invariant (with ε = 0; for
-      ``"scale_invariant"`` at every regular point, for ``"euclidean"`` at critical points;
-      see the module docstring). Bᵀ G B must be positive definite (regular set, nK ≥ P − m_V);
-      otherwise the values are NaN unless ``damping`` ε > 0.
-
-    Dense: P Hessian-vector products and O(P³) work, for small shallow nets.
-
-    Returns:
-      :class:`QuotientSpectra`.
-    """
-    m, k = _check_shallow(params, activation)
-    if not damping >= 0:
-        raise ValueError(f"damping must be non-negative, got {damping}")
-    if not isinstance(batch, Batch):
-        batch = Batch(*batch)
-    basis = horizontal_basis(params, activation=activation, metric=metric, rtol=rtol)
-    hess = _dense_hessian(objective, params, batch, chunk_size)
-    jac = realisation_jacobian(params, batch.inputs, activation=activation, chunk_size=chunk_size)
-    n = checks.num_examples(batch.inputs)
-    h_red = basis.T @ hess @ basis
-    jb = jac @ basis
-    g_red = jb.T @ jb / n
-    if damping:
-        g_red = g_red + damping * jnp.eye(g_red.shape[0], dtype=g_red.dtype)
-    return QuotientSpectra(
-        ambient=_descending_eigvalsh(hess),
-        reduced=_descending_eigvalsh(h_red),
-        generalised=_generalised_eigvalsh(h_red, g_red),
-        vertical_dim=_vertical_dim_static(k, m),
-    )
 
 
 # ----------------------------------------------------------------- update decomposition
@@ -856,73 +541,11 @@ def conserved_quantities(params: PyTree, *, activation: str) -> jax.Array:
     Raises:
       ValueError: for ``tanh`` (no continuous symmetry, no such invariant).
     """
-    _, k = _check_shallow(params, activation)
+    _, k = check_shallow(params, activation=activation)
     if k is None:
         raise ValueError(f"activation {activation!r} has no rescaling symmetry")
     wb = {key: leaf for key, leaf in params.items() if key != "a"}
     return k * _unit_dot({"a": params["a"]}, {"a": params["a"]}) - _unit_dot(wb, wb)
-
-
-def rescale_units(params: PyTree, scales: jax.Array, *, activation: str) -> PyTree:
-    """(a_i, w_i, b_i) → (c_i^{−k} a_i, c_i w_i, c_i b_i): same function, another point.
-
-    The map is linear, so applied to a tangent vector u at θ it returns its push-forward D_c u
-    at the rescaled point (e.g. v_i(θ') = D_c v_i(θ)).
-
-    Args:
-      params: shallow-net params (or a tangent vector of the same layout).
-      scales: ``(m,)`` positive factors c_i.
-      activation: a positively homogeneous activation.
-
-    Raises:
-      ValueError: for ``tanh``, a wrong shape, or (concrete values) non-positive scales.
-    """
-    m, k = _check_shallow(params, activation)
-    if k is None:
-        raise ValueError(f"activation {activation!r} has no rescaling symmetry")
-    scales = jnp.asarray(scales)
-    if scales.shape != (m,):
-        raise ValueError(f"scales must have shape (m={m},), got {scales.shape}")
-    if _is_concrete(scales) and not bool(np.all(np.asarray(scales) > 0)):
-        raise ValueError("rescaling factors must be positive")
-    scales = scales.astype(_dtype(params))
-    return {
-        key: _scale_units(leaf, scales ** (-k) if key == "a" else scales)
-        for key, leaf in params.items()
-    }
-
-
-def permute_units(params: PyTree, permutation: jax.Array) -> PyTree:
-    """New unit i is old unit ``permutation[i]`` (rows of w, b, a reordered together)."""
-    m = jnp.shape(params["w"])[0]
-    permutation = jnp.asarray(permutation)
-    if permutation.shape != (m,) or not jnp.issubdtype(permutation.dtype, jnp.integer):
-        raise ValueError(f"permutation must be an integer array of shape (m={m},)")
-    if _is_concrete(permutation) and sorted(np.asarray(permutation).tolist()) != list(range(m)):
-        raise ValueError(f"not a permutation of range({m}): {np.asarray(permutation)}")
-    return jax.tree_util.tree_map(lambda leaf: leaf[permutation], params)
-
-
-def flip_units(params: PyTree, flips: jax.Array, *, activation: str) -> PyTree:
-    """Discrete sign symmetries on the units where ``flips`` is True.
-
-    ``tanh`` (odd): (a_i, w_i, b_i) → (−a_i, −w_i, −b_i); ``quadratic`` (even):
-    (a_i, w_i, b_i) → (a_i, −w_i, −b_i).
-
-    Raises:
-      ValueError: for ReLU / leaky ReLU (no sign symmetry) or a wrong shape.
-    """
-    m, _ = _check_shallow(params, activation)
-    if activation not in ("tanh", "quadratic"):
-        raise ValueError(f"activation {activation!r} has no sign-flip symmetry")
-    flips = jnp.asarray(flips)
-    if flips.shape != (m,) or flips.dtype != bool:
-        raise ValueError(f"flips must be a bool array of shape (m={m},)")
-    sign = jnp.where(flips, -1.0, 1.0).astype(_dtype(params))
-    return {
-        key: leaf if (key == "a" and activation == "quadratic") else _scale_units(leaf, sign)
-        for key, leaf in params.items()
-    }
 
 
 def drop_units(params: PyTree, keep) -> PyTree:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import operators, quotient
+from sharpness_jax import operators, quotient, quotient_spectra
 from sharpness_jax.objective import Batch, Objective, get_loss
 from sharpness_jax.shallow import HOMOGENEITY
 
@@ -99,7 +99,7 @@ def point_summary(
       ``quotient_params``, ``quotient_conserved``, ``quotient_ambient``,
       ``quotient_reduced`` (and ``quotient_generalised*``), descending spectra.
     """
-    objective = quotient.shallow_objective(get_loss(loss_name), activation=activation)
+    objective = quotient_spectra.shallow_objective(get_loss(loss_name), activation=activation)
     out, euclidean = _spectra(objective, params, batch, zero_rtol, activation=activation)
     if generalised:
         out.update(_generalised(objective, params, batch, euclidean, activation=activation))
@@ -115,15 +115,15 @@ def point_summary(
 
 def _spectra(
     objective: Objective, params: PyTree, batch: Batch, zero_rtol, *, activation: str
-) -> tuple[dict[str, jax.Array], quotient.QuotientSpectra]:
+) -> tuple[dict[str, jax.Array], quotient_spectra.QuotientSpectra]:
     """Ambient and reduced (Euclidean W) spectra, regularity and conserved quantities; and
     the Euclidean-W spectra themselves."""
     grad = operators.gradient(objective, params, batch)
-    eu = quotient.quotient_spectra(
+    eu = quotient_spectra.quotient_spectra(
         objective, params, batch, activation=activation, metric="euclidean"
     )
     tol = zero_rtol * jnp.max(jnp.abs(eu.ambient))
-    reg = quotient.regularity(params, batch.inputs, activation=activation)
+    reg = quotient_spectra.regularity(params, batch.inputs, activation=activation)
     sv = reg.singular_values
     out = {
         "quotient_params": ravel_pytree(params)[0],
@@ -147,12 +147,12 @@ def _generalised(
     objective: Objective,
     params: PyTree,
     batch: Batch,
-    euclidean: quotient.QuotientSpectra,
+    euclidean: quotient_spectra.QuotientSpectra,
     *,
     activation: str,
 ) -> dict[str, jax.Array]:
     """The generalised spectra of (BᵀHB, BᵀGB): scale-invariant W and Euclidean W."""
-    si = quotient.quotient_spectra(
+    si = quotient_spectra.quotient_spectra(
         objective, params, batch, activation=activation, metric="scale_invariant"
     )
     return {

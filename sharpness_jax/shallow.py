@@ -6,8 +6,8 @@ Parameters are a plain dict, the layout every module relies on:
 * ``"b"``: ``(m,)`` biases (absent when the net has none);
 * ``"a"``: ``(m, K)`` output weights, row i is a_i ∈ R^K.
 
-Activations and their symmetry (the degree k of positive homogeneity, σ(cz) = c^k σ(z) for
-c > 0, or oddness):
+Activations (entries of the table in :mod:`sharpness_jax.activations`) and their symmetry (the
+degree k of positive homogeneity, σ(cz) = c^k σ(z) for c > 0, or oddness):
 
 ==============  =====================  ==========================================
 activation      σ(z)                   symmetry of unit i
@@ -23,35 +23,76 @@ Without bias and with σ(z) = z² the net is the quadratic model f(x) = xᵀ(Σ_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "HOMOGENEITY", "init_shallow", "shallow_predict"]
+from sharpness_jax import checks
+from sharpness_jax.activations import ACTIVATIONS as _TABLE
+from sharpness_jax.activations import Activation
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "leaky_relu": lambda z: jnp.where(z >= 0, z, 0.1 * z),
-    "quadratic": jnp.square,
-    "tanh": jnp.tanh,
-}
+__all__ = [
+    "ACTIVATIONS",
+    "HOMOGENEITY",
+    "check_shallow",
+    "get_activation",
+    "init_shallow",
+    "shallow_predict",
+]
+
+# The activations a shallow net takes, by their names in sharpness_jax.activations.
+ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "quadratic", "tanh")
 
 # Degree k of positive homogeneity; None for activations with only discrete symmetries.
-HOMOGENEITY: dict[str, int | None] = {"relu": 1, "leaky_relu": 1, "quadratic": 2, "tanh": None}
+HOMOGENEITY: dict[str, int | None] = {name: _TABLE[name].degree for name in ACTIVATIONS}
 
 
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+def get_activation(name: str) -> Activation:
+    """The table entry of a shallow-net activation.
+
+    Raises:
+      ValueError: for a name outside :data:`ACTIVATIONS`.
+    """
     if name not in ACTIVATIONS:
         raise ValueError(
             f"unknown shallow-net activation {name!r}; choose from {sorted(ACTIVATIONS)}"
         )
-    return ACTIVATIONS[name]
+    return _TABLE[name]
+
+
+def check_shallow(params: dict, *, activation: str) -> tuple[int, int | None]:
+    """Validates the shallow-net layout; returns (m, k) with k None for non-homogeneous σ.
+
+    Raises:
+      ValueError / TypeError: on an unknown activation, missing or extra keys, wrong shapes,
+        non-floating or mixed dtypes.
+    """
+    k = get_activation(activation).degree
+    if not isinstance(params, dict):
+        raise TypeError(f"shallow-net params must be a dict, got {type(params).__name__}")
+    extra = set(params) - {"w", "b", "a"}
+    if extra or "w" not in params or "a" not in params:
+        raise ValueError(
+            "shallow-net params need keys 'w' (m, d), 'a' (m, K) and optionally 'b' (m,); got "
+            f"{sorted(params)}"
+        )
+    checks.check_params(params)
+    w, a = params["w"], params["a"]
+    if jnp.ndim(w) != 2:
+        raise ValueError(f"params['w'] must have shape (m, d), got {jnp.shape(w)}")
+    m = jnp.shape(w)[0]
+    if jnp.ndim(a) != 2 or jnp.shape(a)[0] != m:
+        raise ValueError(f"params['a'] must have shape (m={m}, K), got {jnp.shape(a)}")
+    if "b" in params and jnp.shape(params["b"]) != (m,):
+        raise ValueError(f"params['b'] must have shape (m={m},), got {jnp.shape(params['b'])}")
+    dtypes = {jnp.result_type(leaf) for leaf in params.values()}
+    if len(dtypes) != 1:
+        raise TypeError(f"all shallow-net params must share one dtype, got {dtypes}")
+    return m, k
 
 
 def shallow_predict(params: dict, x: jax.Array, *, activation: str = "relu") -> jax.Array:
     """f(x) = Σ_i a_i σ(w_iᵀ x + b_i) for ONE input x of shape ``(d,)``; returns ``(K,)``."""
-    sigma = _activation(activation)
+    sigma = get_activation(activation).fn
     pre = params["w"] @ x
     if "b" in params:
         pre = pre + params["b"]

@@ -137,3 +137,21 @@ def test_shared_layers_and_non_flax_models_use_the_generic_route():
     assert not dense_factors.dense_layout(so, sp, x[0]).applicable
     with pytest.raises(ValueError, match="unknown E_p"):
         sj.hessian_second_moment(so, sp, b, method="fast")
+
+
+def test_dense_call_vjp_gives_layer_inputs_and_output_gradients():
+    prob = mlp_problem("tanh", "cross_entropy", widths=(5, 4, 3))
+    obj, params = prob.objective, prob.params
+    x = prob.batch.inputs[0]
+    layout = dense_factors.dense_layout(obj, params, x)
+    f, inputs, vjp = dense_factors.dense_call_vjp(obj, params, x, layout)
+    np.testing.assert_array_equal(f, obj.predict(params, x))
+    assert len(inputs) == 3
+    np.testing.assert_array_equal(inputs[0], x)
+    u = jnp.array([0.3, -1.0, 2.0])
+    deltas = vjp(u)
+    # z = a W + b: the output-gradient of a layer is the gradient of uᵀf with respect to its bias.
+    bias_grads = jax.grad(lambda p: u @ obj.predict(p, x))(params)["params"]
+    for i, delta in enumerate(deltas):
+        np.testing.assert_allclose(delta, bias_grads[f"Dense_{i}"]["bias"], rtol=1e-13)
+    np.testing.assert_array_equal(deltas[-1], u)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import models, operators, quotient
+from sharpness_jax import models, operators, quotient, quotient_spectra
 from sharpness_jax.objective import Batch, get_loss
 from sharpness_jax.quotient_summary import point_summary, shallow_activation
 
@@ -36,7 +36,9 @@ def _shallow_point():
 
 def test_point_summary_splits_the_update_and_the_gradient_step():
     params, batch, delta = _shallow_point()
-    objective = quotient.shallow_objective(get_loss("squared_error_half"), activation="relu")
+    objective = quotient_spectra.shallow_objective(
+        get_loss("squared_error_half"), activation="relu"
+    )
     gradient = operators.gradient(objective, params, batch)
     eta = 0.3
     kw = {"activation": "relu", "loss_name": "squared_error_half"}

@@ -14,7 +14,7 @@ from study_runs import run_twice
 
 from experiments.configs import fisher_sharpness as study_config
 from experiments.studies import fisher_sharpness as study
-from sharpness_jax import fisher_geometry, records
+from sharpness_jax import pac_bayes, records
 from sharpness_jax.config import validate_config
 
 
@@ -258,10 +258,10 @@ def test_pac_bayes_terms_take_the_best_grid_point(relu_problem):
     bounds = []
     for rho in rhos:
         for var in variances:
-            kl = fisher_geometry.fisher_posterior_kl(
+            kl = pac_bayes.fisher_posterior_kl(
                 prob.params, d, rho=rho, prior_variance=var, damping=1e-3
             )
-            bound = fisher_geometry.pac_bayes_bound(
+            bound = pac_bayes.pac_bayes_bound(
                 0.7, 50.0, kl, rho=rho, n=7, delta=0.1 / 4, damping=1e-3
             )
             bounds.append((float(bound.bound), rho, var, bound))

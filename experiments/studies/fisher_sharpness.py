@@ -23,12 +23,12 @@ float64 on the training examples of the analysis:
 * λ_max(H) by Lanczos and tr(H) by the same trace estimator;
 * the generalisation gap: test − train loss, and test − train error (= train − test
   accuracy), from the run's final full-split evaluations;
-* PAC-Bayes terms (standard form, ``fisher_geometry.pac_bayes_bound``) with the posterior
+* PAC-Bayes terms (standard form, ``pac_bayes.pac_bayes_bound``) with the posterior
   N(θ, ρ (D + εI)⁻¹), the damped Ŝ_R,ε and a prior N(0, σ_p² I), ρ and σ_p² minimising the bound
   over a grid (δ divided by the grid size).
 
 Then every net is rescaled at random without changing its function (layer scales, then
-unit scales, ``fisher_geometry.random_rescale_layers`` / ``random_rescale_units``; a diagonal
+unit scales, ``symmetries.random_rescale_layers`` / ``random_rescale_units``; a diagonal
 change of coordinates θ' = Tθ) and measured again with the SAME probes and Lanczos start. The
 whitened operator transforms as T D^{-1/2} T⁻¹ H T⁻¹ D^{-1/2} T = W (diagonal matrices
 commute), so with ε = 0 every estimate computed from W is the same number before and after,
@@ -69,7 +69,18 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from experiments.studies import common
-from sharpness_jax import data, fisher_geometry, linalg, models, operators, plots, subsets
+from sharpness_jax import (
+    data,
+    fisher_metrics,
+    linalg,
+    models,
+    operators,
+    pac_bayes,
+    plots,
+    riemannian,
+    subsets,
+    symmetries,
+)
 from sharpness_jax.objective import Batch, Objective, get_loss
 
 NAME = "fisher_sharpness"
@@ -213,7 +224,7 @@ def measure_net(
     Returns:
       A dict of scalars (and the flat ``fisher_diagonal``).
     """
-    f_diag = fisher_geometry.empirical_fisher_diagonal(
+    f_diag = fisher_metrics.empirical_fisher_diagonal(
         objective, params, batch, chunk_size=chunk_size
     )
     hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size)
@@ -222,8 +233,8 @@ def measure_net(
     # trace estimator and one Lanczos are mapped over them (compiled once).
     scales = jax.tree.map(
         lambda *leaves: jnp.stack(leaves),
-        fisher_geometry.diagonal_inverse_sqrt(f_diag)(ones),
-        fisher_geometry.diagonal_inverse_sqrt(f_diag, damping=damping)(ones),
+        fisher_metrics.diagonal_inverse_sqrt(f_diag)(ones),
+        fisher_metrics.diagonal_inverse_sqrt(f_diag, damping=damping)(ones),
         ones,
     )
     key_sr, key_tr, key_lz = jax.random.split(key, 3)
@@ -251,9 +262,9 @@ def measure_net(
         )
         return eig.values[0]
 
-    # λ_max(W_0) = λ_max(D⁻¹H) (as fisher_geometry.riemannian_top_k) and λ_max(H).
+    # λ_max(W_0) = λ_max(D⁻¹H) (as riemannian.riemannian_top_k) and λ_max(H).
     tops = jax.lax.map(top, jax.tree.map(lambda a: a[::2], scales))
-    full = fisher_geometry.riemannian_sharpness_dense(
+    full = riemannian.riemannian_sharpness_dense(
         objective,
         params,
         batch,
@@ -285,25 +296,23 @@ def measure_net(
 def rescale(key: jax.Array, params: Any, *, layer_log_std: float, unit_log_std: float) -> Any:
     """A random function-preserving rescaling of a ReLU MLP: layer scales, then unit scales."""
     k_layers, k_units = jax.random.split(key)
-    params = fisher_geometry.random_rescale_layers(
+    params = symmetries.random_rescale_layers(
         k_layers, params, activation="relu", log_std=layer_log_std
     )
-    return fisher_geometry.random_rescale_units(
-        k_units, params, activation="relu", log_std=unit_log_std
-    )
+    return symmetries.random_rescale_units(k_units, params, activation="relu", log_std=unit_log_std)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "delta", "damping"))
 def _pac_bayes_grid(
     params, fisher_diagonal, train_loss, sharpness, rhos, variances, *, n, delta, damping
 ):
-    """:func:`fisher_geometry.pac_bayes_bound` at every (ρ_j, σ_j²) of the flat grid."""
+    """:func:`pac_bayes.pac_bayes_bound` at every (ρ_j, σ_j²) of the flat grid."""
 
     def one(rho, variance):
-        kl = fisher_geometry.fisher_posterior_kl(
+        kl = pac_bayes.fisher_posterior_kl(
             params, fisher_diagonal, rho=rho, prior_variance=variance, damping=damping
         )
-        return fisher_geometry.pac_bayes_bound(
+        return pac_bayes.pac_bayes_bound(
             train_loss, sharpness, kl, rho=rho, n=n, delta=delta, damping=damping
         )
 

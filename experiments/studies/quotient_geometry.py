@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.configs.quotient_geometry import MEASUREMENT
 from experiments.studies import common
-from sharpness_jax import data, models, quotient, records
+from sharpness_jax import data, models, records, symmetries
 from sharpness_jax.objective import Batch
 from sharpness_jax.quotient_summary import point_summary, shallow_activation
 from sharpness_jax.shallow import HOMOGENEITY
@@ -209,7 +209,7 @@ def _point(params, batch, rtol, *, activation, loss_name, generalised):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-_rescale = jax.jit(quotient.rescale_units, static_argnames="activation")
+_rescale = jax.jit(symmetries.rescale_units, static_argnames="activation")
 
 
 def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""Fisher metrics: the exact diagonals of the true and the empirical Fisher.
+
+All metrics are MEANS over the n examples:
+
+=================================  =========================================================
+function                           metric
+=================================  =========================================================
+``operators.fisher``               full true Fisher F = (1/n) Σ_p J_pᵀ B_p B_pᵀ J_p (matvec)
+:func:`fisher_diagonal`            diag F = (1/n) Σ_p Σ_k (J_pᵀ B_p e_k)²  (exact, K VJPs)
+:func:`empirical_fisher_diagonal`  diag F_emp = (1/n) Σ_p g_p ⊙ g_p  (exact; NOT ḡ ⊙ ḡ)
+``kfac.kfac_factors``              K-FAC: per Dense layer F_l ≈ A_l ⊗ G_l (exact factors)
+=================================  =========================================================
+
+B_p is the loss's ``output_fisher_factor`` (F_out = B Bᵀ), J_p = ∂f(θ, x_p)/∂θ, g_p = ∇ℓ_p.
+For softmax cross-entropy and squared error the true Fisher equals the Gauss–Newton matrix.
+
+:func:`diagonal_inverse_sqrt` turns a diagonal metric into the map v -> (D + εI)^{-1/2} v that
+:mod:`sharpness_jax.riemannian` whitens the Hessian with. (The module is not called ``fisher``:
+``sharpness_jax.fisher`` is the Fisher operator itself.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sharpness_jax import checks, operators, subsets
+from sharpness_jax.objective import Batch, Objective
+from sharpness_jax.per_example import sum_examples
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+
+__all__ = ["diagonal_inverse_sqrt", "empirical_fisher_diagonal", "fisher_diagonal"]
+
+
+def empirical_fisher_diagonal(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> PyTree:
+    """diag F_emp = (1/n) Σ_p g_p ⊙ g_p, g_p = ∇θ ℓ_p(θ), exactly.
+
+    The squared PER-EXAMPLE gradients are summed, streamed over chunks of examples (memory
+    ``chunk_size`` × P); this is not the square of the batch gradient ḡ ⊙ ḡ.
+
+    Returns:
+      A pytree like ``params`` (or the subset's ``{path: leaf}`` dict).
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    grad = jax.grad(objective.example_loss)
+
+    def one(example):
+        x, y = example
+        return jax.tree_util.tree_map(jnp.square, grad(params, x, y))
+
+    total = sum_examples(one, tuple(batch), chunk_size=chunk_size)
+    return jax.tree_util.tree_map(lambda a: a / n, total)
+
+
+def fisher_diagonal(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+) -> PyTree:
+    """diag F = (1/n) Σ_p Σ_k (J_pᵀ B_p e_k)², the true Fisher's diagonal, exactly.
+
+    B_p = ``loss.output_fisher_factor(f_p)`` with F_out = B Bᵀ, so F = (1/n) Σ_p J_pᵀ B_p B_pᵀ J_p
+    and its diagonal is the sum over the K columns of B_p of the squared VJPs J_pᵀ B_p e_k.
+    K VJPs per example (one linearisation); memory ``chunk_size`` × K × P. Equals the diagonal
+    of the GGN for softmax cross-entropy and squared error.
+
+    Returns:
+      A pytree like ``params`` (or the subset's ``{path: leaf}`` dict).
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    factor = objective.loss.output_fisher_factor
+
+    def one(example):
+        x, _ = example
+        f, vjp = jax.vjp(lambda p: objective.predict(p, x), params)
+        columns = jax.vmap(lambda u: vjp(u)[0])(factor(f).T)  # row k: J_pᵀ B_p e_k
+        return jax.tree_util.tree_map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
+
+    total = sum_examples(one, tuple(batch), chunk_size=chunk_size)
+    return jax.tree_util.tree_map(lambda a: a / n, total)
+
+
+def diagonal_inverse_sqrt(diagonal: PyTree, *, damping: float = 0.0) -> MatVec:
+    """v -> (D + εI)^{-1/2} v for a diagonal metric D (a pytree of its entries).
+
+    Coordinates with D_ii + ε = 0 (possible only with ε = 0) are EXCLUDED: their entry is set
+    to 0, i.e. the pseudo-inverse square root, which restricts the problem to the other
+    coordinates.
+
+    Args:
+      diagonal: D_ii ≥ 0, a pytree shaped like the vectors.
+      damping: ε ≥ 0.
+    """
+    checks.check_nonnegative_scalar("damping", damping)
+    scale = jax.tree_util.tree_map(
+        lambda d: jnp.where(
+            d + damping > 0, 1 / jnp.sqrt(jnp.where(d + damping > 0, d + damping, 1)), 0
+        ),
+        diagonal,
+    )
+
+    def matvec(v):
+        return jax.tree_util.tree_map(jnp.multiply, scale, v)
+
+    return matvec
