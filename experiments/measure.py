@@ -49,8 +49,7 @@ def run(
     else:
         if config_json is None:
             raise ValueError("--params needs --config_json (what model and data they belong to)")
-        with open(config_json) as f:
-            config = training.resolve_config(json.load(f))
+        config = training.resolve_config(records.read_json(config_json))
         params = None
     config.measure.names = tuple(measures)
     config.measure.options = {k: v for k, v in options.items() if k in measures}
@@ -92,11 +91,9 @@ def main(argv) -> None:
         chunk_size=f.chunk_size,
         mesh=mesh,
     )
-    text = json.dumps(row, indent=1)
-    print(text)
+    print(json.dumps(row, indent=1))
     if f.output:
-        with open(f.output, "w") as out:
-            out.write(text + "\n")
+        records.write_json(f.output, row, sort_keys=False)
 
 
 def define_flags() -> None:

@@ -48,7 +48,7 @@ def test_smoke_writes_summary_figures_and_runs(smoke_study):
     for c in stored["checks"]:
         if c["claim"].startswith("the λ_max plateau"):
             # Spearman's ρ needs three batch sizes; the smoke preset has one.
-            assert c["value"] == "nan" and c["passed"] is None
+            assert c["value"] == "NaN" and c["passed"] is None
         else:
             assert isinstance(c["value"], float) and math.isfinite(c["value"])
             assert isinstance(c["passed"], bool)
