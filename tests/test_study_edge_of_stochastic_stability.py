@@ -107,19 +107,6 @@ def test_rerun_resumes_without_training(smoke_study, monkeypatch):
     assert elapsed < 0.5 * first_time
 
 
-def test_late_phase_and_median():
-    values = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, np.nan, 8.0, 9.0, 10.0]
-    np.testing.assert_array_equal(study.late_phase(values, 0.5), [6.0, 8.0, 9.0, 10.0])
-    np.testing.assert_array_equal(study.late_phase(values, 1.0), np.delete(values, 6))
-    np.testing.assert_array_equal(study.late_phase(values, 0.01), [10.0])  # never empty
-    assert study.late_median(values, 0.5) == pytest.approx(8.5)
-    assert study.late_median([3.0, 1.0, 2.0], 1.0) == 2.0
-    assert math.isnan(study.late_median([1.0, np.nan], 0.5))
-    assert study.late_phase([], 0.5).size == 0
-    with pytest.raises(ValueError, match="fraction"):
-        study.late_phase(values, 0.0)
-
-
 @pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
 def test_run_configs_validate(preset):
     config = study_config.get_config(preset)

@@ -23,14 +23,13 @@ is the last ``late_fraction`` of each run's measurements. Checks:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from experiments.studies import common
-from sharpness_jax import plots, sharpness
+from sharpness_jax import plots, series, sharpness
 
 NAME = "edge_of_stochastic_stability"
 
@@ -48,31 +47,6 @@ def _sgd_name(batch_size: int) -> str:
 
 
 GD_NAME = "gd"
-
-
-def late_phase(values: Sequence[float], fraction: float) -> np.ndarray:
-    """The finite values among the last ``fraction`` of ``values`` (at least the last one).
-
-    With m values, the late phase is ``values[floor(m·(1 − fraction)):]``; NaNs (steps at
-    which a quantity was not measured) are dropped.
-
-    Raises:
-      ValueError: unless 0 < fraction ≤ 1.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    values = np.asarray(values, float)
-    if values.size == 0:
-        return values
-    start = min(math.floor(values.size * (1 - fraction)), values.size - 1)
-    late = values[start:]
-    return late[np.isfinite(late)]
-
-
-def late_median(values: Sequence[float], fraction: float) -> float:
-    """The median of :func:`late_phase` (NaN when it is empty)."""
-    late = late_phase(values, fraction)
-    return float(np.median(late)) if late.size else math.nan
 
 
 def _run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -145,7 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
         }
         quantities = (*QUANTITIES, "gradient_rayleigh")
         for q in quantities:
-            median = late_median(c[q], fraction)
+            median = series.late_median(c[q], fraction=fraction)
             if math.isfinite(median):
                 entry[f"late_{q}"] = median
                 entry[f"late_{q}_ratio"] = median / threshold
