@@ -30,7 +30,7 @@ Run::
 
 import ml_collections
 
-from sharpness_jax import training
+from experiments.configs import new_study
 
 # The study's measurement, registered by ``experiments.studies.quotient_geometry``.
 MEASUREMENT = "quotient_geometry"
@@ -103,9 +103,7 @@ def _setup(model: dict, row: tuple) -> dict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = training.default_config()
+    c, base = new_study(preset)
     base.dataset = ml_collections.ConfigDict(
         {"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0}
     )
@@ -149,8 +147,6 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         {MEASUREMENT: {"generalised": False, "split": True, "zero_rtol": c.zero_rtol}}
     )
 
-    if preset not in _SETUPS:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
     c.models = ml_collections.ConfigDict(
         {
             name: {kind: _setup(_MODELS[name], row) for kind, row in setups.items()}
@@ -170,5 +166,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.num_log_measurements = 30
         c.orbit_points = 21
         c.orbit_random = 10
-    c.base = base
     return c

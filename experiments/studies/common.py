@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments import configs
 from sharpness_jax import plots, records, training
 
 __all__ = [
-    "PRESETS",
     "Check",
     "cached",
     "check_range",
@@ -43,17 +43,8 @@ __all__ = [
     "train_run",
 ]
 
-PRESETS = ("smoke", "quick", "paper")
-
 # The device mesh of the training runs of the study being run (see run_study).
 _MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("mesh", default=None)
-
-
-def check_preset(preset: str) -> str:
-    """Returns ``preset`` or raises for an unknown one."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    return preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +206,7 @@ def run_study(
       The summary: study, preset, passed (all evaluated checks passed and at least one was
       evaluated), checks, results, figures, elapsed seconds.
     """
-    check_preset(config.preset)
+    configs.check_preset(config.preset)
     workdir = records.init_workdir(workdir)
     records.write_config(workdir, config, force=force)
     start = time.time()
