@@ -796,6 +796,15 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
 # ================================================================ figures
 
 
+_LOG_LOG = {"xscale": "log", "yscale": "log"}
+
+
+def _finish(ax, *, legend_size: int = 7, **properties) -> None:
+    """``ax.set(**properties)`` (scales, labels, title) and a frameless legend."""
+    ax.set(**properties)
+    ax.legend(fontsize=legend_size, frameon=False)
+
+
 def _grid(rows: int, cols: int, width: float = 4.6, height: float = 3.4):
     """A figure of rows × cols axes with fixed margins (a layout engine would cost several
     times the drawing)."""
@@ -869,8 +878,9 @@ def _training_figure(workdir, plot_data) -> str:
         ax.plot(t["step"], t["train_loss"], label="train loss")
         ax.plot(t["step"], t["quotient_lambda_max"], label="λ_max(H) ambient")
         ax.plot(t["step"], t["quotient_reduced_lambda_max"], "--", label="λ_max(BᵀHB) reduced")
-        ax.set(yscale="log", xlabel="step", title=f"{model}: GD η={p['lr0']:g} (underdetermined)")
-        ax.legend(fontsize=7, frameon=False)
+        _finish(
+            ax, yscale="log", xlabel="step", title=f"{model}: GD η={p['lr0']:g} (underdetermined)"
+        )
         ax = axes[1, j]
         ax.plot(t["step"], t["quotient_ambient_zeros"], label="H ambient")
         ax.plot(t["step"], t["quotient_reduced_zeros"], label="BᵀHB reduced")
@@ -880,12 +890,12 @@ def _training_figure(workdir, plot_data) -> str:
         ):
             ax.axhline(value, ls=":", lw=1.0, color="gray")
             ax.annotate(label, (t["step"][-1], value), fontsize=7, ha="right", va="bottom")
-        ax.set(
+        _finish(
+            ax,
             xlabel="step",
             ylabel="near-zero eigenvalues",
             title=f"{model}: false-flat zero modes (m = {s['m']})",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "training", fig)
 
 
@@ -909,37 +919,35 @@ def _orbit_figure(workdir, plot_data, config) -> str:
         ax = axes[0, j]
         for label, y in curves.items():
             ax.plot(o["c"], np.abs(y), marker="o", ms=3, label=label, **styles[label])
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="rescaling c of every unit",
             ylabel="|λ_max|",
             title=f"{model}: orbit of the regular point (step {p['orbit_step']})",
         )
-        ax.legend(fontsize=7, frameon=False)
         om = p["orbit_min"]
         ax = axes[1, j]
         for label in ("λ_max(H) ambient", "λ_max(BᵀHB) reduced"):
             key = "ambient_lambda_max" if "ambient" in label else "reduced_lambda_max"
             ax.plot(om["c"], om[key], marker="o", ms=3, label=label, **styles[label])
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="rescaling c of every unit",
             ylabel="λ_max",
             title=f"{model}: orbit of the interpolating minimum",
         )
-        ax.legend(fontsize=7, frameon=False)
         ax = axes[2, j]
         ax.plot(om["c"], om["ambient_zeros"], marker="o", ms=3, label="H ambient")
         ax.plot(om["c"], om["reduced_zeros"], marker="o", ms=3, label="BᵀHB reduced")
-        ax.set(
+        _finish(
+            ax,
             xscale="log",
             xlabel="rescaling c of every unit",
             ylabel=f"#|λ| ≤ {config.zero_rtol:g}·λ_max(H)",
             title=f"{model}: near-zero eigenvalues along that orbit",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "orbit", fig)
 
 
@@ -962,14 +970,14 @@ def _split_figure(workdir, plot_data) -> str:
                 ax.plot(
                     s["step"][s["step"] > 0], y[s["step"] > 0], ls=ls, label=f"{what} ({label})"
                 )
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="step",
             ylabel="predictor change (RMS)",
             title=f"{model}: predictor change of the parts of SGD steps",
+            legend_size=6,
         )
-        ax.legend(fontsize=6, frameon=False)
     return _save(workdir, "split", fig)
 
 
@@ -981,24 +989,22 @@ def _conservation_figure(workdir, plot_data) -> str:
         for lr, (t, drift) in sorted(c["curves"].items()):
             ok = t > 0
             ax.plot(t[ok], np.maximum(drift[ok], np.finfo(float).tiny), label=f"η={lr:g}")
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="time η·step",
             ylabel="max_i |Q_i(t) − Q_i(0)| / scale",
             title=f"{model}: drift of k‖a_i‖² − ‖w_i‖² − b_i² along GD",
         )
-        ax.legend(fontsize=7, frameon=False)
         ax = axes[1, j]
         lrs, drift = np.array(c["learning_rates"]), np.array(c["drift_max"])
         ax.plot(lrs, drift, marker="o", label=f"measured (slope {c['slope']:.2f})")
         ax.plot(lrs, drift[-1] * lrs / lrs[-1], ls="--", color="gray", label="∝ η")
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="η",
             ylabel="max drift over the run",
             title=f"{model}: drift against the step size",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "conserved", fig)
