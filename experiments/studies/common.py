@@ -37,6 +37,7 @@ __all__ = [
     "cached",
     "check_range",
     "columns",
+    "diverged_check",
     "figure",
     "rank_correlation",
     "run_study",
@@ -94,6 +95,11 @@ def check_range(
     v = float(value)
     ok = (low is None or v >= low) and (high is None or v <= high)
     return Check(claim, v, expected, bool(ok), detail)
+
+
+def diverged_check(claim: str, step: int, consequence: str) -> Check:
+    """The check reported, not evaluated, for a run that diverged at ``step``."""
+    return Check(claim, None, "no divergence", None, f"diverged at step {step}: {consequence}")
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:

@@ -58,12 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
         curves[f"η={lr:g}"] = (steps, lam, loss, threshold)
         if result.status == "diverged":
             checks.append(
-                common.Check(
-                    f"GD at η={lr:g} trains",
-                    None,
-                    "no divergence",
-                    None,
-                    f"diverged at step {result.step}: reported, not an edge-of-stability run",
+                common.diverged_check(
+                    f"GD at η={lr:g} trains", result.step, "reported, not an edge-of-stability run"
                 )
             )
             continue

@@ -352,12 +352,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path):
         results[name] = entry
         if result.status == "diverged":
             checks.append(
-                common.Check(
-                    f"SGD with the {loss} loss trains",
-                    None,
-                    "no divergence",
-                    None,
-                    f"diverged at step {result.step}: no analysis",
+                common.diverged_check(
+                    f"SGD with the {loss} loss trains", result.step, "no analysis"
                 )
             )
             continue
