@@ -481,68 +481,62 @@ def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:
     return out
 
 
+def _train(config, workdir: Path, name: str, setup, *, every: int, generalised: bool, **overrides):
+    """Trains run ``name`` of ``setup`` (with dotted-path ``overrides``), measuring the study's
+    measurement every ``every`` steps and at the early log-spaced steps; returns its config."""
+    cfg = _run_config(
+        config,
+        setup,
+        **overrides,
+        **{
+            "measure.every": max(1, every),
+            "measure.num_log_steps": int(config.num_log_measurements),
+            "measure.options": _options(config, generalised=generalised),
+        },
+    )
+    common.train_run(workdir, name, cfg)
+    return cfg
+
+
 def _gd_runs(config, workdir: Path, model: str, setup) -> dict[float, tuple[str, Any]]:
     """GD at η₀·f for each f, all for the same time η·steps; {η: (run name, run config)}."""
     runs = {}
     lr0, steps0 = setup.optimizer.learning_rate, setup.max_steps
     for f in config.lr_factors:
         lr, steps = float(lr0 * f), round(steps0 / f)
-        cfg = _run_config(
-            config,
-            setup,
-            **{
-                "optimizer.name": "gd",
-                "optimizer.learning_rate": lr,
-                "max_steps": steps,
-                "measure.every": max(1, steps // config.measurements_per_run),
-                "measure.num_log_steps": int(config.num_log_measurements),
-                "measure.options": _options(config, generalised=False),
-            },
-        )
         name = f"{model}_gd_lr{lr:g}"
-        common.train_run(workdir, name, cfg)
-        runs[lr] = (name, cfg)
+        overrides = {"optimizer.name": "gd", "optimizer.learning_rate": lr, "max_steps": steps}
+        every = steps // config.measurements_per_run
+        runs[lr] = (
+            name,
+            _train(config, workdir, name, setup, every=every, generalised=False, **overrides),
+        )
     return runs
 
 
 def _sgd_run(config, workdir: Path, model: str, setup, lr0: float) -> str:
     """SGD with weight decay on the underdetermined setup; its steps are split."""
     sgd, steps = config.sgd, int(config.sgd.max_steps)
-    cfg = _run_config(
-        config,
-        setup,
-        **{
-            "optimizer.name": "sgd",
-            "optimizer.learning_rate": float(lr0 * sgd.lr_factor),
-            "optimizer.weight_decay": float(sgd.weight_decay),
-            "batch_size": int(sgd.batch_size),
-            "max_steps": steps,
-            "measure.every": max(1, steps // config.measurements_per_run),
-            "measure.num_log_steps": int(config.num_log_measurements),
-            "measure.options": _options(config, generalised=False),
-        },
-    )
+    overrides = {
+        "optimizer.name": "sgd",
+        "optimizer.learning_rate": float(lr0 * sgd.lr_factor),
+        "optimizer.weight_decay": float(sgd.weight_decay),
+        "batch_size": int(sgd.batch_size),
+        "max_steps": steps,
+    }
     name = f"{model}_sgd_wd{sgd.weight_decay:g}"
-    common.train_run(workdir, name, cfg)
+    every = steps // config.measurements_per_run
+    _train(config, workdir, name, setup, every=every, generalised=False, **overrides)
     return name
 
 
 def _regular_run(config, workdir: Path, model: str, setup) -> tuple[str, Any]:
     """GD on the regular setup, with the quotient curvature at every measurement."""
-    steps = int(setup.max_steps)
-    cfg = _run_config(
-        config,
-        setup,
-        **{
-            "optimizer.name": "gd",
-            "measure.every": max(1, steps // 4),
-            "measure.num_log_steps": int(config.num_log_measurements),
-            "measure.options": _options(config, generalised=True),
-        },
-    )
     name = f"{model}_regular_gd"
-    common.train_run(workdir, name, cfg)
-    return name, cfg
+    every = int(setup.max_steps) // 4
+    return name, _train(
+        config, workdir, name, setup, every=every, generalised=True, **{"optimizer.name": "gd"}
+    )
 
 
 def _conservation(workdir: Path, runs, k: int) -> dict[str, Any]:
