@@ -148,7 +148,8 @@ axes[1].set_ylim(0, 1.3 * max(np.nanmax(c["lambda_max"]) for c in columns.values
 #
 # The stability ratio λ_max/(2/η) = ηλ_max/2 puts both runs on one scale: gradient descent on
 # the local quadratic model is stable below 1. The run that reaches 1 stays near it; the
-# numbers below count the late measurements (after 2/η was first reached) and their spread.
+# numbers below summarise the late phase, `sj.series.late_phase(ratio, start=...)` from the
+# first measurement at 0.9·2/η (`sj.series.first_reached`), and its spread.
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
@@ -160,13 +161,13 @@ ax.legend(fontsize=8)
 
 for lr, c in columns.items():
     ratio = c["lambda_max"] * lr / 2
-    reached = np.flatnonzero(ratio >= 0.9)
-    if reached.size == 0:
+    first = sj.series.first_reached(ratio, 0.9)
+    if first is None:
         print(f"η = {lr}: λ_max/(2/η) rose from {ratio[0]:.2f} to {ratio[-1]:.2f}; never reached")
         continue
-    late = ratio[reached[0] :]
+    late = sj.series.late_phase(ratio, start=first)
     print(
-        f"η = {lr}: reached 0.9·2/η at step {int(c['step'][reached[0]])}; afterwards "
+        f"η = {lr}: reached 0.9·2/η at step {int(c['step'][first])}; afterwards "
         f"median λ_max/(2/η) = {np.median(late):.3f}, range [{late.min():.2f}, {late.max():.2f}]"
     )
 

@@ -157,18 +157,21 @@ for ax, (label, c) in zip(np.atleast_1d(axes), columns.items(), strict=True):
 # %% [markdown]
 # ## In the late phase
 #
-# Medians over the second half of the measurements, in units of 2/η. Expected: batch sharpness
+# Medians over the second half of the measurements (`sj.series.late_median(values,
+# fraction=0.5)`, the study's late phase), in units of 2/η. Expected: batch sharpness
 # close to 1 for both batch sizes (approached more slowly with the smaller batch on this small
 # problem), λ_max below 1 and larger for the larger batch.
 
 # %%
 for label, c in columns.items():
-    late = slice(len(c["step"]) // 2, None)
+    late = {
+        q: sj.series.late_median(c[q], fraction=0.5) / threshold
+        for q in ("lambda_max", "batch_sharpness", "gni")
+    }
     print(
         f"{label:8s} median over the late phase, relative to 2/η: "
-        f"λ_max {np.median(c['lambda_max'][late]) / threshold:.2f}, "
-        f"batch sharpness {np.median(c['batch_sharpness'][late]) / threshold:.2f}, "
-        f"GNI {np.median(c['gni'][late]) / threshold:.2f}"
+        f"λ_max {late['lambda_max']:.2f}, batch sharpness {late['batch_sharpness']:.2f}, "
+        f"GNI {late['gni']:.2f}"
     )
 
 # %% [markdown]

@@ -36,7 +36,7 @@ import optax
 from absl import app, flags
 
 import sharpness_jax as sj
-from sharpness_jax import data, models, noise, sharpness, training
+from sharpness_jax import data, models, noise, records, sharpness, training
 from sharpness_jax.config import default_config
 from sharpness_jax.programs import CompileCache
 
@@ -373,7 +373,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     result = run(repeats=f.repeats, chunk=f.chunk_size, with_w2=f.w2, with_w3=f.w3, small=f.small)
-    print(markdown(result) if f.markdown else json.dumps(result, indent=1))
+    print(markdown(result) if f.markdown else json.dumps(records.encode_value(result), indent=1))
 
 
 def define_flags() -> None:

@@ -54,8 +54,7 @@ def run(
     if run_dir is not None:
         stored = records.read_config(run_dir)
     else:
-        with open(config_json) as f:
-            stored = json.load(f)
+        stored = records.read_json(config_json)
     float64 = stored is not None and resolve_config(stored).dtype == "float64"
     with jax.enable_x64(True) if float64 else contextlib.nullcontext():
         if run_dir is not None:
@@ -102,11 +101,9 @@ def main(argv) -> None:
         chunk_size=f.chunk_size,
         mesh=mesh,
     )
-    text = json.dumps(row, indent=1)
-    print(text)
+    print(json.dumps(row, indent=1))
     if f.output:
-        with open(f.output, "w") as out:
-            out.write(text + "\n")
+        records.write_json(f.output, row, sort_keys=False)
 
 
 def define_flags() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import launch
+from experiments import configs, launch
 from experiments.studies import STUDIES, common
 
 
@@ -34,9 +34,7 @@ def study_module(name: str):
 def study_config(name: str, preset: str):
     """``get_config(preset)`` of study ``name``."""
     study_module(name)  # validates the name
-    return importlib.import_module(f"experiments.configs.{name}").get_config(
-        common.check_preset(preset)
-    )
+    return importlib.import_module(f"experiments.configs.{name}").get_config(preset)
 
 
 def run_all(
@@ -125,7 +123,7 @@ def main(argv) -> None:
 def define_flags() -> None:
     """The job's flags besides the shared --force / --mesh / --distributed of ``launch``."""
     flags.DEFINE_string("workdir", "runs/reproduce", "Where to write the studies and report.")
-    flags.DEFINE_enum("preset", "quick", common.PRESETS, "Preset of every study.")
+    flags.DEFINE_enum("preset", "quick", configs.PRESETS, "Preset of every study.")
     flags.DEFINE_list("studies", list(STUDIES), "Studies to run, in order.")
 
 

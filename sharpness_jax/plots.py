@@ -29,6 +29,19 @@ def _axes(ax=None, figsize=(5.0, 3.6)):
     return fig, ax
 
 
+def _finish(ax, *, xlabel: str, ylabel: str, title: str, logx=False, logy=False) -> None:
+    """Axis scales, labels, title and legend, the same on every figure."""
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+
+
 def curves(
     x: Mapping[str, np.ndarray] | np.ndarray,
     ys: Mapping[str, np.ndarray],
@@ -65,13 +78,7 @@ def curves(
     for label, value in (hlines or {}).items():
         color = next((c for name, c in colors.items() if name in label or label in name), "k")
         ax.axhline(value, ls="--", lw=1.0, color=color, label=label)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish(ax, xlabel=xlabel, ylabel=ylabel, title=title, logy=logy)
     return fig
 
 
@@ -101,13 +108,7 @@ def power_law(
             lw=1.5,
             label=f"γ = {gamma:.2f}",
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=True, logy=True)
     return fig
 
 
@@ -128,15 +129,7 @@ def scatter(
         ax.scatter(np.asarray(x, float), np.asarray(y, float), s=18, label=label)
         for i, text in enumerate((annotate or {}).get(label, ())):
             ax.annotate(text, (float(np.asarray(x)[i]), float(np.asarray(y)[i])), fontsize=6)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy)
     return fig
 
 
@@ -157,11 +150,7 @@ def spectra(
         finite = np.concatenate([np.abs(np.asarray(v, float)) for v in eigenvalues.values()])
         finite = finite[(finite > 0) & np.isfinite(finite)]
         ax.set_yscale("symlog", linthresh=float(np.quantile(finite, 0.1)) if finite.size else 1e-8)
-    ax.set_xlabel("index")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish(ax, xlabel="index", ylabel=ylabel, title=title)
     return fig
 
 

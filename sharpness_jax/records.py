@@ -66,6 +66,7 @@ __all__ = [
     "load_arrays",
     "metric_columns",
     "read_config",
+    "read_json",
     "read_metrics",
     "read_status",
     "restore_checkpoint",
@@ -73,6 +74,8 @@ __all__ = [
     "save_checkpoint",
     "truncate_metrics",
     "write_config",
+    "write_json",
+    "write_npz",
     "write_status",
 ]
 
@@ -103,14 +106,16 @@ def _fsync_dir(path: pathlib.Path) -> None:
             os.close(fd)
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, fsyncs it, and renames it over
-    ``path``: readers see the old or the new content, never a mixture."""
+@contextlib.contextmanager
+def _atomic_file(path: pathlib.Path):
+    """A binary file whose content replaces ``path`` when the block ends: it is written to a
+    temporary file beside ``path``, fsync'd and renamed over ``path``, so readers see the old
+    or the new content, never a mixture. On an error the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -121,22 +126,28 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-    text = json.dumps(encode_value(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, text.encode())
+def write_json(path: PathLike, value: Any, *, sort_keys: bool = True) -> None:
+    """Writes ``value`` (encoded by :func:`encode_value`) as indented JSON to ``path``,
+    atomically: a temporary file beside it, fsync'd, renamed over it."""
+    text = json.dumps(encode_value(value), indent=2, sort_keys=sort_keys, allow_nan=False)
+    with _atomic_file(pathlib.Path(path)) as f:
+        f.write((text + "\n").encode())
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def read_json(path: PathLike) -> Any:
+    """The JSON value stored in ``path``, non-finite floats decoded (:func:`decode_value`)."""
     with open(path, encoding="utf-8") as f:
         return decode_value(json.load(f))
 
 
-def init_workdir(workdir: PathLike) -> pathlib.Path:
-    """Creates ``workdir`` and its ``figures/`` and ``arrays/`` subdirectories.
+def write_npz(path: PathLike, arrays: Mapping[str, Any]) -> None:
+    """Saves ``arrays`` as an ``.npz`` file at ``path``, atomically like :func:`write_json`."""
+    with _atomic_file(pathlib.Path(path)) as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
-    Returns:
-      The workdir as a ``pathlib.Path``.
-    """
+
+def init_workdir(workdir: PathLike) -> pathlib.Path:
+    """Creates ``workdir`` and its ``figures/`` and ``arrays/``; returns it as a ``Path``."""
     path = pathlib.Path(workdir)
     for sub in ("", FIGURES_DIR, ARRAYS_DIR):
         (path / sub).mkdir(parents=True, exist_ok=True)
@@ -233,18 +244,14 @@ def config_differences(stored: Any, new: Any, *, ignore: Iterable[str] = ()) -> 
     a = _flatten(config_to_dict(stored))
     b = _flatten(config_to_dict(new))
     ignore = tuple(ignore)
-
-    def ignored(path):
-        return any(path == p or path.startswith(p + ".") for p in ignore)
-
     missing = object()
+    show = lambda v: "<absent>" if v is missing else json.dumps(v)
     lines = []
     for path in sorted(set(a) | set(b)):
-        if ignored(path):
+        if any(path == p or path.startswith(p + ".") for p in ignore):
             continue
         va, vb = a.get(path, missing), b.get(path, missing)
         if va != vb:
-            show = lambda v: "<absent>" if v is missing else json.dumps(v)
             lines.append(f"{path}: {show(va)} -> {show(vb)}")
     return lines
 
@@ -252,15 +259,11 @@ def config_differences(stored: Any, new: Any, *, ignore: Iterable[str] = ()) -> 
 def read_config(workdir: PathLike) -> dict[str, Any] | None:
     """The stored ``config.json`` as a dict, or None if there is none."""
     path = pathlib.Path(workdir) / CONFIG_FILE
-    return _read_json(path) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def write_config(
-    workdir: PathLike,
-    config: Any,
-    *,
-    ignore: Iterable[str] = (),
-    force: bool = False,
+    workdir: PathLike, config: Any, *, ignore: Iterable[str] = (), force: bool = False
 ) -> dict[str, Any]:
     """Writes ``config.json``, or checks the new config against the stored one.
 
@@ -285,7 +288,7 @@ def write_config(
     path = init_workdir(workdir) / CONFIG_FILE
     new = config_to_dict(config)
     if path.exists():
-        stored = _read_json(path)
+        stored = read_json(path)
         diffs = config_differences(stored, new, ignore=ignore)
         if diffs and not force:
             raise ConfigMismatchError(
@@ -298,7 +301,7 @@ def write_config(
             logging.warning("overriding the stored config of %s:\n  %s", path, "\n  ".join(diffs))
         if config_to_dict(stored) == new:
             return new
-    _atomic_write_json(path, new)
+    write_json(path, new)
     return new
 
 
@@ -307,6 +310,11 @@ def write_config(
 
 def _metrics_path(workdir: PathLike) -> pathlib.Path:
     return pathlib.Path(workdir) / METRICS_FILE
+
+
+def _json_line(row: Mapping[str, Any]) -> bytes:
+    """One metrics row as a compact JSON line ending in a newline."""
+    return (json.dumps(encode_value(row), allow_nan=False, separators=(",", ":")) + "\n").encode()
 
 
 def _parse_lines(data: bytes, path: pathlib.Path) -> tuple[list[dict[str, Any]], int]:
@@ -355,7 +363,8 @@ def _repair_tail(path: pathlib.Path) -> None:
             return
     data = path.read_bytes()
     _, good = _parse_lines(data, path)
-    _atomic_write_bytes(path, data[:good])
+    with _atomic_file(path) as f:
+        f.write(data[:good])
 
 
 def append_metrics(workdir: PathLike, row: Mapping[str, Any]) -> None:
@@ -370,12 +379,11 @@ def append_metrics(workdir: PathLike, row: Mapping[str, Any]) -> None:
     step = row.get("step")
     if isinstance(step, bool) or not isinstance(step, int | np.integer):
         raise ValueError(f"a metrics row needs an integer 'step', got {step!r}")
-    line = json.dumps(encode_value(dict(row)), allow_nan=False, separators=(",", ":")) + "\n"
     path = _metrics_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
     with open(path, "ab") as f:
-        f.write(line.encode())
+        f.write(_json_line(dict(row)))
         f.flush()
         os.fsync(f.fileno())
 
@@ -395,11 +403,10 @@ def truncate_metrics(workdir: PathLike, *, max_step: int | None) -> int:
     rows = read_metrics(workdir)
     keep = [r for r in rows if max_step is not None and r["step"] <= max_step]
     dropped = [r for r in rows if not (max_step is not None and r["step"] <= max_step)]
-    text = "".join(
-        json.dumps(encode_value(r), allow_nan=False, separators=(",", ":")) + "\n" for r in keep
-    )
-    if text.encode() != path.read_bytes():
-        _atomic_write_bytes(path, text.encode())
+    data = b"".join(_json_line(r) for r in keep)
+    if data != path.read_bytes():
+        with _atomic_file(path) as f:
+            f.write(data)
     kept_arrays = {r.get("arrays") for r in keep}
     for r in dropped:
         ref = r.get("arrays")
@@ -418,31 +425,23 @@ def metric_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     row lacks the column (integer arrays when every row has an integer); other columns are
     object arrays with None where missing.
     """
-    names = []
-    for row in rows:
-        names.extend(k for k in row if k not in names)
     columns = {}
-    for name in names:
+    for name in dict.fromkeys(k for row in rows for k in row):
         values = [row.get(name) for row in rows]
         present = [v for v in values if v is not None]
         numeric = all(
             isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
             for v in present
         )
-        if (
-            numeric
-            and len(present) == len(values)
-            and all(isinstance(v, int | np.integer) for v in present)
-        ):
+        if numeric and all(isinstance(v, int | np.integer) for v in values):  # no None
             columns[name] = np.asarray(values, dtype=np.int64)
         elif numeric and present:
             columns[name] = np.asarray(
                 [np.nan if v is None else float(v) for v in values], dtype=np.float64
             )
         else:
-            col = np.empty(len(values), dtype=object)
-            col[:] = values
-            columns[name] = col
+            columns[name] = np.empty(len(values), dtype=object)
+            columns[name][:] = values
     return columns
 
 
@@ -456,20 +455,7 @@ def save_arrays(workdir: PathLike, step: int, arrays: Mapping[str, Any]) -> str:
       The path relative to the workdir, to be stored in the step's row under ``"arrays"``.
     """
     rel = f"{ARRAYS_DIR}/step_{int(step):09d}.npz"
-    path = pathlib.Path(workdir) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    write_npz(pathlib.Path(workdir) / rel, arrays)
     return rel
 
 
@@ -487,15 +473,13 @@ def load_arrays(workdir: PathLike, row_or_path: Mapping[str, Any] | str) -> dict
 
 def write_status(workdir: PathLike, status: str, step: int, **extra: Any) -> None:
     """Writes ``status.json`` = ``{"status": status, "step": step, **extra}`` atomically."""
-    _atomic_write_json(
-        pathlib.Path(workdir) / STATUS_FILE, {"status": status, "step": int(step), **extra}
-    )
+    write_json(pathlib.Path(workdir) / STATUS_FILE, {"status": status, "step": int(step), **extra})
 
 
 def read_status(workdir: PathLike) -> dict[str, Any] | None:
     """The stored ``status.json``, or None."""
     path = pathlib.Path(workdir) / STATUS_FILE
-    return _read_json(path) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -545,10 +529,6 @@ def checkpoint_manager(workdir: PathLike, *, max_to_keep: int | None = 3):
     return ocp.CheckpointManager(directory, options=options)
 
 
-def _to_numpy_tree(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 def save_checkpoint(
     manager,
     step: int,
@@ -575,7 +555,7 @@ def save_checkpoint(
     }
     extra = {k: v for k, v in dict(extra or {}).items() if jax.tree_util.tree_leaves(v)}
     if extra:
-        items["extra"] = ocp.args.PyTreeSave(_to_numpy_tree(extra))
+        items["extra"] = ocp.args.PyTreeSave(jax.tree_util.tree_map(np.asarray, extra))
     manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
 
@@ -612,8 +592,6 @@ def restore_checkpoint(manager, template: PyTree, *, step: int | None = None) ->
     if has_extra:
         items["extra"] = ocp.args.PyTreeRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    extra = {}
-    if has_extra:
-        extra = jax.tree_util.tree_map(jnp.asarray, dict(restored["extra"]))
+    extra = jax.tree_util.tree_map(jnp.asarray, dict(restored["extra"])) if has_extra else {}
     meta = decode_value(dict(restored["meta"]))
     return Checkpoint(int(step), restored["state"], extra, meta)

@@ -2,15 +2,19 @@
 benchmark, on smoke-sized settings."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import ml_collections
+import numpy as np
 import pytest
 
 from experiments import benchmark, launch, reproduce
 from experiments import measure as measure_bin
 from experiments.studies import STUDIES, common
+from sharpness_jax import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,6 +76,47 @@ def test_a_changed_config_is_refused(tmp_path):
     config.learning_rates = (0.2,)
     with pytest.raises(ValueError, match="learning_rates"):
         common.run_study("edge_of_stability", study.run, config, tmp_path)
+
+
+def test_cached_analysis_and_summary_keep_non_finite_floats(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {
+            "nan": math.nan,
+            "inf": np.float64(np.inf),
+            "values": [1.0, -math.inf, np.nan],
+            "spectrum": np.concatenate([np.arange(64.0), [np.nan]]),  # > 64 numbers: npz
+            "name": "x",
+        }
+
+    first = common.cached(tmp_path, "analysis", compute)
+    text = (tmp_path / "analysis" / "analysis.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    # Resumed: read back from the cache, not recomputed; non-finite floats come back as floats.
+    again = common.cached(tmp_path, "analysis", compute)
+    assert len(calls) == 1
+    assert isinstance(again["nan"], float) and math.isnan(again["nan"])
+    assert again["inf"] == math.inf and again["name"] == "x"
+    assert again["values"][:2] == [1.0, -math.inf] and math.isnan(again["values"][2])
+    np.testing.assert_array_equal(again["spectrum"], first["spectrum"])
+
+    # summary.json speaks the same dialect as every other JSON file of the workdir.
+    def run(config, workdir):
+        check = common.check_range("a claim", math.nan, low=0.0)
+        return [check], {"ratio": math.nan, "peak": math.inf}, []
+
+    config = ml_collections.ConfigDict({"preset": "smoke"})
+    summary = common.run_study("fake", run, config, tmp_path / "study")
+    stored = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert stored["checks"][0]["value"] == "NaN" and stored["checks"][0]["passed"] is None
+    assert stored["results"] == {"ratio": "NaN", "peak": "Infinity"}
+    assert {k: v for k, v in summary.items() if k != "elapsed_s"} == {
+        k: v for k, v in stored.items() if k != "elapsed_s"
+    }
+    decoded = records.read_json(tmp_path / "study" / "summary.json")
+    assert math.isnan(decoded["results"]["ratio"]) and decoded["results"]["peak"] == math.inf
 
 
 def test_reproduce_validates_names_before_running(tmp_path):

@@ -168,6 +168,34 @@ def test_status_round_trip(tmp_path):
     }
 
 
+def test_json_and_npz_files_round_trip_atomically(tmp_path):
+    value = {"b": [1.0, math.nan], "a": {"x": -math.inf, "y": np.float32(0.5)}, "s": "nan"}
+    path = tmp_path / "sub" / "value.json"
+    records.write_json(path, value)
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert text.index('"a"') < text.index('"b"')  # sorted keys by default
+    back = records.read_json(path)
+    assert math.isnan(back["b"][1]) and back["a"] == {"x": -math.inf, "y": 0.5}
+    assert back["s"] == "nan"  # only "NaN", "Infinity" and "-Infinity" are reserved
+    records.write_json(path, {"z": 1, "a": 2}, sort_keys=False)
+    assert list(records.read_json(path)) == ["z", "a"]
+    records.write_npz(tmp_path / "sub" / "arrays.npz", {"v": np.arange(3.0)})
+    with np.load(tmp_path / "sub" / "arrays.npz") as data:
+        np.testing.assert_array_equal(data["v"], [0.0, 1.0, 2.0])
+
+    # A write that fails half-way leaves the old file and no temporary file behind.
+    class Broken:
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        records.write_npz(tmp_path / "sub" / "arrays.npz", {"v": Broken()})
+    with np.load(tmp_path / "sub" / "arrays.npz") as data:
+        np.testing.assert_array_equal(data["v"], [0.0, 1.0, 2.0])
+    assert sorted(os.listdir(tmp_path / "sub")) == ["arrays.npz", "value.json"]
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
 

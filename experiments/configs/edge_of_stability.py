@@ -14,13 +14,11 @@ Run::
 
 import ml_collections
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.loss.name = "squared_error_half"
     base.optimizer.name = "gd"
     base.model.update(name="mlp", activation="tanh", init="torch")
@@ -66,7 +64,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.measure.every = 100
         base.checkpoint_every = 1000
         c.learning_rates = (0.01, 0.02, 0.04)
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

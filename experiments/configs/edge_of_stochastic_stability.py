@@ -27,13 +27,11 @@ Run::
 
 import ml_collections
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.loss.name = "squared_error_sum"
     base.optimizer.name = "sgd"
     base.replace = False  # epoch-wise shuffling, as the published code's data loader
@@ -137,7 +135,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         )
         c.small_batch_sizes = (4, 8, 16)
         c.gd_max_steps = 10_000
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

@@ -18,7 +18,7 @@ Run::
 
 import ml_collections
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 
 def _setup(dataset: dict, widths: tuple[int, ...]) -> ml_collections.ConfigDict:
@@ -32,9 +32,7 @@ def _setup(dataset: dict, widths: tuple[int, ...]) -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.loss.name = "cross_entropy"
     base.optimizer.name = "sgd"
     # Stop rule: every net is trained to the same training loss (cross-entropy 0.01, as in
@@ -131,7 +129,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.chunk_size = 1000
         c.num_probes = 200
         c.probe_chunk = 10
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

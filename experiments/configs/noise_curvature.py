@@ -22,13 +22,11 @@ Run::
 
 import ml_collections
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.dataset.update(name="mnist5k", flatten=True)
     base.model.update(name="mlp", widths=(50, 50), activation="relu", bias=False, init="torch")
     base.optimizer.update(name="sgd", learning_rate=0.1)
@@ -92,7 +90,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.measure.every = 2000
         base.checkpoint_every = 4000
         c.analysis_examples = 5000
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

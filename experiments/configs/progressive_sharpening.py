@@ -20,13 +20,11 @@ Run::
 import ml_collections
 from ml_collections import config_dict
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.loss.name = "cross_entropy"
     base.optimizer.update(name="sgd", learning_rate=0.1)
     base.batch_size = 32
@@ -123,7 +121,4 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
                 "large_lr": {"optimizer": {"learning_rate": 0.2}},
             }
         )
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

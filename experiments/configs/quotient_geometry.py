@@ -30,24 +30,64 @@ Run::
 
 import ml_collections
 
-from sharpness_jax.config import default_config
+from experiments.configs import new_study
 
 # The study's measurement, a built-in one (``sharpness_jax.measurements``).
 MEASUREMENT = "quotient_geometry"
 
 
-def _setup(
-    *,
-    model: dict,
-    input_dim: int,
-    width: int,
-    num_outputs: int,
-    num_train: int,
-    teacher_width: int,
-    teacher_activation: str,
-    learning_rate: float,
-    max_steps: int,
-) -> dict:
+# The setups of each preset, one row each: (input_dim d, width m, num_outputs K, num_train n,
+# teacher width, teacher activation, learning rate η₀, max_steps). P counts the parameters.
+_SETUPS = {
+    "smoke": {
+        "relu": {
+            "underdetermined": (3, 4, 1, 6, 2, "relu", 0.2, 60),
+            "regular": (3, 3, 1, 13, 2, "tanh", 0.2, 30),
+        },
+        "quadratic": {
+            "underdetermined": (3, 4, 1, 4, 2, "relu", 0.02, 60),
+            "regular": (3, 2, 2, 4, 2, "relu", 0.05, 30),
+        },
+    },
+    "quick": {
+        "relu": {
+            # P = m(d + 2) = 70, n·K = 16 < P − m = 60.
+            "underdetermined": (5, 10, 1, 16, 4, "tanh", 0.2, 5000),
+            # P = 56, P − m = 48 ≤ n·K = 54 < P.
+            "regular": (5, 8, 1, 54, 4, "tanh", 0.2, 3000),
+        },
+        "quadratic": {
+            # P = m(d + K) = 60, n·K = 10 < dim Sym(5) = 15: underdetermined even in Q.
+            "underdetermined": (5, 10, 1, 10, 4, "relu", 0.02, 10000),
+            # P = 54, P − m = 48 ≤ n·K = 52 < P, and P − m ≤ K·dim Sym(7) = 56.
+            "regular": (7, 6, 2, 26, 4, "relu", 0.05, 3000),
+        },
+    },
+    "paper": {
+        "relu": {
+            # P = 600, n·K = 100 < P − m = 550.
+            "underdetermined": (10, 50, 1, 100, 5, "relu", 0.1, 50000),
+            # P = 240, P − m = 220 ≤ n·K = 230 < P.
+            "regular": (10, 20, 1, 230, 5, "tanh", 0.1, 20000),
+        },
+        "quadratic": {
+            # P = 550, n·K = 40 < dim Sym(10) = 55.
+            "underdetermined": (10, 50, 1, 40, 5, "relu", 0.005, 100000),
+            # P = 120, P − m = 110 = K·dim Sym(10) ≤ n·K = 116 < P.
+            "regular": (10, 10, 2, 58, 5, "relu", 0.02, 20000),
+        },
+    },
+}
+
+_MODELS = {
+    "relu": {"name": "shallow", "activation": "relu", "bias": True},
+    "quadratic": {"name": "quadratic"},
+}
+
+
+def _setup(model: dict, row: tuple) -> dict:
+    """The overrides of one setup (a row of ``_SETUPS``), nested like the config."""
+    input_dim, width, num_outputs, num_train, teacher_width, activation, lr, steps = row
     return {
         "model": {**model, "width": width},
         "dataset": {
@@ -55,17 +95,15 @@ def _setup(
             "num_outputs": num_outputs,
             "num_train": num_train,
             "teacher_width": teacher_width,
-            "teacher_activation": teacher_activation,
+            "teacher_activation": activation,
         },
-        "optimizer": {"learning_rate": learning_rate},
-        "max_steps": max_steps,
+        "optimizer": {"learning_rate": lr},
+        "max_steps": steps,
     }
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.preset = preset
-    base = default_config()
+    c, base = new_study(preset)
     base.dataset = ml_collections.ConfigDict(
         {"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0}
     )
@@ -77,8 +115,6 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     base.checkpoint_every = 0  # runs take seconds: the final checkpoint only
     base.log_every = 0
     base.progress_bar = False
-    relu = {"name": "shallow", "activation": "relu", "bias": True}
-    quadratic = {"name": "quadratic"}
 
     # The study's knobs.
     c.model_names = ("relu", "quadratic")  # the keys of `models`, in the order of the report
@@ -111,185 +147,23 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         {MEASUREMENT: {"generalised": False, "split": True, "zero_rtol": c.zero_rtol}}
     )
 
+    c.models = ml_collections.ConfigDict(
+        {
+            name: {kind: _setup(_MODELS[name], row) for kind, row in setups.items()}
+            for name, setups in _SETUPS[preset].items()
+        }
+    )
     if preset == "smoke":
-        c.models = ml_collections.ConfigDict(
-            {
-                "relu": {
-                    "underdetermined": _setup(
-                        model=relu,
-                        input_dim=3,
-                        width=4,
-                        num_outputs=1,
-                        num_train=6,
-                        teacher_width=2,
-                        teacher_activation="relu",
-                        learning_rate=0.2,
-                        max_steps=60,
-                    ),
-                    "regular": _setup(
-                        model=relu,
-                        input_dim=3,
-                        width=3,
-                        num_outputs=1,
-                        num_train=13,
-                        teacher_width=2,
-                        teacher_activation="tanh",
-                        learning_rate=0.2,
-                        max_steps=30,
-                    ),
-                },
-                "quadratic": {
-                    "underdetermined": _setup(
-                        model=quadratic,
-                        input_dim=3,
-                        width=4,
-                        num_outputs=1,
-                        num_train=4,
-                        teacher_width=2,
-                        teacher_activation="relu",
-                        learning_rate=0.02,
-                        max_steps=60,
-                    ),
-                    "regular": _setup(
-                        model=quadratic,
-                        input_dim=3,
-                        width=2,
-                        num_outputs=2,
-                        num_train=4,
-                        teacher_width=2,
-                        teacher_activation="relu",
-                        learning_rate=0.05,
-                        max_steps=30,
-                    ),
-                },
-            }
-        )
         c.lr_factors = (1.0, 0.5)
         c.measurements_per_run = 4
         c.sgd.update(batch_size=2, max_steps=20)
         c.num_log_measurements = 4
         c.orbit_points = 3
         c.orbit_random = 1
-    elif preset == "quick":
-        c.models = ml_collections.ConfigDict(
-            {
-                "relu": {
-                    # P = m(d + 2) = 70, n·K = 16 < P − m = 60.
-                    "underdetermined": _setup(
-                        model=relu,
-                        input_dim=5,
-                        width=10,
-                        num_outputs=1,
-                        num_train=16,
-                        teacher_width=4,
-                        teacher_activation="tanh",
-                        learning_rate=0.2,
-                        max_steps=5000,
-                    ),
-                    # P = 56, P − m = 48 ≤ n·K = 54 < P.
-                    "regular": _setup(
-                        model=relu,
-                        input_dim=5,
-                        width=8,
-                        num_outputs=1,
-                        num_train=54,
-                        teacher_width=4,
-                        teacher_activation="tanh",
-                        learning_rate=0.2,
-                        max_steps=3000,
-                    ),
-                },
-                "quadratic": {
-                    # P = m(d + K) = 60, n·K = 10 < dim Sym(5) = 15: underdetermined even in Q.
-                    "underdetermined": _setup(
-                        model=quadratic,
-                        input_dim=5,
-                        width=10,
-                        num_outputs=1,
-                        num_train=10,
-                        teacher_width=4,
-                        teacher_activation="relu",
-                        learning_rate=0.02,
-                        max_steps=10000,
-                    ),
-                    # P = 54, P − m = 48 ≤ n·K = 52 < P, and P − m ≤ K·dim Sym(7) = 56.
-                    "regular": _setup(
-                        model=quadratic,
-                        input_dim=7,
-                        width=6,
-                        num_outputs=2,
-                        num_train=26,
-                        teacher_width=4,
-                        teacher_activation="relu",
-                        learning_rate=0.05,
-                        max_steps=3000,
-                    ),
-                },
-            }
-        )
     elif preset == "paper":
-        c.models = ml_collections.ConfigDict(
-            {
-                "relu": {
-                    # P = 600, n·K = 100 < P − m = 550.
-                    "underdetermined": _setup(
-                        model=relu,
-                        input_dim=10,
-                        width=50,
-                        num_outputs=1,
-                        num_train=100,
-                        teacher_width=5,
-                        teacher_activation="relu",
-                        learning_rate=0.1,
-                        max_steps=50000,
-                    ),
-                    # P = 240, P − m = 220 ≤ n·K = 230 < P.
-                    "regular": _setup(
-                        model=relu,
-                        input_dim=10,
-                        width=20,
-                        num_outputs=1,
-                        num_train=230,
-                        teacher_width=5,
-                        teacher_activation="tanh",
-                        learning_rate=0.1,
-                        max_steps=20000,
-                    ),
-                },
-                "quadratic": {
-                    # P = 550, n·K = 40 < dim Sym(10) = 55.
-                    "underdetermined": _setup(
-                        model=quadratic,
-                        input_dim=10,
-                        width=50,
-                        num_outputs=1,
-                        num_train=40,
-                        teacher_width=5,
-                        teacher_activation="relu",
-                        learning_rate=0.005,
-                        max_steps=100000,
-                    ),
-                    # P = 120, P − m = 110 = K·dim Sym(10) ≤ n·K = 116 < P.
-                    "regular": _setup(
-                        model=quadratic,
-                        input_dim=10,
-                        width=10,
-                        num_outputs=2,
-                        num_train=58,
-                        teacher_width=5,
-                        teacher_activation="relu",
-                        learning_rate=0.02,
-                        max_steps=20000,
-                    ),
-                },
-            }
-        )
         c.measurements_per_run = 100
         c.sgd.update(batch_size=10, max_steps=20000)
         c.num_log_measurements = 30
         c.orbit_points = 21
         c.orbit_random = 10
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose smoke, quick or paper")
-    c.base = base
     return c

@@ -17,7 +17,6 @@ analyses are read back, the interrupted run resumes from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -29,29 +28,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from experiments import configs
 from sharpness_jax import plots, records, training
 from sharpness_jax.programs import CompileCache
 
 __all__ = [
-    "PRESETS",
     "Check",
     "cached",
     "check_range",
     "columns",
+    "diverged_check",
     "figure",
     "rank_correlation",
     "run_study",
     "train_run",
 ]
-
-PRESETS = ("smoke", "quick", "paper")
-
-
-def check_preset(preset: str) -> str:
-    """Returns ``preset`` or raises for an unknown one."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-    return preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +64,9 @@ class Check:
     detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The check as a JSON-ready dict (``records.encode_value``: NaN is ``"NaN"``)."""
         value = None if self.value is None else float(self.value)
-        if value is not None and not math.isfinite(value):
-            value = str(value)
-        return {**dataclasses.asdict(self), "value": value}
+        return records.encode_value({**dataclasses.asdict(self), "value": value})
 
 
 def check_range(
@@ -102,6 +92,11 @@ def check_range(
     v = float(value)
     ok = (low is None or v >= low) and (high is None or v <= high)
     return Check(claim, v, expected, bool(ok), detail)
+
+
+def diverged_check(claim: str, step: int, consequence: str) -> Check:
+    """The check reported, not evaluated, for a run that diverged at ``step``."""
+    return Check(claim, None, "no divergence", None, f"diverged at step {step}: {consequence}")
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
@@ -172,46 +167,29 @@ def columns(workdir: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
     return records.metric_columns(records.read_metrics(Path(workdir) / "runs" / name))
 
 
-def _to_json(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_json(v) for v in value]
-    if isinstance(value, np.ndarray | np.generic) or hasattr(value, "__array__"):
-        arr = np.asarray(value)
-        return _to_json(arr.tolist()) if arr.ndim else _to_json(arr.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def cached(
     workdir: str | os.PathLike, name: str, compute: Callable[[], Mapping[str, Any]]
 ) -> dict[str, Any]:
     """``compute()`` once, saved in ``workdir/analysis/<name>.json``; read back afterwards.
 
-    Arrays of more than 64 numbers go to ``<name>.npz`` beside it. Writes are atomic, so an
+    Arrays of more than 64 numbers go to ``<name>.npz`` beside it. Values are stored and read
+    back by ``records`` (non-finite floats come back as floats). Writes are atomic, so an
     analysis killed midway is recomputed on the next run.
     """
     folder = Path(workdir) / "analysis"
     json_path, npz_path = folder / f"{name}.json", folder / f"{name}.npz"
     if json_path.exists():
-        result = json.loads(json_path.read_text())
+        result = records.read_json(json_path)
         if npz_path.exists():
             with np.load(npz_path) as arrays:
                 result.update({k: arrays[k] for k in arrays.files})
         return result
-    folder.mkdir(parents=True, exist_ok=True)
     result = dict(compute())
     big = {k: np.asarray(v) for k, v in result.items() if np.ndim(v) and np.size(v) > 64}
     small = {k: v for k, v in result.items() if k not in big}
     if big:
-        tmp = npz_path.with_suffix(".tmp.npz")
-        np.savez(tmp, **big)
-        os.replace(tmp, npz_path)
-    tmp = json_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_to_json(small), indent=1, sort_keys=True))
-    os.replace(tmp, json_path)  # last: its presence marks the analysis complete
+        records.write_npz(npz_path, big)
+    records.write_json(json_path, small)  # last: its presence marks the analysis complete
     return {**small, **big}
 
 
@@ -248,7 +226,7 @@ def run_study(
       The summary: study, preset, passed (all evaluated checks passed and at least one was
       evaluated), checks, results, figures, elapsed seconds.
     """
-    check_preset(config.preset)
+    configs.check_preset(config.preset)
     workdir = records.init_workdir(workdir)
     records.write_config(workdir, config, force=force)
     start = time.time()
@@ -260,13 +238,11 @@ def run_study(
         "preset": config.preset,
         "passed": bool(evaluated) and all(evaluated),
         "checks": [c.to_dict() for c in checks],
-        "results": _to_json(results),
+        "results": records.encode_value(results),
         "figures": list(figures),
         "elapsed_s": time.time() - start,
     }
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, workdir / "summary.json")
+    records.write_json(workdir / "summary.json", summary, sort_keys=False)
     for c in checks:
         mark = {True: "PASS", False: "FAIL", None: "n/a"}[c.passed]
         logging.info("[%s] %s: %s (expected %s)", mark, c.claim, c.value, c.expected)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from experiments.studies import common
-from sharpness_jax import plots, sharpness
+from sharpness_jax import plots, series, sharpness
 
 NAME = "edge_of_stability"
 
@@ -39,9 +39,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
         steps, lam, loss = cols["step"], cols["lambda_max"], cols["train_loss"]
         threshold = sharpness.stability_threshold(float(lr))
         ratio = lam / threshold
-        reached = np.flatnonzero(ratio >= 0.9)
-        first = int(reached[0]) if reached.size else None
-        late = ratio[int(len(ratio) * (1 - config.late_fraction)) :]
+        first = series.first_reached(ratio, 0.9)
+        late = series.late_phase(ratio, fraction=config.late_fraction)
         entry = {
             "learning_rate": float(lr),
             "threshold": threshold,
@@ -59,12 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
         curves[f"η={lr:g}"] = (steps, lam, loss, threshold)
         if result.status == "diverged":
             checks.append(
-                common.Check(
-                    f"GD at η={lr:g} trains",
-                    None,
-                    "no divergence",
-                    None,
-                    f"diverged at step {result.step}: reported, not an edge-of-stability run",
+                common.diverged_check(
+                    f"GD at η={lr:g} trains", result.step, "reported, not an edge-of-stability run"
                 )
             )
             continue

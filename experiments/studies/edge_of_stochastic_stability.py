@@ -23,14 +23,13 @@ is the last ``late_fraction`` of each run's measurements. Checks:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
 from experiments.studies import common
-from sharpness_jax import plots, sharpness
+from sharpness_jax import plots, series, sharpness
 
 NAME = "edge_of_stochastic_stability"
 
@@ -48,31 +47,6 @@ def _sgd_name(batch_size: int) -> str:
 
 
 GD_NAME = "gd"
-
-
-def late_phase(values: Sequence[float], fraction: float) -> np.ndarray:
-    """The finite values among the last ``fraction`` of ``values`` (at least the last one).
-
-    With m values, the late phase is ``values[floor(m·(1 − fraction)):]``; NaNs (steps at
-    which a quantity was not measured) are dropped.
-
-    Raises:
-      ValueError: unless 0 < fraction ≤ 1.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    values = np.asarray(values, float)
-    if values.size == 0:
-        return values
-    start = min(math.floor(values.size * (1 - fraction)), values.size - 1)
-    late = values[start:]
-    return late[np.isfinite(late)]
-
-
-def late_median(values: Sequence[float], fraction: float) -> float:
-    """The median of :func:`late_phase` (NaN when it is empty)."""
-    late = late_phase(values, fraction)
-    return float(np.median(late)) if late.size else math.nan
 
 
 def _run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -114,59 +88,74 @@ def _nan_column(cols: dict[str, np.ndarray], name: str) -> np.ndarray:
     return cols[name].astype(float) if name in cols else np.full(len(cols["step"]), np.nan)
 
 
+def _curves(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The columns of one run that the results and figures read (NaN where not measured)."""
+    return {
+        "step": cols["step"].astype(float),
+        "train_loss": _nan_column(cols, "train_loss"),
+        "gradient_rayleigh": _nan_column(cols, "gradient_rayleigh"),
+        **{q: _nan_column(cols, q) for q in QUANTITIES},
+        "batch_sharpness_stderr": _nan_column(cols, "batch_sharpness_stderr"),
+        "batch_lambda_max_stderr": _nan_column(cols, "batch_lambda_max_stderr"),
+        "gni_stderr": _nan_column(cols, "gni_stderr"),
+    }
+
+
+def _entry(result, c: dict[str, np.ndarray], threshold: float, fraction: float) -> dict:
+    """The results of one run: status, final loss, initial λ_max, and the late median of
+    every measured quantity with its ratio to 2/η."""
+    entry = {
+        "status": result.status,
+        "steps": int(result.step),
+        "final_loss": float(c["train_loss"][-1]),
+        "lambda_max_initial": float(c["lambda_max"][0]),
+    }
+    quantities = (*QUANTITIES, "gradient_rayleigh")
+    for q in quantities:
+        median = series.late_median(c[q], fraction=fraction)
+        if math.isfinite(median):
+            entry[f"late_{q}"] = median
+            entry[f"late_{q}_ratio"] = median / threshold
+    return entry
+
+
 def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
     lr = float(config.learning_rate)
     threshold = float(sharpness.stability_threshold(lr))
     fraction = float(config.late_fraction)
     results: dict = {"learning_rate": lr, "threshold": threshold}
     curves: dict[str, dict[str, np.ndarray]] = {}
-    checks: list[common.Check] = []
     statuses = {}
-
     for name, run_cfg in _run_configs(config).items():
-        result = common.train_run(workdir, name, run_cfg, mesh=mesh, cache=cache)
-        statuses[name] = result
-        cols = common.columns(workdir, name)
-        curves[name] = {
-            "step": cols["step"].astype(float),
-            "train_loss": _nan_column(cols, "train_loss"),
-            "gradient_rayleigh": _nan_column(cols, "gradient_rayleigh"),
-            **{q: _nan_column(cols, q) for q in QUANTITIES},
-            "batch_sharpness_stderr": _nan_column(cols, "batch_sharpness_stderr"),
-            "batch_lambda_max_stderr": _nan_column(cols, "batch_lambda_max_stderr"),
-            "gni_stderr": _nan_column(cols, "gni_stderr"),
-        }
-        c = curves[name]
-        entry = {
-            "status": result.status,
-            "steps": int(result.step),
-            "final_loss": float(c["train_loss"][-1]),
-            "lambda_max_initial": float(c["lambda_max"][0]),
-        }
-        quantities = (*QUANTITIES, "gradient_rayleigh")
-        for q in quantities:
-            median = late_median(c[q], fraction)
-            if math.isfinite(median):
-                entry[f"late_{q}"] = median
-                entry[f"late_{q}_ratio"] = median / threshold
-        results[name] = entry
+        statuses[name] = common.train_run(workdir, name, run_cfg, mesh=mesh, cache=cache)
+        curves[name] = _curves(common.columns(workdir, name))
+        results[name] = _entry(statuses[name], curves[name], threshold, fraction)
 
     sgd = [(int(b), _sgd_name(int(b))) for b in config.batch_sizes]
     trained = {
         name: statuses[name].status != "diverged" for name in (*(n for _, n in sgd), GD_NAME)
     }
-    for name, ok in trained.items():
-        if not ok:
-            checks.append(
-                common.Check(
-                    f"{name} trains at η={lr:g}",
-                    None,
-                    "no divergence",
-                    None,
-                    f"diverged at step {statuses[name].step}: its checks are not evaluated",
-                )
-            )
+    checks = [
+        common.diverged_check(
+            f"{name} trains at η={lr:g}", statuses[name].step, "its checks are not evaluated"
+        )
+        for name, ok in trained.items()
+        if not ok
+    ]
+    checks += _checks(config, results, sgd, trained, fraction)
+    figures = [
+        _trajectories_figure(workdir, curves, sgd, threshold),
+        _plateau_figure(
+            workdir, results, sgd, threshold, fraction, config.base.dataset.get("num_train")
+        ),
+        _loss_figure(workdir, curves, sgd),
+    ]
+    return checks, results, figures
 
+
+def _checks(config, results: dict, sgd, trained: dict[str, bool], fraction: float):
+    """The claim checks of the runs that trained; adds the plateau trend to ``results``."""
+    checks = []
     detail = f"median over the last {fraction:.0%} of measurements"
     for b, name in sgd:
         if trained[name]:
@@ -215,15 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
                 detail=detail,
             )
         )
-
-    figures = [
-        _trajectories_figure(workdir, curves, sgd, threshold),
-        _plateau_figure(
-            workdir, results, sgd, threshold, fraction, config.base.dataset.get("num_train")
-        ),
-        _loss_figure(workdir, curves, sgd),
-    ]
-    return checks, results, figures
+    return checks
 
 
 _COLORS = {

@@ -353,12 +353,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
         results[name] = entry
         if result.status == "diverged":
             checks.append(
-                common.Check(
-                    f"SGD with the {loss} loss trains",
-                    None,
-                    "no divergence",
-                    None,
-                    f"diverged at step {result.step}: no analysis",
+                common.diverged_check(
+                    f"SGD with the {loss} loss trains", result.step, "no analysis"
                 )
             )
             continue
@@ -481,7 +477,13 @@ def _loss_comparison_checks(config, results) -> list[common.Check]:
 # ---------------------------------------------------------------------------------- figures
 
 
-def _grid(config, analyses, figsize_per=(3.6, 3.0)):
+def _panel_label(loss: str, layer: str, sep: str = ", ") -> str:
+    return f"{_LOSS_LABELS.get(loss, loss)}{sep}{layer.split('/')[-2]}"
+
+
+def _panels(config, analyses, figsize_per=(3.6, 3.0)):
+    """A figure with a row per loss and a column per layer, and ``(ax, loss, layer, analysis)``
+    for every panel that has an analysis (the others are left blank)."""
     import matplotlib.pyplot as plt
 
     losses = [loss for loss in config.losses if any(k[0] == loss for k in analyses)]
@@ -493,74 +495,62 @@ def _grid(config, analyses, figsize_per=(3.6, 3.0)):
         constrained_layout=True,
         squeeze=False,
     )
-    return fig, axes, losses
+    panels = []
+    for i, loss in enumerate(losses):
+        for j, layer in enumerate(config.layers):
+            an = analyses.get((loss, layer))
+            if an is None:
+                axes[i, j].set_axis_off()
+            else:
+                panels.append((axes[i, j], loss, layer, an))
+    return fig, panels
 
 
 def _power_law_figure(workdir, config, analyses, basis: str) -> str:
-    fig, axes, losses = _grid(config, analyses)
-    for i, loss in enumerate(losses):
-        for j, layer in enumerate(config.layers):
-            ax = axes[i, j]
-            an = analyses.get((loss, layer))
-            if an is None:
-                ax.set_axis_off()
-                continue
-            fit = _fit(an, basis)
-            title = f"{_LOSS_LABELS.get(loss, loss)}, {layer.split('/')[-2]}"
-            if basis == "eigen":
-                n = int(an["num_eigen"])
-                x, y = np.asarray(an["eigenvalues"]), np.asarray(an["c_eigen"])
-                pos = (x > 0) & (y > 0)
-                ax.scatter(x[n:][pos[n:]], y[n:][pos[n:]], s=3, c="0.75", label="beyond top N")
-                plots.power_law(
-                    x[:n],
-                    y[:n],
-                    gamma=fit["gamma"],
-                    intercept=fit["intercept"],
-                    label=f"top {n} (R² = {fit['r2']:.2f})",
-                    xlabel="Hessian eigenvalue λ_i",
-                    ylabel="v_iᵀ C v_i",
-                    title=title,
-                    ax=ax,
-                )
-            else:
-                plots.power_law(
-                    np.asarray(an["h_diag"]),
-                    np.asarray(an["c_diag"]),
-                    gamma=fit["gamma"],
-                    intercept=fit["intercept"],
-                    label=f"coordinates (R² = {fit['r2']:.2f})",
-                    xlabel="H_ii",
-                    ylabel="C_ii",
-                    title=title,
-                    ax=ax,
-                )
+    fig, panels = _panels(config, analyses)
+    for ax, loss, layer, an in panels:
+        fit = _fit(an, basis)
+        if basis == "eigen":
+            n = int(an["num_eigen"])
+            x, y = np.asarray(an["eigenvalues"]), np.asarray(an["c_eigen"])
+            pos = (x > 0) & (y > 0)
+            ax.scatter(x[n:][pos[n:]], y[n:][pos[n:]], s=3, c="0.75", label="beyond top N")
+            x, y = x[:n], y[:n]
+            label, xlabel, ylabel = f"top {n}", "Hessian eigenvalue λ_i", "v_iᵀ C v_i"
+        else:
+            x, y = np.asarray(an["h_diag"]), np.asarray(an["c_diag"])
+            label, xlabel, ylabel = "coordinates", "H_ii", "C_ii"
+        plots.power_law(
+            x,
+            y,
+            gamma=fit["gamma"],
+            intercept=fit["intercept"],
+            label=f"{label} (R² = {fit['r2']:.2f})",
+            xlabel=xlabel,
+            ylabel=ylabel,
+            title=_panel_label(loss, layer),
+            ax=ax,
+        )
     name = "power_law_eigenbasis" if basis == "eigen" else "power_law_coordinates"
     return common.figure(workdir, name, fig)
 
 
 def _second_moment_figure(workdir, config, analyses) -> str:
-    fig, axes, losses = _grid(config, analyses)
-    for i, loss in enumerate(losses):
-        for j, layer in enumerate(config.layers):
-            ax = axes[i, j]
-            an = analyses.get((loss, layer))
-            if an is None:
-                ax.set_axis_off()
-                continue
-            n = int(an["num_eigen"])
-            fit = _fit(an, "eigen_c_vs_second_moment")
-            plots.power_law(
-                np.asarray(an["e_eigen"]),
-                np.asarray(an["c_eigen"])[:n],
-                gamma=fit["gamma"],
-                intercept=fit["intercept"],
-                label=f"top {n} eigendirections (R² = {fit['r2']:.2f})",
-                xlabel="v_iᵀ E_p[h_p²] v_i",
-                ylabel="v_iᵀ C v_i",
-                title=f"C ∝ E_p[h_p²]? {_LOSS_LABELS.get(loss, loss)}, {layer.split('/')[-2]}",
-                ax=ax,
-            )
+    fig, panels = _panels(config, analyses)
+    for ax, loss, layer, an in panels:
+        n = int(an["num_eigen"])
+        fit = _fit(an, "eigen_c_vs_second_moment")
+        plots.power_law(
+            np.asarray(an["e_eigen"]),
+            np.asarray(an["c_eigen"])[:n],
+            gamma=fit["gamma"],
+            intercept=fit["intercept"],
+            label=f"top {n} eigendirections (R² = {fit['r2']:.2f})",
+            xlabel="v_iᵀ E_p[h_p²] v_i",
+            ylabel="v_iᵀ C v_i",
+            title=f"C ∝ E_p[h_p²]? {_panel_label(loss, layer)}",
+            ax=ax,
+        )
     return common.figure(workdir, "covariance_vs_second_moment", fig)
 
 
@@ -569,7 +559,7 @@ def _commutator_figure(workdir, config, analyses) -> str:
 
     keys = [(loss, layer) for loss in config.losses for layer in config.layers]
     keys = [k for k in keys if k in analyses]
-    labels = [f"{_LOSS_LABELS.get(loss, loss)}\n{layer.split('/')[-2]}" for loss, layer in keys]
+    labels = [_panel_label(loss, layer, "\n") for loss, layer in keys]
     measured = [float(np.asarray(analyses[k]["relative_commutator"])) for k in keys]
     base = [float(np.asarray(analyses[k]["baseline_mean"])) for k in keys]
     std = [float(np.nan_to_num(np.asarray(analyses[k]["baseline_std"]))) for k in keys]
@@ -610,7 +600,7 @@ def _gamma_figure(workdir, config, results) -> str:
                     label=fit_label if not ticks else None,
                 )
             ticks.append(x + 0.2)
-            labels.append(f"{_LOSS_LABELS.get(loss, loss)}\n{layer.split('/')[-2]}")
+            labels.append(_panel_label(loss, layer, "\n"))
             x += 1.0
     low, high = config.gamma_bounds
     ax.axhspan(low, high, color="0.9", zorder=0, label=f"{low:g} ≤ γ ≤ {high:g}")

@@ -395,17 +395,15 @@ def _styles(variant_of: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def _figure_curves(workdir, runs, styles, col) -> str:
+def _epoch_figure(workdir, name: str, runs, styles, panels, **axis) -> str:
+    """Two panels of curves against the epoch, one curve per run; ``panels`` holds
+    ``(curve key, ylabel, title)`` of each, ``axis`` further axis properties (e.g. yscale)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    panels = (
-        ("lambda_max", "λ_max(H)", "sharpness over training"),
-        ("jacobian", _jacobian_label(col), "input–output Jacobian norm over training"),
-    )
     for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
-        for name, r in runs.items():
-            st = styles[name]
+        for run_name, r in runs.items():
+            st = styles[run_name]
             ax.plot(
                 r["curves"]["epoch"],
                 r["curves"][key],
@@ -414,10 +412,18 @@ def _figure_curves(workdir, runs, styles, col) -> str:
                 lw=1.3,
                 label=st["label"],
             )
-        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set(xlabel="epoch", ylabel=ylabel, **axis)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=7, frameon=False)
-    return common.figure(workdir, "lambda_max_and_jacobian", fig)
+    return common.figure(workdir, name, fig)
+
+
+def _figure_curves(workdir, runs, styles, col) -> str:
+    panels = (
+        ("lambda_max", "λ_max(H)", "sharpness over training"),
+        ("jacobian", _jacobian_label(col), "input–output Jacobian norm over training"),
+    )
+    return _epoch_figure(workdir, "lambda_max_and_jacobian", runs, styles, panels)
 
 
 def _figure_scatter(workdir, runs, styles, col) -> str:
@@ -461,9 +467,6 @@ def _figure_gaps(workdir, entries, styles, gap_corr, col) -> str:
 
 
 def _figure_ratios(workdir, runs, styles) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     panels = (
         ("ratio_jacobian", "λ_max / max_p ‖J_p‖₂²", "sharpness over the squared Jacobian norm"),
         (
@@ -472,21 +475,7 @@ def _figure_ratios(workdir, runs, styles) -> str:
             "sharpness over the input-space Gauss–Newton curvature",
         ),
     )
-    for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
-        for name, r in runs.items():
-            st = styles[name]
-            ax.plot(
-                r["curves"]["epoch"],
-                r["curves"][key],
-                color=st["color"],
-                ls=st["ls"],
-                lw=1.3,
-                label=st["label"],
-            )
-        ax.set(xlabel="epoch", ylabel=ylabel, yscale="log")
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7, frameon=False)
-    return common.figure(workdir, "theory_ratios", fig)
+    return _epoch_figure(workdir, "theory_ratios", runs, styles, panels, yscale="log")
 
 
 def _jacobian_label(col: str) -> str:

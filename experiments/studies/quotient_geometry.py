@@ -275,6 +275,34 @@ def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:
     return out
 
 
+def _train(
+    config,
+    workdir: Path,
+    name: str,
+    setup,
+    *,
+    every: int,
+    generalised: bool,
+    mesh,
+    cache,
+    **overrides,
+):
+    """Trains run ``name`` of ``setup`` (with dotted-path ``overrides``), measuring the study's
+    measurement every ``every`` steps and at the early log-spaced steps; returns its config."""
+    cfg = _run_config(
+        config,
+        setup,
+        **overrides,
+        **{
+            "measure.every": max(1, every),
+            "measure.num_log_steps": int(config.num_log_measurements),
+            "measure.options": _options(config, generalised=generalised),
+        },
+    )
+    common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
+    return cfg
+
+
 def _gd_runs(
     config, workdir: Path, model: str, setup, *, mesh=None, cache=None
 ) -> dict[float, tuple[str, Any]]:
@@ -283,43 +311,49 @@ def _gd_runs(
     lr0, steps0 = setup.optimizer.learning_rate, setup.max_steps
     for f in config.lr_factors:
         lr, steps = float(lr0 * f), round(steps0 / f)
-        cfg = _run_config(
-            config,
-            setup,
-            **{
-                "optimizer.name": "gd",
-                "optimizer.learning_rate": lr,
-                "max_steps": steps,
-                "measure.every": max(1, steps // config.measurements_per_run),
-                "measure.num_log_steps": int(config.num_log_measurements),
-                "measure.options": _options(config, generalised=False),
-            },
-        )
         name = f"{model}_gd_lr{lr:g}"
-        common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
-        runs[lr] = (name, cfg)
+        overrides = {"optimizer.name": "gd", "optimizer.learning_rate": lr, "max_steps": steps}
+        every = steps // config.measurements_per_run
+        runs[lr] = (
+            name,
+            _train(
+                config,
+                workdir,
+                name,
+                setup,
+                every=every,
+                generalised=False,
+                mesh=mesh,
+                cache=cache,
+                **overrides,
+            ),
+        )
     return runs
 
 
 def _sgd_run(config, workdir: Path, model: str, setup, lr0: float, *, mesh=None, cache=None) -> str:
     """SGD with weight decay on the underdetermined setup; its steps are split."""
     sgd, steps = config.sgd, int(config.sgd.max_steps)
-    cfg = _run_config(
-        config,
-        setup,
-        **{
-            "optimizer.name": "sgd",
-            "optimizer.learning_rate": float(lr0 * sgd.lr_factor),
-            "optimizer.weight_decay": float(sgd.weight_decay),
-            "batch_size": int(sgd.batch_size),
-            "max_steps": steps,
-            "measure.every": max(1, steps // config.measurements_per_run),
-            "measure.num_log_steps": int(config.num_log_measurements),
-            "measure.options": _options(config, generalised=False),
-        },
-    )
+    overrides = {
+        "optimizer.name": "sgd",
+        "optimizer.learning_rate": float(lr0 * sgd.lr_factor),
+        "optimizer.weight_decay": float(sgd.weight_decay),
+        "batch_size": int(sgd.batch_size),
+        "max_steps": steps,
+    }
     name = f"{model}_sgd_wd{sgd.weight_decay:g}"
-    common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
+    every = steps // config.measurements_per_run
+    _train(
+        config,
+        workdir,
+        name,
+        setup,
+        every=every,
+        generalised=False,
+        mesh=mesh,
+        cache=cache,
+        **overrides,
+    )
     return name
 
 
@@ -327,20 +361,19 @@ def _regular_run(
     config, workdir: Path, model: str, setup, *, mesh=None, cache=None
 ) -> tuple[str, Any]:
     """GD on the regular setup, with the quotient curvature at every measurement."""
-    steps = int(setup.max_steps)
-    cfg = _run_config(
-        config,
-        setup,
-        **{
-            "optimizer.name": "gd",
-            "measure.every": max(1, steps // 4),
-            "measure.num_log_steps": int(config.num_log_measurements),
-            "measure.options": _options(config, generalised=True),
-        },
-    )
     name = f"{model}_regular_gd"
-    common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
-    return name, cfg
+    every = int(setup.max_steps) // 4
+    return name, _train(
+        config,
+        workdir,
+        name,
+        setup,
+        every=every,
+        generalised=True,
+        mesh=mesh,
+        cache=cache,
+        **{"optimizer.name": "gd"},
+    )
 
 
 def _conservation(workdir: Path, runs, k: int) -> dict[str, Any]:
@@ -598,6 +631,15 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
 # ================================================================ figures
 
 
+_LOG_LOG = {"xscale": "log", "yscale": "log"}
+
+
+def _finish(ax, *, legend_size: int = 7, **properties) -> None:
+    """``ax.set(**properties)`` (scales, labels, title) and a frameless legend."""
+    ax.set(**properties)
+    ax.legend(fontsize=legend_size, frameon=False)
+
+
 def _grid(rows: int, cols: int, width: float = 4.6, height: float = 3.4):
     """A figure of rows × cols axes with fixed margins (a layout engine would cost several
     times the drawing)."""
@@ -671,8 +713,9 @@ def _training_figure(workdir, plot_data) -> str:
         ax.plot(t["step"], t["train_loss"], label="train loss")
         ax.plot(t["step"], t["quotient_lambda_max"], label="λ_max(H) ambient")
         ax.plot(t["step"], t["quotient_reduced_lambda_max"], "--", label="λ_max(BᵀHB) reduced")
-        ax.set(yscale="log", xlabel="step", title=f"{model}: GD η={p['lr0']:g} (underdetermined)")
-        ax.legend(fontsize=7, frameon=False)
+        _finish(
+            ax, yscale="log", xlabel="step", title=f"{model}: GD η={p['lr0']:g} (underdetermined)"
+        )
         ax = axes[1, j]
         ax.plot(t["step"], t["quotient_ambient_zeros"], label="H ambient")
         ax.plot(t["step"], t["quotient_reduced_zeros"], label="BᵀHB reduced")
@@ -682,12 +725,12 @@ def _training_figure(workdir, plot_data) -> str:
         ):
             ax.axhline(value, ls=":", lw=1.0, color="gray")
             ax.annotate(label, (t["step"][-1], value), fontsize=7, ha="right", va="bottom")
-        ax.set(
+        _finish(
+            ax,
             xlabel="step",
             ylabel="near-zero eigenvalues",
             title=f"{model}: false-flat zero modes (m = {s['m']})",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "training", fig)
 
 
@@ -711,37 +754,35 @@ def _orbit_figure(workdir, plot_data, config) -> str:
         ax = axes[0, j]
         for label, y in curves.items():
             ax.plot(o["c"], np.abs(y), marker="o", ms=3, label=label, **styles[label])
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="rescaling c of every unit",
             ylabel="|λ_max|",
             title=f"{model}: orbit of the regular point (step {p['orbit_step']})",
         )
-        ax.legend(fontsize=7, frameon=False)
         om = p["orbit_min"]
         ax = axes[1, j]
         for label in ("λ_max(H) ambient", "λ_max(BᵀHB) reduced"):
             key = "ambient_lambda_max" if "ambient" in label else "reduced_lambda_max"
             ax.plot(om["c"], om[key], marker="o", ms=3, label=label, **styles[label])
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="rescaling c of every unit",
             ylabel="λ_max",
             title=f"{model}: orbit of the interpolating minimum",
         )
-        ax.legend(fontsize=7, frameon=False)
         ax = axes[2, j]
         ax.plot(om["c"], om["ambient_zeros"], marker="o", ms=3, label="H ambient")
         ax.plot(om["c"], om["reduced_zeros"], marker="o", ms=3, label="BᵀHB reduced")
-        ax.set(
+        _finish(
+            ax,
             xscale="log",
             xlabel="rescaling c of every unit",
             ylabel=f"#|λ| ≤ {config.zero_rtol:g}·λ_max(H)",
             title=f"{model}: near-zero eigenvalues along that orbit",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "orbit", fig)
 
 
@@ -764,14 +805,14 @@ def _split_figure(workdir, plot_data) -> str:
                 ax.plot(
                     s["step"][s["step"] > 0], y[s["step"] > 0], ls=ls, label=f"{what} ({label})"
                 )
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="step",
             ylabel="predictor change (RMS)",
             title=f"{model}: predictor change of the parts of SGD steps",
+            legend_size=6,
         )
-        ax.legend(fontsize=6, frameon=False)
     return _save(workdir, "split", fig)
 
 
@@ -783,24 +824,22 @@ def _conservation_figure(workdir, plot_data) -> str:
         for lr, (t, drift) in sorted(c["curves"].items()):
             ok = t > 0
             ax.plot(t[ok], np.maximum(drift[ok], np.finfo(float).tiny), label=f"η={lr:g}")
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="time η·step",
             ylabel="max_i |Q_i(t) − Q_i(0)| / scale",
             title=f"{model}: drift of k‖a_i‖² − ‖w_i‖² − b_i² along GD",
         )
-        ax.legend(fontsize=7, frameon=False)
         ax = axes[1, j]
         lrs, drift = np.array(c["learning_rates"]), np.array(c["drift_max"])
         ax.plot(lrs, drift, marker="o", label=f"measured (slope {c['slope']:.2f})")
         ax.plot(lrs, drift[-1] * lrs / lrs[-1], ls="--", color="gray", label="∝ η")
-        ax.set(
-            xscale="log",
-            yscale="log",
+        _finish(
+            ax,
+            **_LOG_LOG,
             xlabel="η",
             ylabel="max drift over the run",
             title=f"{model}: drift against the step size",
         )
-        ax.legend(fontsize=7, frameon=False)
     return _save(workdir, "conserved", fig)
