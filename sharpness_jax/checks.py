@@ -22,6 +22,7 @@ __all__ = [
     "check_finite",
     "check_memory",
     "check_params",
+    "check_positive_int",
     "check_vector",
     "num_examples",
 ]
@@ -118,6 +119,18 @@ def check_chunk_size(chunk_size: int | None) -> None:
         raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` is a positive Python int (or None, with ``optional``).
+
+    Raises:
+      ValueError: naming ``name``, otherwise.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 #: Default limit on the memory an exact route may need before it is refused (4 GiB); every
