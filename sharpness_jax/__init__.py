@@ -7,24 +7,33 @@ functions over parameter pytrees, and feed them to the algorithms in :mod:`linal
 """
 
 from sharpness_jax import (
+    batch_moments,
     checks,
+    comparisons,
     data,
     fisher_geometry,
     jacobian,
     linalg,
     measures,  # importing it registers the studies' measurements
+    minibatch,
     models,
     noise,
     objective,
     operators,
     per_example,
     plots,
+    power_law,
     quotient,
     records,
+    second_moment,
     shallow,
     sharpness,
     subsets,
     training,
+)
+from sharpness_jax.batch_moments import (
+    batch_sharpness_ratio_of_expectations,
+    gradient_noise_interaction,
 )
 from sharpness_jax.checks import check_finite
 from sharpness_jax.linalg import (
@@ -77,9 +86,7 @@ from sharpness_jax.per_example import (
 )
 from sharpness_jax.sharpness import (
     batch_sharpness,
-    batch_sharpness_ratio_of_expectations,
     expected_batch_lambda_max,
-    gradient_noise_interaction,
     hessian_top_k,
     stability_threshold,
 )
@@ -95,10 +102,12 @@ __all__ = [
     "Loss",
     "Objective",
     "SpectralDensity",
+    "batch_moments",
     "batch_sharpness",
     "batch_sharpness_ratio_of_expectations",
     "check_finite",
     "checks",
+    "comparisons",
     "data",
     "dense",
     "diagonal_exact",
@@ -130,6 +139,7 @@ __all__ = [
     "loss_value",
     "map_examples",
     "measures",
+    "minibatch",
     "models",
     "noise",
     "num_params",
@@ -142,10 +152,12 @@ __all__ = [
     "per_example_losses",
     "plots",
     "power_iteration",
+    "power_law",
     "quotient",
     "records",
     "register_measurement",
     "restrict",
+    "second_moment",
     "select",
     "shallow",
     "sharpness",

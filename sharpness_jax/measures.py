@@ -34,7 +34,15 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from sharpness_jax import fisher_geometry, jacobian, linalg, noise, operators, sharpness
+from sharpness_jax import (
+    batch_moments,
+    fisher_geometry,
+    jacobian,
+    linalg,
+    minibatch,
+    operators,
+    sharpness,
+)
 from sharpness_jax.training import MeasureContext, RunInfo, register_measurement
 
 __all__: list[str] = []
@@ -180,11 +188,11 @@ def _gni(ctx: MeasureContext) -> dict[str, Any]:
     b, replace = _batch_options(ctx)
     opts = ctx.options
     n = ctx.info.num_measure
-    kappa = noise.minibatch_noise_scale(n, b, replacement=replace)
+    kappa = minibatch.minibatch_noise_scale(n, b, replacement=replace)
 
     def estimate(params, batch, key):
         if opts["method"] == "exact":
-            value = sharpness.gradient_noise_interaction(
+            value = batch_moments.gradient_noise_interaction(
                 ctx.objective,
                 params,
                 batch,

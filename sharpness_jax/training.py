@@ -86,7 +86,7 @@ import optax
 from absl import logging
 from ml_collections import config_dict
 
-from sharpness_jax import checks, data, linalg, models, operators, records
+from sharpness_jax import checks, data, linalg, minibatch, models, operators, records
 from sharpness_jax.objective import LOSSES, Batch, Objective, get_loss
 from sharpness_jax.per_example import sum_over_chunks
 
@@ -168,7 +168,7 @@ def default_config() -> ml_collections.ConfigDict:
         unused by "constant"). ``end_factor``: 0.0.
     ``batch_size``: None (full batch) or B in [1, n].
     ``replace``: False: batches without replacement (epoch-wise permutations); True: i.i.d.
-      uniform indices. See ``data.Sampler``.
+      uniform indices. See ``minibatch.Sampler``.
     ``seed``: seeds the initialisation, the batches and the measurements' keys (0).
     ``max_steps``: number of updates (1000). ``0`` only measures the initial parameters.
     ``train_accuracy_goal``: stop once the full training accuracy is ≥ this (None).
@@ -1121,7 +1121,7 @@ def _num_params(model: models.Model, key: jax.Array) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
 
-def _batch_indices(sampler: data.Sampler | None, step: int) -> np.ndarray | None:
+def _batch_indices(sampler: minibatch.Sampler | None, step: int) -> np.ndarray | None:
     """The training batch of ``step`` (None: the full batch)."""
     return None if sampler is None else sampler.indices(step)
 
@@ -1245,7 +1245,7 @@ def train(config: Any, workdir: str | None = None, *, force: bool = False) -> Tr
     sampler = (
         None
         if st.info.batch_size == n_train
-        else data.Sampler(n_train, st.info.batch_size, replace=c.replace, seed=c.seed)
+        else minibatch.Sampler(n_train, st.info.batch_size, replace=c.replace, seed=c.seed)
     )
     limit = jnp.asarray(math.inf if c.loss_limit is None else c.loss_limit, c.dtype)
     step_fn = programs.train_step(c)

@@ -12,7 +12,7 @@ from study_runs import run_twice
 from experiments.configs import quotient_geometry as study_config
 from experiments.studies import common
 from experiments.studies import quotient_geometry as study
-from sharpness_jax import data, records, training
+from sharpness_jax import minibatch, records, training
 
 _CLAIMS = (
     "{m}: ambient flatness moves along the orbit (max/min λ_max(H), c ∈ [0.1, 10])",
@@ -191,7 +191,7 @@ def test_step_weights_reproduce_the_minibatch_mean():
     np.testing.assert_allclose(w, [0.25, 0.0, 0.5, 0.0, 0.0, 0.25])
     losses = np.arange(6.0) ** 2
     assert w @ losses == pytest.approx(np.mean(losses[idx]))
-    sampler = data.Sampler(10, 3, replace=False, seed=1)
+    sampler = minibatch.Sampler(10, 3, replace=False, seed=1)
     assert study.step_weights(sampler.indices(7), 10).sum() == pytest.approx(1.0)
 
 

@@ -44,7 +44,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments.configs.quotient_geometry import MEASUREMENT
 from experiments.studies import common
-from sharpness_jax import data, models, operators, quotient, records, training
+from sharpness_jax import data, minibatch, models, operators, quotient, records, training
 from sharpness_jax.objective import Batch, get_loss
 from sharpness_jax.shallow import HOMOGENEITY
 
@@ -278,7 +278,7 @@ def _measure(ctx: training.MeasureContext) -> dict[str, Any]:
     n = ctx.info.num_train
     if opts["split"]:
         _check_step_rule(c)
-        sampler = data.Sampler(n, ctx.info.batch_size, replace=c.replace, seed=c.seed)
+        sampler = minibatch.Sampler(n, ctx.info.batch_size, replace=c.replace, seed=c.seed)
         weights = step_weights(sampler.indices(ctx.step), n)
         lr, wd = c.optimizer.learning_rate, c.optimizer.weight_decay
     else:
