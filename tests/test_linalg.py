@@ -205,8 +205,12 @@ def test_trace_dispatch_is_each_estimator():
         linalg.trace(mv, template, method="hutch++")
     with pytest.raises(ValueError, match="needs key and num_probes"):
         linalg.trace(mv, template, method="hutchinson", num_probes=4)
-    with pytest.raises(ValueError, match="probe_chunk"):
-        linalg.trace(mv, template, method="xtrace", key=key, num_probes=4, probe_chunk=2)
+    # One call serves every method: the options a method does not use are ignored.
+    kw = dict(key=key, num_probes=8, probe_chunk=4, basis_chunk=7)
+    assert float(linalg.trace(mv, template, method="exact", **kw).value) == float(exact.value)
+    assert float(linalg.trace(mv, template, method="xtrace", **kw).value) == float(
+        pairs[1][0].value
+    )
 
 
 def test_spectral_density_moments():

@@ -200,11 +200,15 @@ def trace(
       vectors at a time); the standard error is 0 and ``num_probes`` is 0.
     * ``"hutchinson"``: :func:`hutchinson_trace` with ``num_probes`` Rademacher probes
       (``probe_chunk`` at a time).
-    * ``"xtrace"``: :func:`xtrace` with ``num_probes`` probes (memory O(num_probes · P)).
+    * ``"xtrace"``: :func:`xtrace` with ``num_probes`` probes, all at once (memory
+      O(num_probes · P); ``probe_chunk`` does not apply).
+
+    ``key``, ``num_probes`` and ``probe_chunk`` are unused by ``"exact"``, ``basis_chunk`` by
+    the stochastic methods, so one call serves every method.
 
     Raises:
-      ValueError: on an unknown method, a stochastic method without ``key`` and
-        ``num_probes``, or ``probe_chunk`` with ``"xtrace"``.
+      ValueError: on an unknown method, or a stochastic method without ``key`` and
+        ``num_probes``.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
@@ -217,8 +221,6 @@ def trace(
         return hutchinson_trace(
             matvec, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
         )
-    if probe_chunk is not None:
-        raise ValueError("probe_chunk applies to method='hutchinson' only")
     return xtrace(matvec, template, key=key, num_probes=num_probes)
 
 
