@@ -78,7 +78,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import sharpness_jax as sj
-from sharpness_jax import data, fisher_metrics, linalg, models, noise
+from sharpness_jax import data, fisher_metrics, linalg, models, noise, second_moment
 
 print("jax", jax.__version__, "on", jax.devices())
 
@@ -317,7 +317,7 @@ def layer_analysis(params, key):
     return {
         "H": linalg.dense(hvp, template),
         "C": noise.gradient_covariance_dense(objective, params, batch, **kw),
-        "E[h²]": noise.hessian_second_moment_dense(objective, params, batch, **kw),
+        "E[h²]": second_moment.hessian_second_moment_dense(objective, params, batch, **kw),
         "H Lanczos": linalg.lanczos_top_k(hvp, template, k=3, num_iters=NUM_ITERS, key=key),
     }
 

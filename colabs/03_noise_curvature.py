@@ -75,7 +75,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import sharpness_jax as sj
-from sharpness_jax import linalg, models, noise
+from sharpness_jax import comparisons, linalg, models, noise, power_law, second_moment
 
 # %% [markdown]
 # ## Training, with tr C and tr H measured along the way
@@ -148,7 +148,7 @@ def layer_matrices(objective, params):
     return {
         "H": linalg.dense(hvp, sj.select(params, LAYER), chunk_size=64),
         "C": noise.gradient_covariance_dense(objective, params, batch, **kw),
-        "E[h²] diagonal": noise.hessian_second_moment_diagonal(
+        "E[h²] diagonal": second_moment.hessian_second_moment_diagonal(
             objective, params, batch, basis_chunk_size=64, **kw
         ),
     }
@@ -168,18 +168,19 @@ print({label: m["H"].shape for label, m in mats.items()})
 # %% [markdown]
 # ## Commutation, alignment and the power laws
 #
-# * `noise.relative_commutator(C, H)` = ‖CH − HC‖_F / ‖CH‖_F, against `noise.rotation_baseline`
-#   (H → QHQᵀ with Haar-random Q: same spectrum, unrelated eigenbasis);
-# * `noise.alignment(H, C)` = tr(HC) / (‖H‖_F ‖C‖_F);
-# * `noise.fit_power_law(x, y, key=)`: least squares of log y on log x over the positive pairs,
+# * `comparisons.relative_commutator(C, H)` = ‖CH − HC‖_F / ‖CH‖_F, against
+#   `comparisons.rotation_baseline` (H → QHQᵀ with Haar-random Q: same spectrum, unrelated
+#   eigenbasis);
+# * `comparisons.alignment(H, C)` = tr(HC) / (‖H‖_F ‖C‖_F);
+# * `power_law.fit_power_law(x, y, key=)`: least squares of log y on log x over the positive pairs,
 #   with a bootstrap 95% interval for γ — for the diagonals (C_ii against H_ii), along every
 #   eigenvector of the layer's H with λ_i > 0 (v_iᵀCv_i against λ_i), and C_ii against
 #   E_p[h_p²]_ii, where the duality predicts γ = 1 (proportionality).
 
 # %%
 # Jitted once: called eagerly, each call would trace and compile its bootstrap loop anew.
-fit_power_law = jax.jit(noise.fit_power_law)
-rotation_baseline = jax.jit(noise.rotation_baseline, static_argnames="num_rotations")
+fit_power_law = jax.jit(power_law.fit_power_law)
+rotation_baseline = jax.jit(comparisons.rotation_baseline, static_argnames="num_rotations")
 
 key = jax.random.PRNGKey(0)
 fits = {}
@@ -194,9 +195,9 @@ for label, m in mats.items():
         "C_ii ∝ E[h²]_ii^γ": fit_power_law(m["E[h²]_ii"], np.diag(c), key=key),
     }
     print(
-        f"{label}: ‖CH − HC‖/‖CH‖ = {float(noise.relative_commutator(c, h)):.3f} "
+        f"{label}: ‖CH − HC‖/‖CH‖ = {float(comparisons.relative_commutator(c, h)):.3f} "
         f"(random rotation: {float(baseline.mean):.3f} ± {float(baseline.std):.3f}); "
-        f"alignment tr(HC)/(‖H‖‖C‖) = {float(noise.alignment(h, c)):.3f}"
+        f"alignment tr(HC)/(‖H‖‖C‖) = {float(comparisons.alignment(h, c)):.3f}"
     )
     for name, fit in fits[label].items():
         print(

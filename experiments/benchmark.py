@@ -36,7 +36,7 @@ import optax
 from absl import app, flags
 
 import sharpness_jax as sj
-from sharpness_jax import data, models, noise, records, sharpness, training
+from sharpness_jax import data, models, noise, records, second_moment, sharpness, training
 from sharpness_jax.config import default_config
 from sharpness_jax.programs import CompileCache
 
@@ -299,7 +299,7 @@ def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, fl
 def w3(n: int, widths, repeats: int) -> dict[str, float]:
     objective, params, batch = _problem("mlp", n, widths=widths, activation="tanh")
     fn = jax.jit(
-        lambda p, b: noise.hessian_second_moment_diagonal(
+        lambda p, b: second_moment.hessian_second_moment_diagonal(
             objective, p, b, chunk_size=25, basis_chunk_size=8
         )
     )

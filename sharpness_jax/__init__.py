@@ -8,8 +8,10 @@ functions over parameter pytrees, and feed them to the algorithms in :mod:`linal
 
 from sharpness_jax import (
     activations,
+    batch_moments,
     builtin_measurements,
     checks,
+    comparisons,
     config,
     data,
     fisher_metrics,
@@ -17,6 +19,7 @@ from sharpness_jax import (
     kfac,
     linalg,
     measurements,
+    minibatch,
     models,
     noise,
     objective,
@@ -26,6 +29,7 @@ from sharpness_jax import (
     per_example,
     placement,
     plots,
+    power_law,
     problem,
     programs,
     progress,
@@ -34,12 +38,17 @@ from sharpness_jax import (
     quotient_summary,
     records,
     riemannian,
+    second_moment,
     series,
     shallow,
     sharpness,
     subsets,
     symmetries,
     training,
+)
+from sharpness_jax.batch_moments import (
+    batch_sharpness_ratio_of_expectations,
+    gradient_noise_interaction,
 )
 from sharpness_jax.checks import check_finite
 from sharpness_jax.linalg import (
@@ -93,9 +102,7 @@ from sharpness_jax.per_example import (
 )
 from sharpness_jax.sharpness import (
     batch_sharpness,
-    batch_sharpness_ratio_of_expectations,
     expected_batch_lambda_max,
-    gradient_noise_interaction,
     hessian_top_k,
     stability_threshold,
 )
@@ -112,11 +119,13 @@ __all__ = [
     "Objective",
     "SpectralDensity",
     "activations",
+    "batch_moments",
     "batch_sharpness",
     "batch_sharpness_ratio_of_expectations",
     "builtin_measurements",
     "check_finite",
     "checks",
+    "comparisons",
     "config",
     "data",
     "dense",
@@ -150,6 +159,8 @@ __all__ = [
     "loss_value",
     "map_examples",
     "measurements",
+    "measures",
+    "minibatch",
     "models",
     "noise",
     "num_params",
@@ -165,6 +176,7 @@ __all__ = [
     "placement",
     "plots",
     "power_iteration",
+    "power_law",
     "problem",
     "programs",
     "progress",
@@ -175,6 +187,7 @@ __all__ = [
     "register_measurement",
     "restrict",
     "riemannian",
+    "second_moment",
     "select",
     "series",
     "shallow",

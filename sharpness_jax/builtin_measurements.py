@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from sharpness_jax import (
+    batch_moments,
     jacobian,
     linalg,
+    minibatch,
     noise,
     operators,
     quotient_summary,
@@ -339,11 +341,11 @@ def measure_gni(ctx: MeasureContext) -> dict[str, Any]:
     b, replace = _batch_options(ctx)
     opts = ctx.options
     n = ctx.info.num_measure
-    kappa = noise.minibatch_noise_scale(n, b, replacement=replace)
+    kappa = minibatch.minibatch_noise_scale(n, b, replacement=replace)
 
     def estimate(params, batch, key):
         if opts["method"] == "exact":
-            value = sharpness.gradient_noise_interaction(
+            value = batch_moments.gradient_noise_interaction(
                 ctx.objective,
                 params,
                 batch,

@@ -23,6 +23,7 @@ __all__ = [
     "check_memory",
     "check_nonnegative_scalar",
     "check_params",
+    "check_positive_int",
     "check_positive_scalar",
     "check_vector",
     "concrete_value",
@@ -158,6 +159,18 @@ def check_positive_scalar(name: str, value: Any) -> None:
         return
     if val.ndim != 0 or not np.isfinite(val) or val <= 0:
         raise ValueError(f"{name} must be a finite scalar > 0, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """``value`` is a positive Python int (or None, with ``optional``).
+
+    Raises:
+      ValueError: naming ``name``, otherwise.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 #: Default limit on the memory an exact route may need before it is refused (4 GiB); every

@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
         unused by "constant"). ``end_factor``: 0.0.
     ``batch_size``: None (full batch) or B in [1, n].
     ``replace``: False: batches without replacement (epoch-wise permutations); True: i.i.d.
-      uniform indices. See ``data.Sampler``.
+      uniform indices. See ``minibatch.Sampler``.
     ``seed``: seeds the initialisation, the batches and the measurements' keys (0).
     ``max_steps``: number of updates (1000). ``0`` only measures the initial parameters.
     ``train_accuracy_goal``: stop once the full training accuracy is ≥ this (None).

@@ -1,4 +1,5 @@
-"""Datasets as in-memory numpy arrays, and a mini-batch sampler that can resume.
+"""Datasets as in-memory numpy arrays (the training loop samples mini-batches of them with
+:class:`sharpness_jax.minibatch.Sampler`).
 
 Every dataset comes back as a :class:`Dataset` of two :class:`~sharpness_jax.objective.Batch`
 es, ``train`` and ``test``: inputs are float arrays (``float32`` by default) of shape
@@ -57,7 +58,6 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from sharpness_jax.objective import Batch
@@ -66,7 +66,6 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetNotFoundError",
-    "Sampler",
     "load_dataset",
 ]
 
@@ -202,6 +201,20 @@ def _check_synthetic_options(name: str, opts: dict[str, Any]) -> None:
         raise ValueError(f"noise_std must be non-negative, got {opts['noise_std']}")
 
 
+def _check_synthetic_request(
+    name: str, opts: dict[str, Any], subset: str, per_class: int | None, one_hot: bool
+) -> None:
+    """The options of a synthetic set, and the loader's keywords that do not apply to it."""
+    _check_synthetic_options(name, opts)
+    if subset != "first" or per_class is not None:
+        raise ValueError(
+            f"{name!r} is drawn at the requested size: use num_train/num_test, not "
+            "subset or per_class"
+        )
+    if one_hot and name == "teacher_student":
+        raise ValueError("one_hot applies to class labels; teacher_student targets are real")
+
+
 def _check_subset_sizes(
     src: _ImageSource, num_train: int | None, num_test: int | None, subset: str, per_class
 ) -> None:
@@ -287,63 +300,59 @@ def load_dataset(
     _check_size("per_class", per_class)
     _check_size("seed", seed, minimum=0)
     opts = _source_options(name, options)
-
     if name in _IMAGE_SOURCES:
-        src = _IMAGE_SOURCES[name]
-        if name == "mnist5k":
-            t = opts["test_per_class"]
-            _check_size("test_per_class", t)
-            if t >= _MNIST5K_PER_CLASS:
-                raise ValueError(f"test_per_class must be below {_MNIST5K_PER_CLASS}, got {t}")
-            tr = _MNIST5K_PER_CLASS - t
-            src = dataclasses.replace(
-                src, num_train=10 * tr, num_test=10 * t, min_train_per_class=tr
-            )
-        _check_subset_sizes(src, num_train, num_test, subset, per_class)
-        raw = _mnist5k(seed, opts["test_per_class"]) if name == "mnist5k" else _tfds(name, data_dir)
+        raw = _image_raw(name, opts, data_dir, num_train, num_test, subset, per_class, seed)
     else:
-        _check_synthetic_options(name, opts)
-        if subset != "first" or per_class is not None:
-            raise ValueError(
-                f"{name!r} is drawn at the requested size: use num_train/num_test, not "
-                "subset or per_class"
-            )
-        if one_hot and name == "teacher_student":
-            raise ValueError("one_hot applies to class labels; teacher_student targets are real")
+        _check_synthetic_request(name, opts, subset, per_class, one_hot)
         num_train = _SYNTHETIC_DEFAULT_SIZE if num_train is None else num_train
         num_test = _SYNTHETIC_DEFAULT_SIZE if num_test is None else num_test
         make = _teacher_student if name == "teacher_student" else _gaussian_mixture
         raw = make(num_train, num_test, seed, **opts)
-
-    x_train, x_test = raw.x_train, raw.x_test
     mean = std = None
     if standardize is not None:
-        axes = (0,) if standardize == "feature" else tuple(range(x_train.ndim - 1))
-        mean, std = _moments(x_train, axes, raw.scale)
-
+        axes = (0,) if standardize == "feature" else tuple(range(raw.x_train.ndim - 1))
+        mean, std = _moments(raw.x_train, axes, raw.scale)
     k = raw.num_classes
     train_idx = _subset_indices(raw.y_train, num_train, per_class, subset, k, [seed, 0])
     test_idx = _subset_indices(raw.y_test, num_test, None, subset, k, [seed, 1])
-
-    def finish(x, y, idx):
-        x = x[idx].astype(np.float64) * raw.scale
-        if mean is not None:
-            x = (x - mean) / std
-        if flatten:
-            x = x.reshape(x.shape[0], -1)
-        y = y[idx]
-        if np.issubdtype(y.dtype, np.integer):
-            y = np.eye(raw.num_classes, dtype=dtype)[y] if one_hot else y.astype(np.int32)
-        else:
-            y = y.astype(dtype)
-        return Batch(np.ascontiguousarray(x, dtype=dtype), y)
-
+    finish = functools.partial(
+        _finish, raw=raw, mean=mean, std=std, flatten=flatten, one_hot=one_hot, dtype=dtype
+    )
     return Dataset(
-        train=finish(x_train, raw.y_train, train_idx),
-        test=finish(x_test, raw.y_test, test_idx),
+        train=finish(raw.x_train, raw.y_train, train_idx),
+        test=finish(raw.x_test, raw.y_test, test_idx),
         num_classes=raw.num_classes,
         name=name,
     )
+
+
+def _image_raw(name, opts, data_dir, num_train, num_test, subset, per_class, seed) -> _Raw:
+    """The raw splits of an image source, after checking the sizes against the known ones."""
+    src = _IMAGE_SOURCES[name]
+    if name == "mnist5k":
+        t = opts["test_per_class"]
+        _check_size("test_per_class", t)
+        if t >= _MNIST5K_PER_CLASS:
+            raise ValueError(f"test_per_class must be below {_MNIST5K_PER_CLASS}, got {t}")
+        tr = _MNIST5K_PER_CLASS - t
+        src = dataclasses.replace(src, num_train=10 * tr, num_test=10 * t, min_train_per_class=tr)
+    _check_subset_sizes(src, num_train, num_test, subset, per_class)
+    return _mnist5k(seed, opts["test_per_class"]) if name == "mnist5k" else _tfds(name, data_dir)
+
+
+def _finish(x, y, idx, *, raw, mean, std, flatten, one_hot, dtype) -> Batch:
+    """The examples ``idx`` of one split, scaled, standardised, reshaped and cast."""
+    x = x[idx].astype(np.float64) * raw.scale
+    if mean is not None:
+        x = (x - mean) / std
+    if flatten:
+        x = x.reshape(x.shape[0], -1)
+    y = y[idx]
+    if np.issubdtype(y.dtype, np.integer):
+        y = np.eye(raw.num_classes, dtype=dtype)[y] if one_hot else y.astype(np.int32)
+    else:
+        y = y.astype(dtype)
+    return Batch(np.ascontiguousarray(x, dtype=dtype), y)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -547,74 +556,3 @@ def _gaussian_mixture(
     x_train, y_train = draw(num_train)
     x_test, y_test = draw(num_test)
     return _Raw(x_train, y_train, x_test, y_test, num_classes, 1.0)
-
-
-# ----------------------------------------------------------------------------- sampler
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """Mini-batch indices over n in-memory examples, a pure function of (seed, step).
-
-    A resumed run that asks for the same steps gets the same batches: nothing is carried
-    from one step to the next.
-
-    * ``batch_size == num_examples``: every step is the full batch ``0, 1, …, n−1`` (GD),
-      whatever ``replace`` says.
-    * ``replace=False``: epoch e = ⌊step / S⌋, S = ⌊n/B⌋ steps per epoch, uses the permutation
-      π_e keyed by (seed, e); step s takes π_e[jB : (j+1)B], j = s mod S. Each batch is a
-      uniform B-subset; when B does not divide n, the last n mod B entries of π_e are skipped
-      (batches keep a static shape).
-    * ``replace=True``: step s draws B indices i.i.d. uniform on {0, …, n−1}, keyed by
-      (seed, s).
-
-    Attributes:
-      num_examples: n.
-      batch_size: B in [1, n].
-      replace: sample with replacement (i.i.d.) or without (epoch-wise permutations).
-      seed: a non-negative int.
-    """
-
-    num_examples: int
-    batch_size: int
-    _: dataclasses.KW_ONLY
-    replace: bool
-    seed: int = 0
-
-    def __post_init__(self):
-        _check_size("num_examples", self.num_examples)
-        _check_size("batch_size", self.batch_size)
-        _check_size("seed", self.seed, minimum=0)
-        if self.batch_size > self.num_examples:
-            raise ValueError(
-                f"batch_size={self.batch_size} exceeds num_examples={self.num_examples}"
-            )
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """⌊n/B⌋, the steps of one pass over the data without replacement."""
-        return self.num_examples // self.batch_size
-
-    def indices(self, step: int) -> np.ndarray:
-        """The ``(B,)`` int32 indices of the batch at ``step`` (a non-negative int)."""
-        _check_size("step", step, minimum=0)
-        n, b = self.num_examples, self.batch_size
-        if b == n:
-            return np.arange(n, dtype=np.int32)
-        if self.replace:
-            rng = np.random.default_rng([self.seed, 1, int(step)])
-            return rng.integers(0, n, size=b).astype(np.int32)
-        epoch, j = divmod(int(step), self.steps_per_epoch)
-        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
-        return perm[j * b : (j + 1) * b].astype(np.int32)
-
-    def batch(self, data: Batch, step: int) -> Batch:
-        """The examples of ``data`` (leaves with leading axis n) at ``indices(step)``."""
-        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(data)}
-        if sizes != {self.num_examples}:
-            raise ValueError(
-                f"the sampler is for {self.num_examples} examples, the data has leading "
-                f"dimension(s) {sizes}"
-            )
-        idx = self.indices(step)
-        return jax.tree.map(lambda leaf: leaf[idx], data)

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from sharpness_jax import checks, data, models, records
+from sharpness_jax import checks, data, minibatch, models, records
 from sharpness_jax.config import (
     RESUMABLE_FIELDS,
     measurement_options,
@@ -80,7 +80,7 @@ class _Setup(NamedTuple):
     train: Batch
     test: Batch
     measure_batch: Batch
-    sampler: data.Sampler | None
+    sampler: minibatch.Sampler | None
     init_key: jax.Array
     measure_key: jax.Array
     frozen: ml_collections.FrozenConfigDict
@@ -123,7 +123,7 @@ def _setup(config: Any, cache: CompileCache | None) -> _Setup:
         measure_batch=placement.examples(
             _measure_subset(Batch(*dataset.train), info.num_measure), "measurement batch"
         ),
-        sampler=None if b == n else data.Sampler(n, b, replace=c.replace, seed=c.seed),
+        sampler=None if b == n else minibatch.Sampler(n, b, replace=c.replace, seed=c.seed),
         init_key=init_key,
         measure_key=jax.random.fold_in(base_key, _TAG_MEASURE),
         frozen=ml_collections.FrozenConfigDict(c),
@@ -161,7 +161,7 @@ def _measure_subset(train: Batch, size: int) -> Batch:
     return jax.tree.map(lambda a: a[idx], train)
 
 
-def _batch_indices(sampler: data.Sampler | None, step: int) -> np.ndarray | None:
+def _batch_indices(sampler: minibatch.Sampler | None, step: int) -> np.ndarray | None:
     """The training batch of ``step`` (None: the full batch)."""
     return None if sampler is None else sampler.indices(step)
 

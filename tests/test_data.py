@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from sharpness_jax import data
-from sharpness_jax.data import DatasetNotFoundError, Sampler, load_dataset
-from sharpness_jax.objective import Batch
+from sharpness_jax.data import DatasetNotFoundError, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -325,83 +324,3 @@ def test_invalid_options_raise_before_loading(tmp_path, name, kwargs, match):
 def test_dataset_names():
     assert set(data.DATASETS) == {"mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100",
                                   "teacher_student", "gaussian_mixture"}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- sampler
-
-
-def test_sampler_is_a_function_of_seed_and_step():
-    for replace in (False, True):
-        a = Sampler(50, 8, replace=replace, seed=3)
-        b = Sampler(50, 8, replace=replace, seed=3)  # e.g. after a restart
-        for step in (0, 5, 6, 7, 123):
-            idx = a.indices(step)
-            assert idx.dtype == np.int32 and idx.shape == (8,)
-            np.testing.assert_array_equal(idx, b.indices(step))
-        assert not np.array_equal(a.indices(0), a.indices(1))
-        other = Sampler(50, 8, replace=replace, seed=4)
-        assert not np.array_equal(a.indices(0), other.indices(0))
-
-
-def test_sampler_without_replacement_covers_each_epoch_once():
-    s = Sampler(24, 6, replace=False, seed=0)
-    assert s.steps_per_epoch == 4
-    epochs = [np.concatenate([s.indices(e * 4 + j) for j in range(4)]) for e in range(3)]
-    for idx in epochs:
-        np.testing.assert_array_equal(np.sort(idx), np.arange(24))
-    assert not np.array_equal(epochs[0], epochs[1])
-    # B not dividing n: the batches of one epoch are still disjoint.
-    s = Sampler(10, 3, replace=False, seed=1)
-    idx = np.concatenate([s.indices(j) for j in range(s.steps_per_epoch)])
-    assert idx.size == 9 and np.unique(idx).size == 9
-
-
-def test_sampler_with_replacement_draws_uniform_indices():
-    s = Sampler(5, 4, replace=True, seed=0)
-    idx = np.concatenate([s.indices(step) for step in range(500)])
-    assert idx.min() == 0 and idx.max() == 4
-    counts = np.bincount(idx, minlength=5)
-    assert np.all(np.abs(counts - 400) < 5 * np.sqrt(400 * 0.8))  # binomial(2000, 1/5)
-    assert any(np.unique(s.indices(step)).size < 4 for step in range(50))  # repeats happen
-
-
-def test_full_batch_is_all_indices_in_order():
-    for replace in (False, True):
-        s = Sampler(7, 7, replace=replace, seed=5)
-        for step in (0, 1, 10):
-            np.testing.assert_array_equal(s.indices(step), np.arange(7))
-
-
-def test_sampler_batch_selects_examples():
-    x = np.arange(20, dtype=np.float64).reshape(10, 2)
-    y = np.arange(10, dtype=np.int32)
-    batch = Batch(x, y)
-    s = Sampler(10, 4, replace=False, seed=2)
-    b = s.batch(batch, 3)
-    idx = s.indices(3)
-    np.testing.assert_array_equal(b.inputs, x[idx])
-    np.testing.assert_array_equal(b.targets, idx)
-    with pytest.raises(ValueError, match="sampler is for 10"):
-        s.batch(Batch(x[:9], y[:9]), 0)
-
-
-@pytest.mark.parametrize(
-    "args, kwargs, match",
-    [
-        ((10, 0), {"replace": False}, "at least 1"),
-        ((10, 11), {"replace": True}, "exceeds"),
-        ((0, 1), {"replace": True}, "at least 1"),
-        ((10, 2), {"replace": True, "seed": -1}, "at least 0"),
-    ],
-)
-def test_sampler_validation(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        Sampler(*args, **kwargs)
-
-
-def test_sampler_rejects_bad_steps():
-    s = Sampler(10, 2, replace=False)
-    with pytest.raises(ValueError, match="at least 0"):
-        s.indices(-1)
-    with pytest.raises(TypeError):
-        s.indices(1.5)

@@ -9,6 +9,7 @@ from problems import Dense, mlp_problem
 
 import sharpness_jax as sj
 from sharpness_jax import linalg
+from sharpness_jax.linalg import lanczos
 
 P = 30
 
@@ -82,7 +83,7 @@ def test_partial_reorthogonalisation_keeps_the_basis_semi_orthogonal(dtype):
     results = {}
     for mode in ("partial", "full"):
         run = jax.jit(
-            lambda v, mode=mode: linalg._lanczos(
+            lambda v, mode=mode: lanczos._lanczos(
                 lambda x: diag * x,
                 v,
                 num_iters=num_iters,
@@ -98,7 +99,7 @@ def test_partial_reorthogonalisation_keeps_the_basis_semi_orthogonal(dtype):
         # All Ritz vectors V = Sᵀ Q with S orthogonal: V Vᵀ − I is Q's loss of orthogonality.
         gram = np.asarray(vectors, np.float64) @ np.asarray(vectors, np.float64).T
         assert np.max(np.abs(gram - np.eye(num_iters))) < 10 * np.sqrt(eps)
-        values = np.asarray(linalg._ritz(alpha, beta, used)[0][:5])
+        values = np.asarray(lanczos._ritz(alpha, beta, used)[0][:5])
         np.testing.assert_allclose(values, want, rtol=100 * eps)
         results[mode] = int(count)
     assert results["full"] == num_iters
@@ -117,8 +118,8 @@ def test_two_stage_basis_equals_one_stage(monkeypatch):
 
     one = {tol: top(tol) for tol in (1e-2, 1e-11)}
     # A first stage of 16 vectors: the loose tolerance stops inside it, the tight one moves on.
-    monkeypatch.setattr(linalg, "_FIRST_STAGE_BYTES", 8 * size * 8)
-    assert linalg._first_stage_rows(64, size, 8) == linalg._FIRST_STAGE_MIN_ROWS == 16
+    monkeypatch.setattr(lanczos, "_FIRST_STAGE_BYTES", 8 * size * 8)
+    assert lanczos._first_stage_rows(64, size, 8) == lanczos._FIRST_STAGE_MIN_ROWS == 16
     for tol, want in one.items():
         got = top(tol)
         assert int(got.num_matvecs) == int(want.num_matvecs)
@@ -173,6 +174,43 @@ def test_stochastic_estimators_are_unbiased_and_shrink():
     d = sj.hutchinson_diagonal(mv, template, key=key, num_probes=500)
     dv, ds = ravel_pytree(d.value)[0], ravel_pytree(d.stderr)[0]
     assert np.all(np.abs(dv - np.diag(mat)) < 5 * ds + 1e-12)
+
+
+def test_trace_dispatch_is_each_estimator():
+    """linalg.trace: "exact" is trace_exact with standard error 0, the stochastic methods are
+    hutchinson_trace and xtrace with the same key and probes, bit for bit."""
+    mat = _sym(SPECTRA["low_rank_psd"], seed=5) + 0.1 * jnp.eye(P)
+    mv, template = _operator(mat)
+    key = jax.random.PRNGKey(2)
+    exact = linalg.trace(mv, template, method="exact", basis_chunk=7)
+    assert exact.num_probes == 0 and float(exact.stderr) == 0.0
+    assert float(exact.value) == float(sj.trace_exact(mv, template, chunk_size=7))
+    np.testing.assert_allclose(exact.value, np.trace(mat), rtol=1e-12)
+    pairs = (
+        (
+            linalg.trace(mv, template, method="hutchinson", key=key, num_probes=40, probe_chunk=16),
+            sj.hutchinson_trace(mv, template, key=key, num_probes=40, probe_chunk=16),
+        ),
+        (
+            linalg.trace(mv, template, method="xtrace", key=key, num_probes=8),
+            sj.xtrace(mv, template, key=key, num_probes=8),
+        ),
+    )
+    for got, want in pairs:
+        assert float(got.value) == float(want.value)
+        assert float(got.stderr) == float(want.stderr) and got.num_probes == want.num_probes
+        assert _within(got, float(np.trace(mat)))
+    assert set(linalg.TRACE_METHODS) == {"exact", "hutchinson", "xtrace"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        linalg.trace(mv, template, method="hutch++")
+    with pytest.raises(ValueError, match="needs key and num_probes"):
+        linalg.trace(mv, template, method="hutchinson", num_probes=4)
+    # One call serves every method: the options a method does not use are ignored.
+    kw = dict(key=key, num_probes=8, probe_chunk=4, basis_chunk=7)
+    assert float(linalg.trace(mv, template, method="exact", **kw).value) == float(exact.value)
+    assert float(linalg.trace(mv, template, method="xtrace", **kw).value) == float(
+        pairs[1][0].value
+    )
 
 
 def test_spectral_density_moments():

@@ -15,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from training_configs import CompileLog, config, train
 
-from sharpness_jax import data, models
+from sharpness_jax import data, minibatch, models
 from sharpness_jax.config import measurement_options, resolve_config
 from sharpness_jax.measurements import (
     BUILTIN_MEASUREMENTS,
@@ -289,7 +289,7 @@ def test_the_context_hands_over_the_step_training_takes(overrides):
         result = train(c)
     arrays = result.arrays
     n, b = 64, c.batch_size or 64
-    sampler = None if b == n else data.Sampler(n, b, replace=c.replace, seed=c.seed)
+    sampler = None if b == n else minibatch.Sampler(n, b, replace=c.replace, seed=c.seed)
     for s in range(4):
         want = np.arange(n) if sampler is None else sampler.indices(s)
         np.testing.assert_array_equal(arrays[s]["probe_indices"], want)

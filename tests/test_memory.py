@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import sharpness_jax as sj
-from sharpness_jax import models, noise
+from sharpness_jax import models, noise, second_moment
 
 D, K, CHUNK = 20, 3, 64
 
@@ -56,12 +56,12 @@ QUANTITIES = {
         lambda p, b, v: noise.gradient_covariance_diagonal(o, p, b, chunk_size=CHUNK)
     ),
     "second_moment_diagonal": lambda o: (
-        lambda p, b, v: noise.hessian_second_moment_diagonal(
+        lambda p, b, v: second_moment.hessian_second_moment_diagonal(
             o, p, b, chunk_size=CHUNK, basis_chunk_size=16
         )
     ),
     "gradient_hessian_moments": lambda o: (
-        lambda p, b, v: sj.sharpness.gradient_hessian_moments(o, p, b, chunk_size=CHUNK)
+        lambda p, b, v: sj.batch_moments.gradient_hessian_moments(o, p, b, chunk_size=CHUNK)
     ),
 }
 
@@ -92,7 +92,7 @@ def test_quadratic_routes_refuse_beyond_the_limit():
     with pytest.raises(MemoryError, match="lanczos_top_k"):
         sj.dense(H, params, max_bytes=1000)
     with pytest.raises(MemoryError, match="hutchinson"):
-        noise.hessian_second_moment_diagonal(objective, params, b, max_bytes=1000)
+        second_moment.hessian_second_moment_diagonal(objective, params, b, max_bytes=1000)
     with pytest.raises(MemoryError, match="gradient_covariance_diagonal"):
         noise.gradient_covariance_dense(objective, params, b, max_bytes=1000)
     with pytest.raises(MemoryError, match="Gram"):

@@ -1,57 +1,34 @@
 """Tests of sharpness_jax.sharpness against dense references and brute-force enumeration.
 
-Exact quantities (mini-batch expectations, GNI, ratio of expectations) are checked against an
-enumeration of every batch of a 5-example dataset (all n^b ordered tuples with replacement,
-all b-subsets without); Monte-Carlo ones within 5 standard errors of the enumerated value,
+Monte-Carlo quantities are checked within 5 standard errors of an enumeration of every batch
+of a 5-example dataset (all n^b ordered tuples with replacement, all b-subsets without),
 under both ways of drawing the batches (independent draws and partition groups).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from batch_problems import N, PerExample, enumerate_batches, mlp_with_reference
 from jax.flatten_util import ravel_pytree
 from problems import mlp_problem, rel_err
 
 import sharpness_jax as sj
+from sharpness_jax import batch_moments as B
+from sharpness_jax import minibatch
 from sharpness_jax import sharpness as S
-
-N = 5
-BATCH_SIZES = (1, 2, 3, 5)
-
 
 # ------------------------------------------------------------------------------ fixtures
 
 
-class _PerExample:
-    """Dense per-example references: g_p = ∇ℓ_p (n, P) and h_p = ∇²ℓ_p (n, P, P) by
-    ``jax.grad`` / ``jax.hessian`` of the flat per-example loss, and what follows from them."""
-
-    def __init__(self, prob):
-        theta, unravel = ravel_pytree(prob.params)
-
-        def loss(t, x, y):
-            return prob.objective.example_loss(unravel(t), x, y)
-
-        xs, ys = prob.batch
-        self.g = np.asarray(jax.vmap(jax.grad(loss), (None, 0, 0))(theta, xs, ys))
-        self.h = np.asarray(jax.vmap(jax.hessian(loss), (None, 0, 0))(theta, xs, ys))
-        self.H = self.h.mean(0)
-        self.gbar = self.g.mean(0)
-        d = self.g - self.gbar
-        self.C = d.T @ d / len(d)
-
-
 @pytest.fixture(scope="module")
 def mlp():
-    prob = mlp_problem("tanh", "cross_entropy", n=N, d=3, widths=(4, 3))
-    return prob, _PerExample(prob)
+    return mlp_with_reference()
 
 
 @pytest.fixture(scope="module")
@@ -62,126 +39,7 @@ def aligned():
     prob = mlp_problem("tanh", "cross_entropy", n=12, d=3, widths=(4, 3))
     x, y = prob.batch
     prob = dataclasses.replace(prob, batch=sj.Batch(x + 2.0, jnp.zeros_like(y)))
-    return prob, _PerExample(prob)
-
-
-def _batches(n, b, replace):
-    if replace:
-        return list(itertools.product(range(n), repeat=b))
-    return list(itertools.combinations(range(n), b))
-
-
-def _enumerate(g, h, b, replace):
-    """Brute-force expectations over every batch, from per-example g_p (n, P), h_p (n, P, P)."""
-    H = h.mean(0)
-    out = {"bhb": [], "gg": [], "ghg": [], "ratio": [], "lam": []}
-    for batch in _batches(g.shape[0], b, replace):
-        idx = list(batch)
-        gb, hb = g[idx].mean(0), h[idx].mean(0)
-        out["bhb"].append(gb @ hb @ gb)
-        out["gg"].append(gb @ gb)
-        out["ghg"].append(gb @ H @ gb)
-        out["ratio"].append(gb @ hb @ gb / (gb @ gb))
-        out["lam"].append(np.linalg.eigvalsh(hb)[-1])
-    return {k: float(np.mean(v)) for k, v in out.items()}
-
-
-@pytest.fixture(scope="module")
-def mlp_moments(mlp):
-    prob, _ = mlp
-    fn = jax.jit(lambda p: S.gradient_hessian_moments(prob.objective, p, prob.batch, chunk_size=2))
-    return fn(prob.params)
-
-
-# --------------------------------------------------------- exact mini-batch expectations
-
-
-def test_moments_match_dense_and_do_not_depend_on_chunking(mlp, mlp_moments):
-    prob, D = mlp
-    m = mlp_moments
-    d = D.g - D.gbar
-    assert m.num_examples == N
-    np.testing.assert_allclose(m.grad_norm_sq, D.gbar @ D.gbar, rtol=1e-12)
-    np.testing.assert_allclose(m.grad_hessian_grad, D.gbar @ D.H @ D.gbar, rtol=1e-12)
-    np.testing.assert_allclose(m.trace_c, np.trace(D.C), rtol=1e-12)
-    np.testing.assert_allclose(m.trace_hc, np.trace(D.H @ D.C), rtol=1e-10)
-    cross = np.mean([D.gbar @ D.h[p] @ d[p] for p in range(N)])
-    self_term = np.mean([d[p] @ D.h[p] @ d[p] for p in range(N)])
-    np.testing.assert_allclose(m.cross, cross, rtol=1e-10)
-    np.testing.assert_allclose(m.self_term, self_term, rtol=1e-10)
-    unchunked = jax.jit(lambda p: S.gradient_hessian_moments(prob.objective, p, prob.batch))
-    for a, b in zip(unchunked(prob.params)[1:], m[1:], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
-
-
-@pytest.mark.parametrize("replace", [True, False])
-def test_batch_expectations_match_enumeration(mlp, mlp_moments, replace):
-    _, D = mlp
-    for b in BATCH_SIZES:
-        ref = _enumerate(D.g, D.h, b, replace)
-        e = S.batch_expectations(mlp_moments, batch_size=b, replace=replace)
-        assert rel_err(e.grad_batch_hessian_grad, ref["bhb"]) < 1e-10, b
-        assert rel_err(e.grad_norm_sq, ref["gg"]) < 1e-10, b
-        # GNI numerator: E_B[g_Bᵀ H g_B] = ḡᵀHḡ + tr(H Cov(g_B)).
-        assert rel_err(e.grad_hessian_grad, ref["ghg"]) < 1e-10, b
-    # b = 1 is the same law under both schemes; b = n without replacement is the full batch.
-    one = S.batch_expectations(mlp_moments, batch_size=1, replace=replace)
-    np.testing.assert_allclose(
-        one.grad_batch_hessian_grad,
-        np.mean([g @ h @ g for g, h in zip(D.g, D.h, strict=True)]),
-        rtol=1e-10,
-    )
-    if not replace:
-        full = S.batch_expectations(mlp_moments, batch_size=N, replace=False)
-        np.testing.assert_allclose(full.grad_batch_hessian_grad, D.gbar @ D.H @ D.gbar, rtol=1e-10)
-        np.testing.assert_allclose(full.grad_norm_sq, D.gbar @ D.gbar, rtol=1e-10)
-
-
-def _moments_from(g, h):
-    """GradientHessianMoments from dense per-example g_p, h_p (numpy, the definitions)."""
-    n = g.shape[0]
-    H, gbar = h.mean(0), g.mean(0)
-    d = g - gbar
-    return S.GradientHessianMoments(
-        num_examples=n,
-        grad_norm_sq=gbar @ gbar,
-        grad_hessian_grad=gbar @ H @ gbar,
-        trace_c=np.mean(np.sum(d * d, 1)),
-        trace_hc=np.mean(np.einsum("pi,ij,pj->p", d, H, d)),
-        cross=np.mean(np.einsum("i,pij,pj->p", gbar, h, d)),
-        self_term=np.mean(np.einsum("pi,pij,pj->p", d, h, d)),
-    )
-
-
-def test_expectation_formulas_for_every_small_n_and_b():
-    """Model-free: arbitrary g_p and symmetric indefinite h_p, every 1 ≤ b ≤ n ≤ 4."""
-    rng = np.random.default_rng(5)
-    for n in range(1, 5):
-        g = rng.standard_normal((n, 3))
-        a = rng.standard_normal((n, 3, 3))
-        h = a + np.swapaxes(a, 1, 2)
-        m = _moments_from(g, h)
-        for b in range(1, n + 1):
-            for replace in (True, False):
-                ref = _enumerate(g, h, b, replace)
-                e = S.batch_expectations(m, batch_size=b, replace=replace)
-                for got, want in zip(e, (ref["bhb"], ref["gg"], ref["ghg"]), strict=True):
-                    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_gni_on_mlp_matches_enumeration(mlp):
-    prob, D = mlp
-    b = 3
-    gni = jax.jit(
-        lambda p: S.gradient_noise_interaction(
-            prob.objective, p, prob.batch, batch_size=b, replace=True, chunk_size=3
-        )
-    )(prob.params)
-    ref = _enumerate(D.g, D.h, b, True)
-    assert rel_err(gni, ref["ghg"] / (D.gbar @ D.gbar)) < 1e-10
-    # The identity E_B[g_Bᵀ H g_B] = ḡᵀHḡ + tr(HC)/b (with replacement).
-    identity = (D.gbar @ D.H @ D.gbar + np.trace(D.H @ D.C) / b) / (D.gbar @ D.gbar)
-    assert rel_err(gni, identity) < 1e-10
+    return prob, PerExample(prob)
 
 
 # ------------------------------------------------------------- Monte-Carlo estimators
@@ -205,7 +63,7 @@ def test_batch_sharpness_matches_enumeration(mlp, replace, sampling):
         )
     )
     est = fn(prob.params, jax.random.PRNGKey(1))
-    exact = _enumerate(D.g, D.h, b, replace)["ratio"]
+    exact = enumerate_batches(D.g, D.h, b, replace)["ratio"]
     assert 20 <= int(est.num_draws) <= 1000
     assert float(est.stderr) > 0
     assert abs(float(est.value) - exact) < 5 * float(est.stderr)
@@ -241,7 +99,7 @@ def test_zero_gradient_batches_contribute_zero():
     @jax.jit
     def run(p):
         est = S.batch_sharpness(obj, p, batch, batch_size=1, key=jax.random.PRNGKey(2))
-        return est, S.gradient_noise_interaction(obj, p, batch, batch_size=1)
+        return est, B.gradient_noise_interaction(obj, p, batch, batch_size=1)
 
     est, gni = run(params)
     exact = float(jnp.sum(x[2] ** 2)) / 3
@@ -287,39 +145,6 @@ def test_draws_depend_only_on_the_key(aligned, replace, sampling):
 
 
 @pytest.mark.parametrize("replace", [True, False])
-def test_partition_batches_have_the_sampler_law(replace):
-    """Each batch of a group has the sampler's law (checked on the first batch of 30,000
-    groups: every ordered b-tuple, or every b-subset, about equally often), and the batches
-    of a group draw their distinct indices from disjoint blocks."""
-    n, b, groups = 6, 3, 30_000
-    k = n // b
-    idx, _ = jax.jit(
-        lambda u: S._batch_indices(
-            jax.random.PRNGKey(0), u, n=n, b=b, replace=replace, sampling="partition", k=k
-        )
-    )(jnp.arange(groups, dtype=jnp.int32))
-    idx = np.asarray(idx).reshape(groups, k, b)
-    first, second = idx[:, 0], idx[:, 1]
-    if replace:
-        cells = first @ (n ** np.arange(b))
-        num_cells = n**b
-    else:
-        cells = np.sort(first, axis=1) @ (n ** np.arange(b))
-        num_cells = len(list(itertools.combinations(range(n), b)))
-    counts = np.bincount(cells, minlength=n**b)
-    counts = counts[counts > 0] if not replace else counts
-    assert len(counts) == num_cells
-    expected = groups / num_cells
-    chi2 = np.sum((counts - expected) ** 2 / expected)
-    dof = num_cells - 1
-    assert chi2 < dof + 6 * np.sqrt(2 * dof)
-    if replace:
-        assert np.mean(first[:, 0] == first[:, 1]) == pytest.approx(1 / n, abs=0.01)
-    for a, c in zip(first, second, strict=True):
-        assert not set(a.tolist()) & set(c.tolist())
-
-
-@pytest.mark.parametrize("replace", [True, False])
 def test_partition_stderr_is_honest(aligned, replace):
     """Over 300 keys at a fixed 20 groups the estimates are centred on the exact value and
     the mean squared stderr matches their variance. Without replacement the ratio is
@@ -329,7 +154,7 @@ def test_partition_stderr_is_honest(aligned, replace):
     heavier tails and only the variance is checked."""
     prob, D = aligned
     b = 3
-    exact = _enumerate(D.g, D.h, b, replace)["ratio"]
+    exact = enumerate_batches(D.g, D.h, b, replace)["ratio"]
 
     @jax.jit
     def run(keys):
@@ -390,10 +215,12 @@ def test_partition_needs_fewer_draws(aligned):
 def test_auto_sampling_takes_whole_partitions_only_when_ten_fit(aligned):
     """12 examples, b = 3: groups of 4 batches; ten of them need max_draws ≥ 40."""
     prob, _ = aligned
-    assert S._resolve(12, 3, "auto", 40) == "partition"
-    assert S._resolve(12, 3, "auto", 39) == "independent"
-    assert S._resolve(12, 7, "auto", 1000) == "independent"  # one batch per partition
-    assert S._resolve(12, 3, "partition", 10) == "partition"
+    assert minibatch.resolve_sampling(12, 3, "auto", 40) == "partition"
+    assert minibatch.resolve_sampling(12, 3, "auto", 39) == "independent"
+    assert (
+        minibatch.resolve_sampling(12, 7, "auto", 1000) == "independent"
+    )  # one batch per partition
+    assert minibatch.resolve_sampling(12, 3, "partition", 10) == "partition"
 
     def run(sampling, max_draws):
         return S.batch_sharpness(
@@ -429,7 +256,7 @@ def test_expected_batch_lambda_max_matches_enumeration(mlp, sampling):
             tol=None,
         )
     )(prob.params, jax.random.PRNGKey(3))
-    exact = _enumerate(D.g, D.h, b, False)["lam"]
+    exact = enumerate_batches(D.g, D.h, b, False)["lam"]
     assert abs(float(est.value) - exact) < 5 * float(est.stderr)
     assert int(est.num_draws) >= 20
 
@@ -528,11 +355,11 @@ def test_least_squares_closed_forms(least_squares):
             ),
             "rayleigh": S.gradient_rayleigh_quotient(obj, p, batch),
             **{
-                f"gni_{r}": S.gradient_noise_interaction(obj, p, batch, replace=r, **kw)
+                f"gni_{r}": B.gradient_noise_interaction(obj, p, batch, replace=r, **kw)
                 for r in (True, False)
             },
             **{
-                f"roe_{r}": S.batch_sharpness_ratio_of_expectations(obj, p, batch, replace=r, **kw)
+                f"roe_{r}": B.batch_sharpness_ratio_of_expectations(obj, p, batch, replace=r, **kw)
                 for r in (True, False)
             },
         }
@@ -546,7 +373,7 @@ def test_least_squares_closed_forms(least_squares):
         assert abs(float(est.value) - np.trace(H)) < 5 * float(est.stderr) + 1e-8 * np.trace(H)
     np.testing.assert_allclose(out["rayleigh"], gbar @ H @ gbar / (gbar @ gbar), rtol=1e-12)
     for replace in (True, False):
-        ref = _enumerate(g, h, 2, replace)
+        ref = enumerate_batches(g, h, 2, replace)
         assert rel_err(out[f"gni_{replace}"], ref["ghg"] / (gbar @ gbar)) < 1e-10
         assert rel_err(out[f"roe_{replace}"], ref["bhb"] / ref["gg"]) < 1e-10
 
@@ -559,7 +386,7 @@ def test_float32(least_squares):
     @jax.jit
     def measure(p, b):
         est = S.batch_sharpness(obj, p, b, batch_size=3, key=jax.random.PRNGKey(0), chunk_size=2)
-        return est, S.gradient_hessian_moments(obj, p, b, chunk_size=4)
+        return est, B.gradient_hessian_moments(obj, p, b, chunk_size=4)
 
     est, m = measure(p32, b32)
     assert est.value.dtype == m.trace_hc.dtype == jnp.float32
@@ -594,7 +421,7 @@ def test_threshold_separates_convergence_from_divergence(momentum, nesterov):
 
 def test_stability_ratios():
     eig = sj.Eigen(jnp.array([30.0, 10.0]), None, jnp.zeros(2), jnp.int32(3))
-    bs = S.BatchEstimate(jnp.array(20.0), jnp.array(0.1), jnp.int32(20))
+    bs = minibatch.BatchEstimate(jnp.array(20.0), jnp.array(0.1), jnp.int32(20))
     r = S.stability_ratios(
         {"lambda_max": eig, "batch_sharpness": bs, "gni": 5.0}, learning_rate=0.1
     )
@@ -606,21 +433,15 @@ def test_stability_ratios():
 # -------------------------------------------------------------------------- bad input
 
 
-def test_bad_input_raises(mlp, mlp_moments):
+def test_bad_input_raises(mlp):
     prob, _ = mlp
     obj, params, batch = prob.objective, prob.params, prob.batch
     key = jax.random.PRNGKey(0)
     for b in (0, -1, N + 1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size"):
             S.batch_sharpness(obj, params, batch, batch_size=b, key=key)
-        with pytest.raises(ValueError, match="batch_size"):
-            S.batch_expectations(mlp_moments, batch_size=b)
     with pytest.raises(ValueError, match="batch_size"):
         S.expected_batch_lambda_max(obj, params, batch, batch_size=N + 1, key=key)
-    with pytest.raises(ValueError, match="batch_size"):
-        S.gradient_noise_interaction(obj, params, batch, batch_size=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        S.batch_sharpness_ratio_of_expectations(obj, params, batch, batch_size=N + 1)
     bad_sampling = [
         {"rel_stderr": 0.0},
         {"rel_stderr": 1.5},

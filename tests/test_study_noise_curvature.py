@@ -15,7 +15,7 @@ from study_runs import run_twice
 from experiments.configs import noise_curvature as study_config
 from experiments.studies import common
 from experiments.studies import noise_curvature as study
-from sharpness_jax import linalg, noise, records, subsets
+from sharpness_jax import comparisons, linalg, power_law, records, subsets
 from sharpness_jax.config import validate_config
 
 _LAYERS = ("params/Dense_1/kernel", "params/Dense_2/kernel")
@@ -165,12 +165,12 @@ def test_fits_are_the_library_power_laws(layer_problem):
         kwargs = dict(key=key, num_resamples=50, subset=layer)
         obj = prob.objective
         return {
-            "eigen": noise.eigenbasis_power_law(obj, params, batch, eigen=eigen, **kwargs),
-            "eigen_second_moment": noise.eigenbasis_power_law(
+            "eigen": power_law.eigenbasis_power_law(obj, params, batch, eigen=eigen, **kwargs),
+            "eigen_second_moment": power_law.eigenbasis_power_law(
                 obj, params, batch, eigen=eigen, against="second_moment", **kwargs
             ),
-            "coordinate": noise.diagonal_power_law(obj, params, batch, **kwargs),
-            "coordinate_second_moment": noise.diagonal_power_law(
+            "coordinate": power_law.diagonal_power_law(obj, params, batch, **kwargs),
+            "coordinate_second_moment": power_law.diagonal_power_law(
                 obj, params, batch, against="second_moment", **kwargs
             ),
         }
@@ -188,7 +188,7 @@ def test_commutation_is_the_library_commutation(layer_problem):
     key = jax.random.PRNGKey(1)
     ours = study.commutation(jnp.asarray(q["c"]), jnp.asarray(q["h"]), key=key, num_rotations=3)
     lib = jax.jit(
-        lambda p, b: noise.noise_curvature_commutation(
+        lambda p, b: comparisons.noise_curvature_commutation(
             prob.objective, p, b, key=key, num_rotations=3, subset=layer
         )
     )(prob.params, prob.batch)

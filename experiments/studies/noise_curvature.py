@@ -8,12 +8,13 @@ exactly on the restricted objective (the S-blocks C_SS, H_SS and E_p[(h_p)_SS²]
 * H as a dense matrix (P_S Hessian-vector products, ``linalg.dense``) and its full
   eigendecomposition H v_i = λ_i v_i, λ_1 ≥ λ_2 ≥ …;
 * C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ as a dense matrix (``noise.gradient_covariance_dense``);
-* diag E_p[h_p²] from per-example Hessian rows (``noise.hessian_second_moment_diagonal``)
+* diag E_p[h_p²] from per-example Hessian rows (``second_moment.hessian_second_moment_diagonal``)
   and v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² for the top N eigenvectors
-  (``noise.hessian_second_moment_quadratic_forms``).
+  (``second_moment.hessian_second_moment_quadratic_forms``).
 
-Then, with ``noise.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap 95%
-intervals), exactly what ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` fit:
+Then, with ``power_law.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap
+95% intervals), exactly what ``power_law.eigenbasis_power_law`` and
+``power_law.diagonal_power_law`` fit:
 
 * the eigenbasis exponent: v_iᵀ C v_i ∝ λ_i^γ over the top N = ``eigen_fraction``·P_S
   eigenpairs (the paper code's fit) — the primary γ;
@@ -21,8 +22,8 @@ intervals), exactly what ``noise.eigenbasis_power_law`` and ``noise.diagonal_pow
 * the exponents predicted by the activity–weight duality, C ∝ E_p[h_p²]: v_iᵀ E_p[h_p²] v_i
   ∝ λ_i^γ and E_p[h_p²]_ii ∝ H_ii^γ, and the direct fits of C against E_p[h_p²];
 * the relative commutator ‖CH − HC‖_F / ‖CH‖_F against its value with H replaced by Q H Qᵀ
-  for Haar-random Q (``noise.relative_commutator``, ``noise.rotation_baseline``: what
-  ``noise.noise_curvature_commutation`` computes, here from the C and H already formed).
+  for Haar-random Q (``comparisons.relative_commutator``, ``comparisons.rotation_baseline``: what
+  ``comparisons.noise_curvature_commutation`` computes, here from the C and H already formed).
 
 Conventions. C is the per-sample covariance with the 1/n normalisation; the noise of a
 mini-batch gradient is C/B (with replacement), a factor that changes neither γ nor the
@@ -63,7 +64,18 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments.studies import common
-from sharpness_jax import data, linalg, models, noise, operators, plots, subsets
+from sharpness_jax import (
+    comparisons,
+    data,
+    linalg,
+    models,
+    noise,
+    operators,
+    plots,
+    power_law,
+    second_moment,
+    subsets,
+)
 from sharpness_jax.config import resolve_config
 from sharpness_jax.objective import Batch, Objective, get_loss
 
@@ -140,7 +152,7 @@ def layer_quantities(
         objective, params, batch, chunk_size=chunk_size, subset=layer
     )
     e_diag = ravel_pytree(
-        noise.hessian_second_moment_diagonal(
+        second_moment.hessian_second_moment_diagonal(
             objective,
             params,
             batch,
@@ -161,7 +173,7 @@ def layer_quantities(
     top = top.at[:num_eigen].set(vectors[:, :num_eigen].T)
 
     def forms(rows):
-        return noise.hessian_second_moment_quadratic_forms(
+        return second_moment.hessian_second_moment_quadratic_forms(
             objective, params, batch, jax.vmap(unravel)(rows), chunk_size=chunk_size, subset=layer
         )
 
@@ -185,7 +197,7 @@ def fit_pairs(
 
     The eigenbasis fits take the top ``num_eigen`` eigenpairs, the coordinate fits all P
     coordinates; each row is padded with NaN to ``length`` ≥ P (default P), which
-    :func:`noise.fit_power_law` excludes, so that one program fits every row of every layer.
+    :func:`power_law.fit_power_law` excludes, so that one program fits every row of every layer.
 
     Returns:
       ``(xs, ys)``, each ``(len(FITS), length)``.
@@ -206,17 +218,17 @@ def fit_pairs(
 def power_law_fits(
     xs: jax.Array, ys: jax.Array, *, key: jax.Array, num_resamples: int
 ) -> dict[str, jax.Array]:
-    """:func:`noise.fit_power_law` on every row of :func:`fit_pairs`: the fits
-    ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` make (the NaN padding is
+    """:func:`power_law.fit_power_law` on every row of :func:`fit_pairs`: the fits
+    ``power_law.eigenbasis_power_law`` and ``power_law.diagonal_power_law`` make (the NaN padding is
     excluded; the bootstrap draws depend on the padded length).
 
     Returns:
       ``<fit>/<field>`` for every fit of ``FITS`` and every field of
-      :class:`noise.PowerLawFit` but the exclusion counts.
+      :class:`power_law.PowerLawFit` but the exclusion counts.
     """
-    fits = jax.vmap(lambda x, y, k: noise.fit_power_law(x, y, key=k, num_resamples=num_resamples))(
-        xs, ys, jax.random.split(key, len(FITS))
-    )
+    fits = jax.vmap(
+        lambda x, y, k: power_law.fit_power_law(x, y, key=k, num_resamples=num_resamples)
+    )(xs, ys, jax.random.split(key, len(FITS)))
     return {
         f"{name}/{field}": getattr(fits, field)[i]
         for i, name in enumerate(FITS)
@@ -228,10 +240,10 @@ def commutation(
     c: jax.Array, h: jax.Array, *, key: jax.Array, num_rotations: int
 ) -> dict[str, jax.Array]:
     """‖CH − HC‖_F / ‖CH‖_F and its Haar-rotation baseline, as
-    ``noise.noise_curvature_commutation`` computes them, from the dense C and H."""
-    baseline = noise.rotation_baseline(c, h, key=key, num_rotations=num_rotations)
+    ``comparisons.noise_curvature_commutation`` computes them, from the dense C and H."""
+    baseline = comparisons.rotation_baseline(c, h, key=key, num_rotations=num_rotations)
     return {
-        "relative_commutator": noise.relative_commutator(c, h),
+        "relative_commutator": comparisons.relative_commutator(c, h),
         "baseline_values": baseline.values,
         "baseline_mean": baseline.mean,
         "baseline_std": baseline.std,

@@ -1,67 +1,37 @@
-"""Linear algebra on matrix-free symmetric operators ``matvec: pytree -> pytree``.
-
-Pytrees at the boundary: every function takes a ``template`` pytree (usually the params)
-that fixes the vector space; flat vectors exist only inside the algorithms.
-
-* Exact: :func:`dense`, :func:`diagonal_exact`, :func:`trace_exact`,
-  :func:`frobenius_squared_exact` — one matvec per basis vector, ``chunk_size`` basis
-  vectors at a time.
-* Eigenvalues: :func:`lanczos_top_k` (partial or full reorthogonalisation, breakdown-safe,
-  optional convergence stop, warm start), :func:`power_iteration`, :func:`lobpcg_top_k`.
-* Stochastic, each with an explicit key and probe count and a standard error:
-  :func:`hutchinson_trace`, :func:`hutchinson_diagonal`, :func:`xtrace`,
-  :func:`frobenius_squared` (integrands and samplers from ``matfree.stochtrace``), and the
-  spectral density :func:`spectral_density` (stochastic Lanczos quadrature).
+"""Top eigenpairs of a symmetric matrix-free operator: Lanczos (:func:`lanczos_top_k`), and
+power iteration and LOBPCG beside it.
 
 Lanczos is written here rather than taken from ``matfree.decomp.tridiag_sym`` because the
 latter neither survives a Krylov breakdown (it returns wrong Ritz values once the Krylov space
 becomes invariant, which happens for the low-rank C and for small models) nor stops at a
-tolerance.
+tolerance. The iteration itself (:func:`_lanczos`, :func:`_ritz`) also serves stochastic
+Lanczos quadrature in :mod:`sharpness_jax.linalg.estimators`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from matfree import stochtrace
 
 from sharpness_jax import checks
+from sharpness_jax.linalg.exact import _check_template, flatten_operator
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
 __all__ = [
+    "REORTHOGONALISATION",
     "Eigen",
-    "Estimate",
-    "SpectralDensity",
-    "basis_map",
-    "dense",
-    "diagonal_exact",
-    "flatten_operator",
-    "frobenius_squared",
-    "frobenius_squared_exact",
-    "hutchinson_diagonal",
-    "hutchinson_trace",
+    "flatten_vectors",
     "lanczos_top_k",
     "lobpcg_top_k",
     "power_iteration",
-    "spectral_density",
-    "trace_exact",
-    "xtrace",
 ]
-
-
-class Estimate(NamedTuple):
-    """A stochastic estimate: ``value`` ± ``stderr`` (standard error of the mean) from
-    ``num_probes`` probe vectors. For diagonals, value and stderr are pytrees."""
-
-    value: Any
-    stderr: Any
-    num_probes: int
 
 
 class Eigen(NamedTuple):
@@ -81,126 +51,46 @@ class Eigen(NamedTuple):
     num_matvecs: jax.Array
 
 
-class SpectralDensity(NamedTuple):
-    """A smoothed spectral density ∫ density = 1 (the eigenvalue distribution (1/P) Σ δ_λi
-    convolved with a Gaussian of standard deviation ``sigma``)."""
+def flatten_vectors(vectors: PyTree, template: PyTree) -> tuple[jax.Array, int]:
+    """Flattens k stacked vectors (an :class:`Eigen` or a pytree with a leading axis k) into
+    a ``(k, P)`` array, checking their structure against ``template``.
 
-    grid: jax.Array
-    density: jax.Array
-    sigma: jax.Array
-    num_probes: int
-    num_iters: int
+    Returns:
+      ``(rows, k)``.
 
-
-def flatten_operator(matvec: MatVec, template: PyTree):
-    """``(flat_matvec, flat_template, unravel)`` for a pytree operator."""
-    flat, unravel = ravel_pytree(template)
-
-    def flat_matvec(x):
-        return ravel_pytree(matvec(unravel(x)))[0]
-
-    return flat_matvec, flat, unravel
-
-
-def _check_template(template: PyTree) -> int:
-    leaves = jax.tree_util.tree_leaves(template)
-    if not leaves:
-        raise TypeError("the template pytree is empty")
-    dtypes = {jnp.result_type(leaf) for leaf in leaves}
-    if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
-        raise TypeError(f"operators need one floating dtype across the template, got {dtypes}")
-    return int(sum(jnp.size(leaf) for leaf in leaves))
+    Raises:
+      ValueError / TypeError: on another tree structure, leaf shape or dtype, or leaves
+        without one common leading axis.
+    """
+    if isinstance(vectors, Eigen):
+        vectors = vectors.vectors
+    if jax.tree_util.tree_structure(vectors) != jax.tree_util.tree_structure(template):
+        raise ValueError(
+            "the vectors must have the (restricted) parameters' tree structure with a leading "
+            f"axis k; got {jax.tree_util.tree_structure(vectors)}, expected "
+            f"{jax.tree_util.tree_structure(template)}"
+        )
+    leaves = jax.tree_util.tree_leaves(vectors)
+    tmpl = jax.tree_util.tree_leaves(template)
+    k = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in leaves}
+    if len(k) != 1 or None in k:
+        raise ValueError("the vectors need one common leading axis k over all leaves")
+    for a, t in zip(leaves, tmpl, strict=True):
+        if jnp.shape(a)[1:] != jnp.shape(t):
+            raise ValueError(
+                f"a vector leaf has shape {jnp.shape(a)[1:]}, the parameter has {jnp.shape(t)}"
+            )
+        if jnp.result_type(a) != jnp.result_type(t):
+            raise TypeError(
+                f"a vector leaf has dtype {jnp.result_type(a)}, the parameter has "
+                f"{jnp.result_type(t)}"
+            )
+    return jax.vmap(lambda t: ravel_pytree(t)[0])(vectors), k.pop()
 
 
 def _check_reorthogonalisation(value: Any) -> None:
     if value not in REORTHOGONALISATION:
         raise ValueError(f"reorthogonalisation must be one of {REORTHOGONALISATION}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-#: Basis vectors per batched matvec when ``chunk_size`` is None: as many as fit, P at a time,
-#: in this many numbers (the batch of one-hot vectors alone is chunk × P numbers).
-_AUTO_BASIS_NUMBERS = 2**24
-
-
-def basis_map(fn, size: int, chunk_size: int | None):
-    """``fn(i)`` for i = 0 … size − 1, stacked; ``chunk_size`` indices at a time by
-    ``lax.map`` (None: ``min(size, 2**24 // size)`` at a time, so the basis batch stays small).
-    """
-    idx = jnp.arange(size, dtype=jnp.int32)
-    if chunk_size is None:
-        chunk_size = max(1, min(size, _AUTO_BASIS_NUMBERS // size))
-    _check_positive_int("chunk_size", chunk_size)
-    if chunk_size >= size:
-        return jax.vmap(fn)(idx)
-    return jax.lax.map(fn, idx, batch_size=chunk_size)
-
-
-def dense(
-    matvec: MatVec,
-    template: PyTree,
-    *,
-    chunk_size: int | None = None,
-    max_bytes: float | None = None,
-) -> jax.Array:
-    """The P × P matrix of the operator in the flat (``ravel_pytree``) basis.
-
-    Args:
-      matvec: the operator.
-      template: a pytree of the vector space (e.g. params).
-      chunk_size: basis vectors per batched matvec (bounds the intermediate memory; None:
-        automatic, see :func:`basis_map`).
-      max_bytes: refuse when the P × P result exceeds this (default
-        ``checks.MEMORY_LIMIT_BYTES``).
-
-    Raises:
-      MemoryError: when the matrix would not fit, naming the matrix-free routes.
-    """
-    size = _check_template(template)
-    mv, flat, _ = flatten_operator(matvec, template)
-    checks.check_memory(
-        2.0 * size * size * flat.dtype.itemsize,
-        max_bytes=max_bytes,
-        what=f"a dense {size:,} × {size:,} matrix",
-        cheaper="use the matrix-free routes (lanczos_top_k, hutchinson_trace, "
-        "hutchinson_diagonal, xtrace, spectral_density)",
-    )
-    cols = basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype)), size, chunk_size)
-    return cols.T
-
-
-def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> PyTree:
-    """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template``."""
-    size = _check_template(template)
-    mv, flat, unravel = flatten_operator(matvec, template)
-    diag = basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype))[i], size, chunk_size)
-    return unravel(diag)
-
-
-def trace_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
-    """tr(A) = Σ_i e_iᵀ A e_i exactly (P matvecs)."""
-    return sum(
-        jnp.sum(d)
-        for d in jax.tree_util.tree_leaves(diagonal_exact(matvec, template, chunk_size=chunk_size))
-    )
-
-
-def frobenius_squared_exact(
-    matvec: MatVec, template: PyTree, *, chunk_size: int | None = None
-) -> jax.Array:
-    """‖A‖_F² = Σ_i ‖A e_i‖² exactly (P matvecs)."""
-    size = _check_template(template)
-    mv, flat, _ = flatten_operator(matvec, template)
-    sq = basis_map(
-        lambda i: jnp.sum(jnp.square(mv(jax.nn.one_hot(i, size, dtype=flat.dtype)))),
-        size,
-        chunk_size,
-    )
-    return jnp.sum(sq)
 
 
 # ----------------------------------------------------------------------------- Lanczos
@@ -292,6 +182,81 @@ def _first_stage_rows(padded, size, itemsize):
     return min(padded, max(_FIRST_STAGE_MIN_ROWS, fit))
 
 
+class _Settings(NamedTuple):
+    """The static settings of one Lanczos run (see :func:`_lanczos`)."""
+
+    size: int
+    dtype: Any
+    eps: Any
+    full: bool
+    psi: jax.Array  # the local loss of orthogonality |q_{j+1}ᵀ q_j| after one step
+    threshold: jax.Array  # √ε, where partial reorthogonalisation steps in
+    index: jax.Array  # 0, 1, …, num_iters − 1
+    k: int
+    tol: float | None
+    min_iters: int
+
+
+def _step(state, *, mv, key, s: _Settings):
+    """One Lanczos step: the new vector, its coefficients α_j, β_j, the ω estimates, and (with
+    a tolerance) whether the top k Ritz pairs have converged."""
+    j, basis, alpha, beta, q, q_prev, omega, omega_prev, force, count, _ = state
+    basis = basis.at[j].set(q)
+    w = mv(q)
+    a = jnp.vdot(q, w)
+    b_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0)
+    w = w - a * q - b_prev * q_prev
+    b0 = jnp.linalg.norm(w)
+    alpha = alpha.at[j].set(a)
+    omega_next = _omega_step(omega, omega_prev, alpha, beta, a, b_prev, b0, j, s.eps)
+    lost = (jnp.max(jnp.abs(omega_next)) > s.threshold) | (b0 <= 0)
+    reorth = s.full | force | lost
+    w = jax.lax.cond(reorth, lambda w: _orthogonalise(w, basis, j + 1), lambda w: w, w)
+    b = jnp.linalg.norm(w)
+    scale = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.abs(a)) + jnp.max(beta)
+    broke = b <= jnp.sqrt(s.eps) * jnp.maximum(scale, jnp.finfo(s.dtype).tiny)
+
+    def restart():
+        normal = jax.random.normal(jax.random.fold_in(key, j), (s.size,), s.dtype)
+        fresh = _orthogonalise(normal, basis, j + 1)
+        return fresh / jnp.linalg.norm(fresh)
+
+    q_next = jax.lax.cond(broke, restart, lambda: w / jnp.where(broke, 1, b))
+    beta = beta.at[j].set(jnp.where(broke, 0, b))
+    # After an orthogonalisation against all previous vectors only rounding is left.
+    omega_next = jnp.where(reorth | broke, jnp.where(s.index <= j, s.psi, 0), omega_next)
+    omega_next = jnp.where(s.index == j, s.psi, omega_next)
+    omega_next = jnp.where(s.index == j + 1, 1, omega_next)
+    converged = jnp.bool_(False)
+    if s.tol is not None:
+        vals, _, res = _ritz(alpha, beta, j + 1)
+        top = jnp.abs(vals[: s.k])
+        converged = (j + 1 >= max(s.k, s.min_iters)) & ~broke & jnp.all(res[: s.k] <= s.tol * top)
+    # Simon: a vector orthogonalised because the estimate crossed √ε takes the next
+    # vector with it (the recurrence couples three consecutive rows).
+    force_next = lost & ~force & ~broke
+    count = count + reorth.astype(jnp.int32)
+    return (j + 1, basis, alpha, beta, q_next, q, omega_next, omega, force_next, count, converged)
+
+
+def _initial_state(v0, rows, num_iters):
+    """The loop state before the first step: an empty basis of ``rows`` rows, q_0 = v0/‖v0‖."""
+    size, dtype = v0.shape[0], v0.dtype
+    return (
+        jnp.int32(0),
+        jnp.zeros((rows, size), dtype),
+        jnp.zeros((num_iters,), dtype),
+        jnp.zeros((num_iters,), dtype),
+        v0 / jnp.linalg.norm(v0),
+        jnp.zeros_like(v0),
+        jnp.zeros((num_iters,), dtype).at[0].set(1),
+        jnp.zeros((num_iters,), dtype),
+        jnp.bool_(False),
+        jnp.int32(0),
+        jnp.bool_(False),
+    )
+
+
 def _lanczos(
     mv, v0, *, num_iters, key, k, tol, min_iters=1, reorthogonalisation="partial", num_vectors=0
 ):
@@ -318,62 +283,19 @@ def _lanczos(
     size = v0.shape[0]
     dtype = v0.dtype
     eps = jnp.finfo(dtype).eps
-    full = reorthogonalisation == "full"
-    # The local loss of orthogonality |q_{j+1}ᵀ q_j| after one step in floating point.
-    psi = jnp.asarray(eps * max(size, 1) ** 0.5, dtype)
-    threshold = jnp.sqrt(eps)
-    index = jnp.arange(num_iters, dtype=jnp.int32)
-
-    def step(state):
-        j, basis, alpha, beta, q, q_prev, omega, omega_prev, force, count, _ = state
-        basis = basis.at[j].set(q)
-        w = mv(q)
-        a = jnp.vdot(q, w)
-        b_prev = jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0)
-        w = w - a * q - b_prev * q_prev
-        b0 = jnp.linalg.norm(w)
-        alpha = alpha.at[j].set(a)
-        omega_next = _omega_step(omega, omega_prev, alpha, beta, a, b_prev, b0, j, eps)
-        lost = (jnp.max(jnp.abs(omega_next)) > threshold) | (b0 <= 0)
-        reorth = full | force | lost
-        w = jax.lax.cond(reorth, lambda w: _orthogonalise(w, basis, j + 1), lambda w: w, w)
-        b = jnp.linalg.norm(w)
-        scale = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.abs(a)) + jnp.max(beta)
-        broke = b <= jnp.sqrt(eps) * jnp.maximum(scale, jnp.finfo(dtype).tiny)
-
-        def restart():
-            normal = jax.random.normal(jax.random.fold_in(key, j), (size,), dtype)
-            fresh = _orthogonalise(normal, basis, j + 1)
-            return fresh / jnp.linalg.norm(fresh)
-
-        q_next = jax.lax.cond(broke, restart, lambda: w / jnp.where(broke, 1, b))
-        beta = beta.at[j].set(jnp.where(broke, 0, b))
-        # After an orthogonalisation against all previous vectors only rounding is left.
-        omega_next = jnp.where(reorth | broke, jnp.where(index <= j, psi, 0), omega_next)
-        omega_next = jnp.where(index == j, psi, omega_next)
-        omega_next = jnp.where(index == j + 1, 1, omega_next)
-        converged = jnp.bool_(False)
-        if tol is not None:
-            vals, _, res = _ritz(alpha, beta, j + 1)
-            top = jnp.abs(vals[:k])
-            converged = (j + 1 >= max(k, min_iters)) & ~broke & jnp.all(res[:k] <= tol * top)
-        # Simon: a vector orthogonalised because the estimate crossed √ε takes the next
-        # vector with it (the recurrence couples three consecutive rows).
-        force_next = lost & ~force & ~broke
-        count = count + reorth.astype(jnp.int32)
-        return (
-            j + 1,
-            basis,
-            alpha,
-            beta,
-            q_next,
-            q,
-            omega_next,
-            omega,
-            force_next,
-            count,
-            converged,
-        )
+    settings = _Settings(
+        size=size,
+        dtype=dtype,
+        eps=eps,
+        full=reorthogonalisation == "full",
+        psi=jnp.asarray(eps * max(size, 1) ** 0.5, dtype),
+        threshold=jnp.sqrt(eps),
+        index=jnp.arange(num_iters, dtype=jnp.int32),
+        k=k,
+        tol=tol,
+        min_iters=min_iters,
+    )
+    step = functools.partial(_step, mv=mv, key=key, s=settings)
 
     def run(state, stop):
         return jax.lax.while_loop(lambda s: (s[0] < stop) & ~s[-1], step, state)
@@ -385,20 +307,7 @@ def _lanczos(
 
     padded = -(-num_iters // _ORTHO_BLOCK) * _ORTHO_BLOCK
     rows = _first_stage_rows(padded, size, jnp.dtype(dtype).itemsize)
-    init = (
-        jnp.int32(0),
-        jnp.zeros((rows, size), dtype),
-        jnp.zeros((num_iters,), dtype),
-        jnp.zeros((num_iters,), dtype),
-        v0 / jnp.linalg.norm(v0),
-        jnp.zeros_like(v0),
-        jnp.zeros((num_iters,), dtype).at[0].set(1),
-        jnp.zeros((num_iters,), dtype),
-        jnp.bool_(False),
-        jnp.int32(0),
-        jnp.bool_(False),
-    )
-    state = run(init, min(rows, num_iters))
+    state = run(_initial_state(v0, rows, num_iters), min(rows, num_iters))
     if rows >= num_iters:
         return finish(state)
 
@@ -501,8 +410,8 @@ def lanczos_top_k(
       ValueError: if k exceeds P or num_iters, or the counts are not positive ints.
     """
     size = _check_template(template)
-    _check_positive_int("k", k)
-    _check_positive_int("num_iters", num_iters)
+    checks.check_positive_int("k", k)
+    checks.check_positive_int("num_iters", num_iters)
     if k > size:
         raise ValueError(f"k={k} exceeds the number of parameters P={size}")
     num_iters = min(num_iters, size)
@@ -512,7 +421,7 @@ def lanczos_top_k(
     mv, flat, unravel = flatten_operator(matvec, template)
     start_key, restart_key = jax.random.split(key)
     v0 = _start_vector(template, flat, start_key, init)
-    _check_positive_int("min_iters", min_iters)
+    checks.check_positive_int("min_iters", min_iters)
     _check_reorthogonalisation(reorthogonalisation)
     alpha, beta, used, _, ritz_vectors = _lanczos(
         mv,
@@ -542,7 +451,7 @@ def power_iteration(
     """The eigenpair of largest |λ| by power iteration (stops when the Rayleigh quotient
     changes by less than ``tol`` relative). Returns an :class:`Eigen` with k = 1."""
     _check_template(template)
-    _check_positive_int("num_iters", num_iters)
+    checks.check_positive_int("num_iters", num_iters)
     key = jax.random.PRNGKey(0) if key is None else key
     mv, flat, unravel = flatten_operator(matvec, template)
     v0 = _start_vector(template, flat, key, init)
@@ -583,8 +492,8 @@ def lobpcg_top_k(
     with k extra matvecs.
     """
     size = _check_template(template)
-    _check_positive_int("k", k)
-    _check_positive_int("num_iters", num_iters)
+    checks.check_positive_int("k", k)
+    checks.check_positive_int("num_iters", num_iters)
     if not 5 * k < size:
         raise ValueError(f"LOBPCG needs 5k < P; got k={k}, P={size}. Use lanczos_top_k.")
     from jax.experimental.sparse.linalg import lobpcg_standard
@@ -603,194 +512,3 @@ def lobpcg_top_k(
     vals, vecs = vals[order], vecs[:, order]
     residuals = jnp.linalg.norm(matmat(vecs) - vecs * vals[None, :], axis=0)
     return Eigen(vals, jax.vmap(unravel)(vecs.T), residuals, (iters + 1) * k)
-
-
-# -------------------------------------------------------------------- stochastic estimators
-
-
-def _probe_values(integrand, matvec, template, key, num_probes, probe_chunk, sampler):
-    """Per-probe integrand values, ``probe_chunk`` probes at a time; leading axis num_probes."""
-    _check_template(template)
-    _check_positive_int("num_probes", num_probes)
-    chunk = num_probes if probe_chunk is None else min(probe_chunk, num_probes)
-    _check_positive_int("probe_chunk", chunk)
-    num_chunks = -(-num_probes // chunk)
-    draw = sampler(template, num=chunk)
-    keys = jax.random.split(key, num_chunks)
-
-    def one_chunk(k):
-        return jax.vmap(lambda z: integrand(matvec, z))(draw(k))
-
-    values = jax.lax.map(one_chunk, keys)
-    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:])[:num_probes], values)
-
-
-def _mean_and_sem(samples):
-    m = samples.shape[0]
-    mean = jnp.mean(samples, axis=0)
-    sem = jnp.std(samples, axis=0, ddof=1) / jnp.sqrt(m) if m > 1 else jnp.full_like(mean, jnp.inf)
-    return mean, sem
-
-
-def hutchinson_trace(
-    matvec: MatVec,
-    template: PyTree,
-    /,
-    *,
-    key: jax.Array,
-    num_probes: int,
-    probe_chunk: int | None = None,
-) -> Estimate:
-    """Hutchinson's tr(A) ≈ (1/m) Σ_j z_jᵀ A z_j with Rademacher z; SE from the m samples.
-
-    Args:
-      probe_chunk: probes evaluated together (bounds memory; default all).
-    """
-    values = _probe_values(
-        stochtrace.monte_carlo_trace(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
-    )
-    mean, sem = _mean_and_sem(values)
-    return Estimate(mean, sem, num_probes)
-
-
-def hutchinson_diagonal(
-    matvec: MatVec,
-    template: PyTree,
-    /,
-    *,
-    key: jax.Array,
-    num_probes: int,
-    probe_chunk: int | None = None,
-) -> Estimate:
-    """Hutchinson's diag(A) ≈ (1/m) Σ_j z_j ⊙ A z_j (Rademacher); value and SE are pytrees."""
-    values = _probe_values(
-        stochtrace.monte_carlo_diagonal(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
-    )
-    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
-    is_pair = lambda x: isinstance(x, tuple)
-    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
-    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
-    return Estimate(mean, sem, num_probes)
-
-
-def frobenius_squared(
-    matvec: MatVec,
-    template: PyTree,
-    /,
-    *,
-    key: jax.Array,
-    num_probes: int,
-    probe_chunk: int | None = None,
-) -> Estimate:
-    """‖A‖_F² ≈ (1/m) Σ_j ‖A z_j‖² (Rademacher z, E zzᵀ = I)."""
-    values = _probe_values(
-        stochtrace.monte_carlo_frobeniusnorm_squared(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
-    )
-    mean, sem = _mean_and_sem(values)
-    return Estimate(mean, sem, num_probes)
-
-
-def xtrace(matvec: MatVec, template: PyTree, /, *, key: jax.Array, num_probes: int) -> Estimate:
-    """XTrace (Epperly, Tropp & Webber 2024), the exchangeable successor of Hutch++.
-
-    A rank-``num_probes`` range finder captures the top of the spectrum exactly and Hutchinson
-    handles the rest, leaving each probe out in turn; the SE is that of the leave-one-out
-    estimates. Memory O(num_probes · P). Much lower variance than Hutchinson when the spectrum
-    decays (Hessians, C).
-    """
-    size = _check_template(template)
-    _check_positive_int("num_probes", num_probes)
-    if num_probes > size:
-        raise ValueError(f"xtrace needs num_probes <= P={size}, got {num_probes}")
-    estimate = stochtrace.estimator_leave_one_out_mean_and_sem(
-        stochtrace.leave_one_out_xtrace(), stochtrace.sampler_sphere(template, num=num_probes)
-    )
-    # matfree's XTrace relies on implicit rank promotion; allow it for this call only.
-    with jax.numpy_rank_promotion("allow"):
-        mean, sem = estimate(matvec, key)
-    return Estimate(mean, sem, num_probes)
-
-
-def spectral_density(
-    matvec: MatVec,
-    template: PyTree,
-    /,
-    *,
-    key: jax.Array,
-    num_probes: int = 8,
-    num_iters: int = 64,
-    sigma: float | None = None,
-    grid: jax.Array | None = None,
-    num_points: int = 512,
-    reorthogonalisation: str = "partial",
-) -> SpectralDensity:
-    """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin et al.).
-
-    For each Rademacher probe z (‖z‖² = P), Lanczos from z gives nodes θ_j and weights
-    τ_j = (e_1ᵀ s_j)²; the density is (1/m) Σ_probes Σ_j τ_j N(t; θ_j, σ²), an estimate of
-    (1/P) Σ_i N(t; λ_i, σ²), which integrates to 1.
-
-    Args:
-      sigma: Gaussian smoothing width; default 1% of the Ritz-value range (stated in the
-        result).
-      grid: evaluation points; default ``num_points`` points spanning the Ritz values ± 5σ.
-      reorthogonalisation: ``"partial"`` or ``"full"``, as in :func:`lanczos_top_k`.
-
-    Returns:
-      :class:`SpectralDensity`.
-    """
-    size = _check_template(template)
-    _check_positive_int("num_probes", num_probes)
-    _check_positive_int("num_iters", num_iters)
-    _check_reorthogonalisation(reorthogonalisation)
-    num_iters = min(num_iters, size)
-    mv, flat, _ = flatten_operator(matvec, template)
-    keys = jax.random.split(key, num_probes)
-
-    def one_probe(k):
-        zkey, rkey = jax.random.split(k)
-        z = jax.random.rademacher(zkey, flat.shape, flat.dtype)
-        alpha, beta, used, _, _ = _lanczos(
-            mv,
-            z,
-            num_iters=num_iters,
-            key=rkey,
-            k=1,
-            tol=None,
-            reorthogonalisation=reorthogonalisation,
-        )
-        vals, vecs, _ = _ritz(alpha, beta, used)
-        weights = jnp.where(jnp.arange(num_iters, dtype=jnp.int32) < used, jnp.square(vecs[0]), 0)
-        return vals, weights
-
-    nodes, weights = jax.lax.map(one_probe, keys)
-    real = weights > 0
-    lo = jnp.min(jnp.where(real, nodes, jnp.inf))
-    hi = jnp.max(jnp.where(real, nodes, -jnp.inf))
-    if sigma is None:
-        sigma = 0.01 * jnp.maximum(hi - lo, jnp.finfo(flat.dtype).eps * (1 + jnp.abs(hi)))
-    sigma = jnp.asarray(sigma, flat.dtype)
-    if grid is None:
-        grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=flat.dtype)
-    z = (grid[:, None, None] - nodes[None]) / sigma
-    gauss = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
-    density = jnp.sum(gauss * weights[None], axis=(1, 2)) / num_probes
-    return SpectralDensity(grid, density, sigma, num_probes, num_iters)
