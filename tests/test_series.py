@@ -54,3 +54,21 @@ def test_first_reached():
     assert series.first_reached([0.5, 0.8], 0.9) is None
     assert series.first_reached([], 0.9) is None
     assert series.first_reached(np.asarray([0.9]), 0.9) == 0
+
+
+def test_final_value_is_the_mean_of_the_last_finite_values():
+    assert series.final_value([1.0, 2.0, np.nan, 4.0, 6.0], 2) == 5.0
+    assert series.final_value([1.0, 2.0, 4.0, np.inf], 2) == 3.0
+    assert series.final_value([3.0], 5) == 3.0
+    assert math.isnan(series.final_value([np.nan], 1))
+    assert math.isnan(series.final_value([], 1))
+    with pytest.raises(ValueError, match="window"):
+        series.final_value([1.0], 0)
+
+
+def test_sharpening_phase_runs_up_to_the_first_peak():
+    np.testing.assert_array_equal(series.sharpening_phase([1.0, 3.0, 2.0, 5.0, 4.0]), [0, 1, 2, 3])
+    np.testing.assert_array_equal(series.sharpening_phase([np.nan, 2.0, 1.0]), [0, 1])
+    np.testing.assert_array_equal(series.sharpening_phase([1.0, 4.0, 2.0, 4.0]), [0, 1])
+    assert series.sharpening_phase([np.nan]).size == 0
+    assert series.sharpening_phase([]).size == 0

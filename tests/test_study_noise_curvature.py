@@ -1,21 +1,16 @@
 """The noise–curvature study: the smoke preset end to end (records, resume, summary) and its
-per-layer analysis against dense references and the library's own fits."""
+checks (the per-layer analysis is tested in test_layer_noise.py)."""
 
 import json
 import math
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
-from problems import mlp_problem, rel_err
 from study_runs import run_twice
 
 from experiments.configs import noise_curvature as study_config
 from experiments.studies import common
 from experiments.studies import noise_curvature as study
-from sharpness_jax import comparisons, linalg, power_law, records, subsets
+from sharpness_jax import layer_noise, records
 from sharpness_jax.config import validate_config
 
 _LAYERS = ("params/Dense_1/kernel", "params/Dense_2/kernel")
@@ -59,7 +54,9 @@ def test_smoke_summary(smoke):
         assert set(entry["layers"]) == set(_LAYERS)
         for res in entry["layers"].values():
             assert res["num_examples"] == config.analysis_examples
-            assert res["num_eigen"] == study.num_eigen(res["num_params"], config.eigen_fraction)
+            assert res["num_eigen"] == layer_noise.num_eigen(
+                res["num_params"], config.eigen_fraction
+            )
             for fit in res["fits"].values():
                 assert math.isfinite(fit["gamma"]) and 0 <= fit["r2"] <= 1 + 1e-6
                 assert fit["ci_low"] <= fit["gamma"] <= fit["ci_high"]
@@ -93,147 +90,6 @@ def test_smoke_rerun_retrains_nothing(smoke):
         assert result.traces.get("train_step", 0) == 0
     after = {p.parent.name: p.read_bytes() for p in (workdir / "runs").glob("*/metrics.jsonl")}
     assert after == metrics
-
-
-# ----------------------------------------------------------------- the per-layer analysis
-
-
-@pytest.fixture(scope="module")
-def layer_problem():
-    """A tiny ReLU MLP, one analysed layer, the study's quantities and dense references."""
-    prob = mlp_problem("relu", "cross_entropy", n=9, d=4, widths=(5, 4, 3), seed=3)
-    layer = "params/Dense_1/kernel"
-    mask = ravel_pytree(
-        subsets.merge(
-            jax.tree_util.tree_map(jnp.zeros_like, prob.params),
-            {layer: jnp.ones_like(subsets.select(prob.params, layer)[layer])},
-        )
-    )[0]
-    s = np.flatnonzero(np.asarray(mask))
-    # Dense references: per-example gradients and Hessians of the flat per-example loss.
-    flat, unravel = ravel_pytree(prob.params)
-
-    def loss(f, x, y):
-        return prob.objective.example_loss(unravel(f), x, y)
-
-    g, hp = jax.jit(
-        jax.vmap(lambda x, y: (jax.grad(loss)(flat, x, y), jax.hessian(loss)(flat, x, y)))
-    )(*prob.batch)
-    g, hp = np.asarray(g)[:, s], np.asarray(hp)[:, s][:, :, s]  # g_p,S and (h_p)_SS
-    centred = g - g.mean(0)
-    ref = {"h": hp.mean(0), "c": centred.T @ centred / prob.n, "hp": hp}
-    num = 8
-    q = jax.jit(
-        lambda p, b: study.layer_quantities(
-            prob.objective, p, b, layer=layer, num_eigen=num, chunk_size=4, basis_chunk_size=6
-        )
-    )(prob.params, prob.batch)
-    return prob, layer, num, ref, {k: np.asarray(v) for k, v in q.items()}
-
-
-def test_layer_quantities_match_dense_references(layer_problem):
-    _, _, num, ref, q = layer_problem
-    h, c, hp = ref["h"], ref["c"], ref["hp"]
-    assert rel_err(q["h"], h) < 1e-10 and rel_err(q["c"], c) < 1e-10
-    values, vectors = np.linalg.eigh(h)
-    values, vectors = values[::-1], vectors[:, ::-1]
-    assert rel_err(q["eigenvalues"], values) < 1e-10
-    assert rel_err(q["c_eigen"], np.einsum("pi,pq,qi->i", vectors, c, vectors)) < 1e-9
-    e_dense = np.mean([m @ m for m in hp], axis=0)  # E_p[(h_p)_SS²]
-    assert rel_err(q["e_eigen"], np.einsum("pi,pq,qi->i", vectors, e_dense, vectors)[:num]) < 1e-9
-    assert rel_err(q["h_diag"], np.diag(h)) < 1e-10
-    assert rel_err(q["c_diag"], np.diag(c)) < 1e-10
-    assert rel_err(q["e_diag"], np.diag(e_dense)) < 1e-10
-    assert q["e_eigen"].shape == (num,) and q["eigenvalues"].shape == (20,)
-
-
-def test_fits_are_the_library_power_laws(layer_problem):
-    prob, layer, num, ref, q = layer_problem
-    key = jax.random.PRNGKey(0)
-    fits = study._power_law_fits(*study.fit_pairs(q, num_eigen=num), key=key, num_resamples=50)
-    values, vectors = np.linalg.eigh(ref["h"])
-    top = vectors[:, ::-1][:, :num].T
-    eigen = linalg.Eigen(
-        jnp.asarray(values[::-1][:num]),
-        {layer: jnp.asarray(top.reshape(num, 5, 4))},
-        jnp.zeros(num),
-        jnp.int32(0),
-    )
-
-    @jax.jit
-    def library_fits(params, batch, eigen):
-        kwargs = dict(key=key, num_resamples=50, subset=layer)
-        obj = prob.objective
-        return {
-            "eigen": power_law.eigenbasis_power_law(obj, params, batch, eigen=eigen, **kwargs),
-            "eigen_second_moment": power_law.eigenbasis_power_law(
-                obj, params, batch, eigen=eigen, against="second_moment", **kwargs
-            ),
-            "coordinate": power_law.diagonal_power_law(obj, params, batch, **kwargs),
-            "coordinate_second_moment": power_law.diagonal_power_law(
-                obj, params, batch, against="second_moment", **kwargs
-            ),
-        }
-
-    library = library_fits(prob.params, prob.batch, eigen)
-    for name, fit in library.items():
-        assert int(fits[f"{name}/num_used"]) == int(fit.num_used) >= 2, name
-        for field in ("gamma", "intercept", "r2"):
-            assert abs(float(fits[f"{name}/{field}"]) - float(getattr(fit, field))) < 1e-8, name
-        assert fits[f"{name}/ci_low"] <= fits[f"{name}/gamma"] <= fits[f"{name}/ci_high"]
-
-
-def test_commutation_is_the_library_commutation(layer_problem):
-    prob, layer, _, _, q = layer_problem
-    key = jax.random.PRNGKey(1)
-    ours = study.commutation(jnp.asarray(q["c"]), jnp.asarray(q["h"]), key=key, num_rotations=3)
-    lib = jax.jit(
-        lambda p, b: comparisons.noise_curvature_commutation(
-            prob.objective, p, b, key=key, num_rotations=3, subset=layer
-        )
-    )(prob.params, prob.batch)
-    assert abs(float(ours["relative_commutator"]) - float(lib.relative)) < 1e-10
-    assert rel_err(ours["baseline_values"], lib.baseline.values) < 1e-10
-    assert float(ours["relative_commutator"]) > 0
-
-
-def test_fit_pairs_pad_and_fit_known_power_laws():
-    x = np.geomspace(0.01, 10.0, 12)
-    q = {
-        "eigenvalues": x,
-        "c_eigen": 3.0 * x**1.5,
-        "e_eigen": 2.0 * x[:4] ** 1.25,
-        "h_diag": x,
-        "c_diag": 0.5 * x**1.75,
-        "e_diag": x**1.25,
-    }
-    xs, ys = study.fit_pairs(q, num_eigen=4, length=20)  # the shapes of the layer problem
-    assert xs.shape == ys.shape == (len(study.FITS), 20)
-    assert np.all(np.isnan(xs[:3, 4:])) and np.all(np.isnan(xs[3:, 12:]))
-    fits = study._power_law_fits(xs, ys, key=jax.random.PRNGKey(0), num_resamples=50)
-    expected = {
-        "eigen": (1.5, 4),
-        "eigen_second_moment": (1.25, 4),
-        "eigen_c_vs_second_moment": (1.5 / 1.25, 4),
-        "coordinate": (1.75, 12),
-        "coordinate_second_moment": (1.25, 12),
-        "coordinate_c_vs_second_moment": (1.75 / 1.25, 12),
-    }
-    for name, (gamma, used) in expected.items():
-        assert abs(float(fits[f"{name}/gamma"]) - gamma) < 1e-10, name
-        assert int(fits[f"{name}/num_used"]) == used
-        assert abs(float(fits[f"{name}/r2"]) - 1.0) < 1e-10
-    with pytest.raises(ValueError, match="length"):
-        study.fit_pairs(q, num_eigen=4, length=5)
-
-
-def test_num_eigen():
-    assert study.num_eigen(2500, 0.4) == 1000
-    assert study.num_eigen(500, 0.4) == 200
-    assert study.num_eigen(3, 0.1) == 2
-    assert study.num_eigen(5, 1.0) == 5
-    with pytest.raises(ValueError, match="eigen_fraction"):
-        study.num_eigen(10, 0.0)
 
 
 def test_loss_comparison_needs_disjoint_intervals():

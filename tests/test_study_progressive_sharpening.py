@@ -123,14 +123,5 @@ def test_configs_build():
 # ---------------------------------------------------------------------------- helpers
 
 
-def test_final_value_and_sharpening_phase():
-    assert study.final_value([1.0, 2.0, np.nan, 4.0, 6.0], 2) == 5.0
-    assert study.final_value([3.0], 5) == 3.0
-    assert math.isnan(study.final_value([np.nan], 1))
-    np.testing.assert_array_equal(study.sharpening_phase([1.0, 3.0, 2.0, 5.0, 4.0]), [0, 1, 2, 3])
-    np.testing.assert_array_equal(study.sharpening_phase([np.nan, 2.0, 1.0]), [0, 1])
-    assert study.sharpening_phase([np.nan]).size == 0
-
-
 def test_dotted_overrides():
     assert study._dotted({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}

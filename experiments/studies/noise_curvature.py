@@ -8,13 +8,12 @@ exactly on the restricted objective (the S-blocks C_SS, H_SS and E_p[(h_p)_SS²]
 * H as a dense matrix (P_S Hessian-vector products, ``linalg.dense``) and its full
   eigendecomposition H v_i = λ_i v_i, λ_1 ≥ λ_2 ≥ …;
 * C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ as a dense matrix (``noise.gradient_covariance_dense``);
-* diag E_p[h_p²] from per-example Hessian rows (``second_moment.hessian_second_moment_diagonal``)
+* diag E_p[h_p²] from per-example Hessian rows (``noise.hessian_second_moment_diagonal``)
   and v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² for the top N eigenvectors
-  (``second_moment.hessian_second_moment_quadratic_forms``).
+  (``noise.hessian_second_moment_quadratic_forms``).
 
-Then, with ``power_law.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap
-95% intervals), exactly what ``power_law.eigenbasis_power_law`` and
-``power_law.diagonal_power_law`` fit:
+Then, with ``noise.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap 95%
+intervals), exactly what ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` fit:
 
 * the eigenbasis exponent: v_iᵀ C v_i ∝ λ_i^γ over the top N = ``eigen_fraction``·P_S
   eigenpairs (the paper code's fit) — the primary γ;
@@ -22,8 +21,8 @@ Then, with ``power_law.fit_power_law`` (least squares on log-log pairs, percenti
 * the exponents predicted by the activity–weight duality, C ∝ E_p[h_p²]: v_iᵀ E_p[h_p²] v_i
   ∝ λ_i^γ and E_p[h_p²]_ii ∝ H_ii^γ, and the direct fits of C against E_p[h_p²];
 * the relative commutator ‖CH − HC‖_F / ‖CH‖_F against its value with H replaced by Q H Qᵀ
-  for Haar-random Q (``comparisons.relative_commutator``, ``comparisons.rotation_baseline``: what
-  ``comparisons.noise_curvature_commutation`` computes, here from the C and H already formed).
+  for Haar-random Q (``noise.relative_commutator``, ``noise.rotation_baseline``: what
+  ``noise.noise_curvature_commutation`` computes, here from the C and H already formed).
 
 Conventions. C is the per-sample covariance with the 1/n normalisation; the noise of a
 mini-batch gradient is C/B (with replacement), a factor that changes neither γ nor the
@@ -61,27 +60,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from experiments.studies import common
-from sharpness_jax import (
-    comparisons,
-    data,
-    linalg,
-    models,
-    noise,
-    operators,
-    plots,
-    power_law,
-    second_moment,
-    subsets,
+from sharpness_jax import plots, subsets
+from sharpness_jax.layer_noise import (
+    FIT_FIELDS,
+    FITS,
+    commutation,
+    fit_pairs,
+    layer_quantities,
+    num_eigen,
+    power_law_fits,
 )
-from sharpness_jax.config import resolve_config
-from sharpness_jax.objective import Batch, Objective, get_loss
+from sharpness_jax.objective import Batch
+from sharpness_jax.problem import problem_from_config
 
 NAME = "noise_curvature"
-
-PyTree = Any
 
 _LOSS_LABELS = {
     "cross_entropy": "CE",
@@ -89,16 +83,6 @@ _LOSS_LABELS = {
     "squared_error_sum": "MSE",
     "softmax_squared_error": "MSE(softmax)",
 }
-# The fits of a layer analysis: name -> (x key, y key, description).
-FITS = {
-    "eigen": ("eigenvalues", "c_eigen", "v_iᵀCv_i ∝ λ_i^γ (top N)"),
-    "eigen_second_moment": ("eigenvalues", "e_eigen", "v_iᵀE[h²]v_i ∝ λ_i^γ (top N)"),
-    "eigen_c_vs_second_moment": ("e_eigen", "c_eigen", "v_iᵀCv_i ∝ (v_iᵀE[h²]v_i)^γ (top N)"),
-    "coordinate": ("h_diag", "c_diag", "C_ii ∝ H_ii^γ"),
-    "coordinate_second_moment": ("h_diag", "e_diag", "E[h²]_ii ∝ H_ii^γ"),
-    "coordinate_c_vs_second_moment": ("e_diag", "c_diag", "C_ii ∝ (E[h²]_ii)^γ"),
-}
-_FIT_FIELDS = ("gamma", "intercept", "r2", "ci_low", "ci_high", "num_used")
 
 
 def _run_name(loss: str) -> str:
@@ -109,147 +93,6 @@ def _slug(layer: str) -> str:
     return layer.strip("/").replace("/", "_")
 
 
-def num_eigen(num_params: int, fraction: float) -> int:
-    """N = round(fraction · P), at least 2 (a fit needs two points) and at most P."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"eigen_fraction must lie in (0, 1], got {fraction!r}")
-    return int(min(num_params, max(2, round(fraction * num_params))))
-
-
-def layer_quantities(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    *,
-    layer: str,
-    num_eigen: int,
-    chunk_size: int | None = None,
-    basis_chunk_size: int | None = None,
-) -> dict[str, jax.Array]:
-    """C, H and E_p[h_p²] of one layer, exactly, in the Hessian eigenbasis and the coordinates.
-
-    All matrices are those of the objective restricted to ``layer`` (the diagonal blocks
-    C_SS, H_SS and E_p[(h_p)_SS²]); means over the n examples of ``batch``. Jit-compatible
-    (``objective``, ``layer`` and the sizes static).
-
-    Args:
-      objective, params, batch: the trained model and the examples.
-      layer: the parameter selector of the layer (see :mod:`sharpness_jax.subsets`).
-      num_eigen: N, the Hessian eigenvectors (largest eigenvalues first) for v_iᵀE_p[h_p²]v_i.
-      chunk_size: examples per chunk; basis_chunk_size: basis (or eigen-) vectors per chunk.
-
-    Returns:
-      ``h`` and ``c`` (the dense P × P matrices, flat ``ravel_pytree`` basis),
-      ``eigenvalues`` λ_i (all P, descending), ``c_eigen`` = v_iᵀ C v_i (all P),
-      ``e_eigen`` = v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² (top N), and the diagonals
-      ``h_diag``, ``c_diag``, ``e_diag`` = (1/n) Σ_p Σ_j (h_p)_ij².
-    """
-    sub = subsets.select(params, layer)
-    h_matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=layer)
-    h = linalg.dense(h_matvec, sub, chunk_size=basis_chunk_size)
-    h = (h + h.T) / 2  # symmetric up to rounding; eigh reads one triangle
-    c = noise.gradient_covariance_dense(
-        objective, params, batch, chunk_size=chunk_size, subset=layer
-    )
-    e_diag = ravel_pytree(
-        second_moment.hessian_second_moment_diagonal(
-            objective,
-            params,
-            batch,
-            chunk_size=chunk_size,
-            basis_chunk_size=basis_chunk_size,
-            subset=layer,
-        )
-    )[0]
-    values, vectors = jnp.linalg.eigh(h)
-    values, vectors = values[::-1], vectors[:, ::-1]
-    c_eigen = jnp.sum(vectors * jnp.matmul(c, vectors, precision=jax.lax.Precision.HIGHEST), 0)
-    # v_iᵀ E_p[h_p²] v_i, ``basis_chunk_size`` vectors at a time (memory ~ chunk_size ·
-    # basis_chunk_size · P, as for the diagonal); zero vectors pad the last block.
-    _, unravel = ravel_pytree(sub)
-    block = num_eigen if basis_chunk_size is None else min(basis_chunk_size, num_eigen)
-    num_blocks = -(-num_eigen // block)
-    top = jnp.zeros((num_blocks * block, values.shape[0]), values.dtype)
-    top = top.at[:num_eigen].set(vectors[:, :num_eigen].T)
-
-    def forms(rows):
-        return second_moment.hessian_second_moment_quadratic_forms(
-            objective, params, batch, jax.vmap(unravel)(rows), chunk_size=chunk_size, subset=layer
-        )
-
-    e_eigen = jax.lax.map(forms, top.reshape(num_blocks, block, -1)).reshape(-1)[:num_eigen]
-    return {
-        "h": h,
-        "c": c,
-        "eigenvalues": values,
-        "c_eigen": c_eigen,
-        "e_eigen": e_eigen,
-        "h_diag": jnp.diagonal(h),
-        "c_diag": jnp.diagonal(c),
-        "e_diag": e_diag,
-    }
-
-
-def fit_pairs(
-    quantities: dict[str, Any], *, num_eigen: int, length: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (x, y) pairs of every fit of ``FITS``, stacked and padded with NaN.
-
-    The eigenbasis fits take the top ``num_eigen`` eigenpairs, the coordinate fits all P
-    coordinates; each row is padded with NaN to ``length`` ≥ P (default P), which
-    :func:`power_law.fit_power_law` excludes, so that one program fits every row of every layer.
-
-    Returns:
-      ``(xs, ys)``, each ``(len(FITS), length)``.
-    """
-    size = int(np.shape(quantities["h_diag"])[0])
-    length = size if length is None else length
-    if length < size:
-        raise ValueError(f"length={length} is below the number of parameters {size}")
-    xs = np.full((len(FITS), length), np.nan, np.asarray(quantities["h_diag"]).dtype)
-    ys = np.full_like(xs, np.nan)
-    for row, (name, (x_name, y_name, _)) in enumerate(FITS.items()):
-        count = num_eigen if name.startswith("eigen") else size
-        xs[row, :count] = np.asarray(quantities[x_name])[:count]
-        ys[row, :count] = np.asarray(quantities[y_name])[:count]
-    return xs, ys
-
-
-def power_law_fits(
-    xs: jax.Array, ys: jax.Array, *, key: jax.Array, num_resamples: int
-) -> dict[str, jax.Array]:
-    """:func:`power_law.fit_power_law` on every row of :func:`fit_pairs`: the fits
-    ``power_law.eigenbasis_power_law`` and ``power_law.diagonal_power_law`` make (the NaN padding is
-    excluded; the bootstrap draws depend on the padded length).
-
-    Returns:
-      ``<fit>/<field>`` for every fit of ``FITS`` and every field of
-      :class:`power_law.PowerLawFit` but the exclusion counts.
-    """
-    fits = jax.vmap(
-        lambda x, y, k: power_law.fit_power_law(x, y, key=k, num_resamples=num_resamples)
-    )(xs, ys, jax.random.split(key, len(FITS)))
-    return {
-        f"{name}/{field}": getattr(fits, field)[i]
-        for i, name in enumerate(FITS)
-        for field in _FIT_FIELDS
-    }
-
-
-def commutation(
-    c: jax.Array, h: jax.Array, *, key: jax.Array, num_rotations: int
-) -> dict[str, jax.Array]:
-    """‖CH − HC‖_F / ‖CH‖_F and its Haar-rotation baseline, as
-    ``comparisons.noise_curvature_commutation`` computes them, from the dense C and H."""
-    baseline = comparisons.rotation_baseline(c, h, key=key, num_rotations=num_rotations)
-    return {
-        "relative_commutator": comparisons.relative_commutator(c, h),
-        "baseline_values": baseline.values,
-        "baseline_mean": baseline.mean,
-        "baseline_std": baseline.std,
-    }
-
-
 # Objective-independent programs, compiled once per layer size and shared by the runs.
 _power_law_fits = jax.jit(power_law_fits, static_argnames=("num_resamples",))
 _commutation = jax.jit(commutation, static_argnames=("num_rotations",))
@@ -258,22 +101,11 @@ _commutation = jax.jit(commutation, static_argnames=("num_rotations",))
 def _objective_and_batch(run_cfg: ml_collections.ConfigDict, num_examples: int | None):
     """The run's objective (model and loss as the training loop builds them) and the first
     ``num_examples`` training examples."""
-    c = resolve_config(run_cfg)
-    options = {k: v for k, v in c.dataset.to_dict().items() if k not in ("name", "dtype")}
-    dataset = data.load_dataset(c.dataset.name, dtype=c.dtype, **options)
-    inputs, targets = dataset.train
-    model_options = {k: v for k, v in c.model.to_dict().items() if k not in ("name", "param_dtype")}
-    model = models.build_model(
-        c.model.name,
-        input_shape=np.shape(inputs)[1:],
-        num_outputs=dataset.num_classes,
-        param_dtype=c.dtype,
-        **model_options,
-    )
-    loss = get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)
+    problem = problem_from_config(run_cfg)
+    inputs, targets = problem.dataset.train
     n = len(targets) if num_examples is None else min(num_examples, len(targets))
     batch = Batch(jnp.asarray(inputs[:n]), jnp.asarray(targets[:n]))
-    return Objective(model.predict, loss), batch
+    return problem.objective, batch
 
 
 def _layer_sizes(config, params) -> dict[str, int]:
@@ -344,7 +176,7 @@ def _analyse_in_dtype(config, run_cfg, params, layer: str, key: jax.Array) -> di
 
 
 def _fit(an: dict[str, Any], name: str) -> dict[str, float]:
-    return {f: float(np.asarray(an[f"{name}/{f}"])) for f in _FIT_FIELDS}
+    return {f: float(np.asarray(an[f"{name}/{f}"])) for f in FIT_FIELDS}
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):

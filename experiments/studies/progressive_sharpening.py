@@ -55,6 +55,7 @@ from experiments.studies import common
 from sharpness_jax import checks
 from sharpness_jax.jacobian import jacobian_bound_term
 from sharpness_jax.problem import problem_from_config
+from sharpness_jax.series import final_value, sharpening_phase
 
 NAME = "progressive_sharpening"
 
@@ -68,15 +69,6 @@ GAPS = ("error_gap", "loss_gap")
 
 
 # ================================================================================ analysis
-
-
-def final_value(values: Sequence[float], window: int) -> float:
-    """Mean of the last ``window`` finite values (NaN when there are none)."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    return float(np.mean(v[-window:])) if v.size else math.nan
 
 
 def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,21 +108,6 @@ def _run_config(config, overrides, seed: int, n: int) -> ml_collections.ConfigDi
         cfg.measure.num_log_steps = int(config.num_log_measurements)
         cfg.measure.log_max_step = every
     return cfg
-
-
-def sharpening_phase(lambda_max: Sequence[float]) -> np.ndarray:
-    """Indices of the sharpening phase: every measurement up to the first maximum of λ_max.
-
-    Args:
-      lambda_max: λ_max at the measurement steps, in step order (NaNs ignored).
-
-    Returns:
-      ``arange(argmax + 1)`` (empty when no value is finite).
-    """
-    lam = np.asarray(lambda_max, float)
-    if not np.isfinite(lam).any():
-        return np.arange(0)
-    return np.arange(int(np.nanargmax(lam)) + 1)
 
 
 def _summarise(config, cols, cfg, n: int, dimension: int) -> dict[str, Any]:
@@ -243,92 +220,110 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
 
 
 def _checks(config, entries, variant_of):
-    checks_: list[common.Check] = []
-    results: dict[str, Any] = {}
-    col = config.jacobian_column
+    """The study's checks, per claim (baseline growth and co-movement, label smoothing, the
+    generalisation gaps), and the results they are computed from."""
     by_variant = {
         v: [entries[name] for name, vv in variant_of.items() if vv == v]
         for v in dict.fromkeys(variant_of.values())
     }
+    results: dict[str, Any] = {"baseline": _baseline_results(config, by_variant)}
+    checks_ = _baseline_checks(config, results["baseline"])
+    if "label_smoothing" in by_variant:
+        checks_ += _label_smoothing_checks(config, by_variant, results)
+    results["gap_correlations"] = _gap_correlations(entries)
+    checks_ += _gap_checks(config, results["gap_correlations"], len(entries))
+    return checks_, results
 
-    def mean_over_seeds(variant, key):
-        return float(np.mean([e[key] for e in by_variant[variant]]))
 
+def _mean_over_seeds(by_variant, variant, key) -> float:
+    return float(np.mean([e[key] for e in by_variant[variant]]))
+
+
+def _worst(values) -> float:
+    """The minimum over seeds; NaN (not evaluated) if any is NaN."""
+    return float(np.min(np.asarray(list(values), float)))
+
+
+def _baseline_results(config, by_variant) -> dict[str, Any]:
+    """The baseline's growth of λ_max and of the Jacobian norm and their rank correlations
+    (minimum over seeds), and its final ratios of λ_max to the Jacobian terms."""
+    col = config.jacobian_column
     base = by_variant["baseline"]
-
-    def worst(values):  # the minimum over seeds; NaN (not evaluated) if any is NaN
-        return float(np.min(np.asarray(list(values), float)))
-
-    growth_lam = worst(e["lambda_max_peak"] / e["lambda_max_initial"] for e in base)
-    growth_jac = worst(e["jacobian_final"] / e["jacobian_initial"] for e in base)
-    corr = worst(e["time_correlation"][col] for e in base)
-    corr_phase = worst(e["sharpening_correlation"][col] for e in base)
-    results["baseline"] = {
-        "lambda_max_growth": growth_lam,
-        "jacobian_growth": growth_jac,
-        "time_correlation": corr,
-        "sharpening_correlation": corr_phase,
+    return {
+        "lambda_max_growth": _worst(e["lambda_max_peak"] / e["lambda_max_initial"] for e in base),
+        "jacobian_growth": _worst(e["jacobian_final"] / e["jacobian_initial"] for e in base),
+        "time_correlation": _worst(e["time_correlation"][col] for e in base),
+        "sharpening_correlation": _worst(e["sharpening_correlation"][col] for e in base),
         "sharpening_points": min(e["sharpening_points"] for e in base),
-        "time_correlation_gauss_newton": worst(
+        "time_correlation_gauss_newton": _worst(
             e["time_correlation"]["input_gauss_newton_max"] for e in base
         ),
-        "ratio_lambda_over_jacobian_sq_final": mean_over_seeds(
-            "baseline", "ratio_lambda_over_jacobian_sq_final"
+        "ratio_lambda_over_jacobian_sq_final": _mean_over_seeds(
+            by_variant, "baseline", "ratio_lambda_over_jacobian_sq_final"
         ),
-        "ratio_lambda_over_gauss_newton_final": mean_over_seeds(
-            "baseline", "ratio_lambda_over_gauss_newton_final"
+        "ratio_lambda_over_gauss_newton_final": _mean_over_seeds(
+            by_variant, "baseline", "ratio_lambda_over_gauss_newton_final"
         ),
     }
-    checks_.append(
+
+
+def _baseline_checks(config, baseline: Mapping[str, Any]) -> list[common.Check]:
+    """λ_max and the Jacobian norm rise during training, and rise together."""
+    col = config.jacobian_column
+    return [
         common.check_range(
             "progressive sharpening (baseline): λ_max rises during training",
-            growth_lam,
+            baseline["lambda_max_growth"],
             low=config.growth_factor,
             detail="peak λ_max over λ_max at step 0 (minimum over seeds)",
-        )
-    )
-    checks_.append(
+        ),
         common.check_range(
             f"baseline: the Jacobian norm ({col}) rises during training",
-            growth_jac,
+            baseline["jacobian_growth"],
             low=config.growth_factor,
             detail="final over initial (minimum over seeds)",
-        )
-    )
-    checks_.append(
+        ),
         common.check_range(
             f"baseline: λ_max and the Jacobian norm ({col}) rise together",
-            corr,
+            baseline["time_correlation"],
             low=config.time_correlation_min,
             detail="Spearman ρ across the equally spaced measurement steps of the whole run "
             "(minimum over seeds)",
-        )
-    )
-    checks_.append(
+        ),
         common.check_range(
             f"baseline: λ_max and the Jacobian norm ({col}) rise together during sharpening",
-            corr_phase,
+            baseline["sharpening_correlation"],
             low=config.time_correlation_min,
             detail="Spearman ρ across the measurement steps up to the peak of λ_max (at least "
-            f"{results['baseline']['sharpening_points']} points; minimum over seeds)",
+            f"{baseline['sharpening_points']} points; minimum over seeds)",
+        ),
+    ]
+
+
+def _label_smoothing_checks(config, by_variant, results) -> list[common.Check]:
+    """Label smoothing lowers the final λ_max and the final Jacobian norm; records the ratios
+    (label smoothing / baseline) in ``results``."""
+    checks_ = []
+    for key, what in (("lambda_max_final", "λ_max"), ("jacobian_final", "Jacobian norm")):
+        ratio = _mean_over_seeds(by_variant, "label_smoothing", key) / _mean_over_seeds(
+            by_variant, "baseline", key
         )
-    )
-
-    if "label_smoothing" in by_variant:
-        for key, what in (("lambda_max_final", "λ_max"), ("jacobian_final", "Jacobian norm")):
-            ratio = mean_over_seeds("label_smoothing", key) / mean_over_seeds("baseline", key)
-            results[f"label_smoothing_{key}_ratio"] = ratio
-            checks_.append(
-                common.Check(
-                    f"label smoothing lowers the final {what}",
-                    ratio,
-                    "< 1",
-                    bool(ratio < 1) if math.isfinite(ratio) else None,
-                    f"final {key.removesuffix('_final')} (label smoothing / baseline, "
-                    f"mean of the last {config.final_window} measurements and over seeds)",
-                )
+        results[f"label_smoothing_{key}_ratio"] = ratio
+        checks_.append(
+            common.Check(
+                f"label smoothing lowers the final {what}",
+                ratio,
+                "< 1",
+                bool(ratio < 1) if math.isfinite(ratio) else None,
+                f"final {key.removesuffix('_final')} (label smoothing / baseline, "
+                f"mean of the last {config.final_window} measurements and over seeds)",
             )
+        )
+    return checks_
 
+
+def _gap_correlations(entries) -> dict[str, dict[str, float]]:
+    """Spearman ρ over the runs of each final quantity against each generalisation gap."""
     quantities = {
         "lambda_max": "lambda_max_final",
         **{c: f"{c}_final" for c in JACOBIAN_COLUMNS},
@@ -336,7 +331,7 @@ def _checks(config, entries, variant_of):
         "bound_jacobian_term": "bound_jacobian_term_final",
     }
     names = list(entries)
-    gap_corr = {
+    return {
         gap: {
             q: common.rank_correlation(
                 [entries[r][key] for r in names], [entries[r][gap] for r in names]
@@ -345,33 +340,40 @@ def _checks(config, entries, variant_of):
         }
         for gap in GAPS
     }
-    results["gap_correlations"] = gap_corr
-    gap_words = {
-        "error_gap": "error gap (train − test accuracy)",
-        "loss_gap": "loss gap (test − train unsmoothed loss)",
-    }
+
+
+_GAP_WORDS = {
+    "error_gap": "error gap (train − test accuracy)",
+    "loss_gap": "loss gap (test − train unsmoothed loss)",
+}
+
+
+def _gap_checks(config, gap_corr, num_runs: int) -> list[common.Check]:
+    """The final Jacobian norm tracks each gap across runs, at least as well as λ_max."""
+    col = config.jacobian_column
+    checks_ = []
     for gap in GAPS:
         rho_j, rho_l = gap_corr[gap][col], gap_corr[gap]["lambda_max"]
         checks_.append(
             common.Check(
-                f"the final Jacobian norm tracks the {gap_words[gap]} across runs",
+                f"the final Jacobian norm tracks the {_GAP_WORDS[gap]} across runs",
                 rho_j,
                 "> 0",
                 bool(rho_j > 0) if math.isfinite(rho_j) else None,
-                f"Spearman ρ over {len(names)} runs of {col} vs the gap",
+                f"Spearman ρ over {num_runs} runs of {col} vs the gap",
             )
         )
         diff = rho_j - rho_l
         checks_.append(
             common.Check(
-                f"the Jacobian norm tracks the {gap_words[gap]} at least as well as λ_max",
+                f"the Jacobian norm tracks the {_GAP_WORDS[gap]} at least as well as λ_max",
                 diff,
                 ">= 0",
                 bool(diff >= 0) if math.isfinite(diff) else None,
                 f"ρ(Jacobian, gap) − ρ(λ_max, gap) = {rho_j:.3g} − {rho_l:.3g}",
             )
         )
-    return checks_, results
+    return checks_
 
 
 # ================================================================================ figures
