@@ -251,17 +251,19 @@ def riemannian_trace(
 def trace_estimate(
     matvec: MatVec, template: PyTree, /, *, estimator, key, num_probes, probe_chunk
 ) -> linalg.Estimate:
-    """tr(A) exactly (P matvecs), by XTrace or by Hutchinson, with a standard error."""
-    if estimator == "exact":
-        value = linalg.trace_exact(matvec, template, chunk_size=probe_chunk)
-        return linalg.Estimate(value, jnp.zeros_like(value), 0)
-    if estimator == "xtrace":
-        return linalg.xtrace(matvec, template, key=key, num_probes=num_probes)
-    if estimator == "hutchinson":
-        return linalg.hutchinson_trace(
-            matvec, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
-        )
-    raise ValueError(f"estimator must be one of {TRACE_ESTIMATORS}, got {estimator!r}")
+    """tr(A) exactly (P matvecs, ``probe_chunk`` basis vectors at a time), by XTrace or by
+    Hutchinson, with a standard error: :func:`linalg.trace` with ``method=estimator``."""
+    if estimator not in TRACE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {TRACE_ESTIMATORS}, got {estimator!r}")
+    return linalg.trace(
+        matvec,
+        template,
+        method=estimator,
+        key=key,
+        num_probes=num_probes,
+        probe_chunk=probe_chunk,
+        basis_chunk=probe_chunk,
+    )
 
 
 def riemannian_top_k(
