@@ -20,7 +20,6 @@ from sharpness_jax import (
     batch_moments,
     jacobian,
     linalg,
-    minibatch,
     noise,
     operators,
     quotient_summary,
@@ -129,11 +128,14 @@ def measure_trace_hessian(ctx: MeasureContext) -> dict[str, Any]:
 
     def trace(params, batch, key):
         hvp = operators.hessian(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
-        if method == "exact":
-            value = linalg.trace_exact(hvp, params, chunk_size=opts["basis_chunk"])
-            return value, jnp.zeros_like(value)
-        estimator = linalg.hutchinson_trace if method == "hutchinson" else linalg.xtrace
-        est = estimator(hvp, params, key=key, num_probes=opts["num_probes"])
+        est = linalg.trace(
+            hvp,
+            params,
+            method=method,
+            key=key,
+            num_probes=opts["num_probes"],
+            basis_chunk=opts["basis_chunk"],
+        )
         return est.value, est.stderr
 
     value, stderr = ctx.jit(trace)(ctx.params, ctx.batch, ctx.key)
@@ -145,8 +147,8 @@ def measure_trace_hessian(ctx: MeasureContext) -> dict[str, Any]:
 def check_trace_hessian(options: Mapping[str, Any], info: RunInfo) -> None:
     method = options["method"]
     _require(
-        method in ("exact", "hutchinson", "xtrace"),
-        f"trace_hessian: method must be 'exact', 'hutchinson' or 'xtrace', got {method!r}",
+        method in linalg.TRACE_METHODS,
+        f"trace_hessian: method must be one of {linalg.TRACE_METHODS}, got {method!r}",
     )
     if method == "exact":
         _require(
@@ -179,7 +181,9 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
 
         def trace(params, batch, key):
             cov = operators.gradient_covariance(objective, params, batch, chunk_size=chunk_size)
-            est = linalg.hutchinson_trace(cov, params, key=key, num_probes=opts["num_probes"])
+            est = linalg.trace(
+                cov, params, method="hutchinson", key=key, num_probes=opts["num_probes"]
+            )
             return est.value, est.stderr
 
     value, stderr = ctx.jit(trace)(ctx.params, ctx.batch, ctx.key)
@@ -340,31 +344,22 @@ def measure_gni(ctx: MeasureContext) -> dict[str, Any]:
     """
     b, replace = _batch_options(ctx)
     opts = ctx.options
-    n = ctx.info.num_measure
-    kappa = minibatch.minibatch_noise_scale(n, b, replacement=replace)
 
     def estimate(params, batch, key):
+        result = batch_moments.gradient_noise_interaction(
+            ctx.objective,
+            params,
+            batch,
+            batch_size=b,
+            replace=replace,
+            method=opts["method"],
+            key=key,
+            num_probes=opts["num_probes"],
+            chunk_size=ctx.chunk_size,
+        )
         if opts["method"] == "exact":
-            value = batch_moments.gradient_noise_interaction(
-                ctx.objective,
-                params,
-                batch,
-                batch_size=b,
-                replace=replace,
-                chunk_size=ctx.chunk_size,
-            )
-            return value, jnp.zeros_like(value)
-        g = operators.gradient(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
-        hvp = operators.hessian(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
-        cov = operators.gradient_covariance(
-            ctx.objective, params, batch, chunk_size=ctx.chunk_size, mean_gradient=g
-        )
-        g_sq = optax.tree.vdot(g, g)
-        est = linalg.hutchinson_trace(
-            lambda v: hvp(cov(v)), params, key=key, num_probes=opts["num_probes"]
-        )
-        value = (optax.tree.vdot(g, hvp(g)) + kappa * est.value) / g_sq
-        return value, kappa * est.stderr / g_sq
+            return result, jnp.zeros_like(result)
+        return result.value, result.stderr
 
     value, stderr = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
     out = {"gni": value}

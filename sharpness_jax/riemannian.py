@@ -20,7 +20,10 @@ F' = T⁻ᵀ F T⁻¹, so tr(F⁻¹H) and the generalised eigenvalues do not cha
 * :func:`diagonal_riemannian_sharpness`: the estimator of the paper's experiments,
   Ŝ_R = Σ_i H_ii / (F_ii + ε) with the diagonal empirical Fisher, which is
   :func:`riemannian_trace` in the diagonal metric;
-* :func:`kfac_riemannian_sharpness`: tr and λ_max of F_KFAC⁻¹ H, matrix-free.
+* :func:`kfac_riemannian_sharpness`: tr and λ_max of F_KFAC⁻¹ H, matrix-free;
+* :func:`trace_estimate`: tr(A) exactly, by XTrace or by Hutchinson (``TRACE_ESTIMATORS``).
+
+Every sharpness of one net at once: :mod:`sharpness_jax.net_sharpness`.
 
 A singular Fisher. For a network with homogeneous hidden units the full F is ALWAYS
 singular: the generator of every unit's rescaling lies in the kernel of every J_p. The
@@ -48,7 +51,11 @@ from sharpness_jax.objective import Batch, Objective
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
+# The estimators of :func:`trace_estimate`.
+TRACE_ESTIMATORS = ("exact", "xtrace", "hutchinson")
+
 __all__ = [
+    "TRACE_ESTIMATORS",
     "DenseRiemannianSharpness",
     "DiagonalRiemannianSharpness",
     "KFACRiemannianSharpness",
@@ -58,6 +65,7 @@ __all__ = [
     "riemannian_sharpness_from_matrices",
     "riemannian_top_k",
     "riemannian_trace",
+    "trace_estimate",
     "whitened_hessian",
 ]
 
@@ -230,11 +238,31 @@ def riemannian_trace(
     whitened = whitened_hessian(hvp, inverse_sqrt)
     if (key is None) != (num_probes is None):
         raise ValueError("pass both key and num_probes (Hutchinson) or neither (exact)")
-    if key is None:
-        value = linalg.trace_exact(whitened, template, chunk_size=probe_chunk)
-        return linalg.Estimate(value, jnp.zeros_like(value), 0)
-    return linalg.hutchinson_trace(
-        whitened, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
+    return trace_estimate(
+        whitened,
+        template,
+        estimator="exact" if key is None else "hutchinson",
+        key=key,
+        num_probes=num_probes,
+        probe_chunk=probe_chunk,
+    )
+
+
+def trace_estimate(
+    matvec: MatVec, template: PyTree, /, *, estimator, key, num_probes, probe_chunk
+) -> linalg.Estimate:
+    """tr(A) exactly (P matvecs, ``probe_chunk`` basis vectors at a time), by XTrace or by
+    Hutchinson, with a standard error: :func:`linalg.trace` with ``method=estimator``."""
+    if estimator not in TRACE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {TRACE_ESTIMATORS}, got {estimator!r}")
+    return linalg.trace(
+        matvec,
+        template,
+        method=estimator,
+        key=key,
+        num_probes=num_probes,
+        probe_chunk=probe_chunk,
+        basis_chunk=probe_chunk,
     )
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "permute_units",
     "random_linear_gauge",
     "random_permute_units",
+    "random_rescale",
     "random_rescale_layers",
     "random_rescale_units",
     "rescale_layers",
@@ -312,6 +313,20 @@ def random_rescale_units(
         for name, k in zip(names[:-1], keys, strict=False)
     }
     return rescale_units(params, scales, activation=activation)
+
+
+def random_rescale(
+    key: jax.Array,
+    params: PyTree,
+    *,
+    layer_log_std: float,
+    unit_log_std: float,
+    activation: str = "relu",
+) -> PyTree:
+    """A random function-preserving rescaling of a ReLU MLP: layer scales, then unit scales."""
+    k_layers, k_units = jax.random.split(key)
+    params = random_rescale_layers(k_layers, params, activation=activation, log_std=layer_log_std)
+    return random_rescale_units(k_units, params, activation=activation, log_std=unit_log_std)
 
 
 def _check_permutation(perm: jax.Array, size: int, name: str) -> jax.Array:

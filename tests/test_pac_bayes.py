@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fisher_problems import relu_se as _relu_se
-from problems import flat
+from jax.flatten_util import ravel_pytree
+from problems import flat, mlp_problem
 
 import sharpness_jax as sj
 from sharpness_jax import fisher_metrics, pac_bayes
@@ -117,3 +118,36 @@ def test_bad_inputs_raise(relu_se):
         pac_bayes.fisher_posterior_kl(params, jnp.ones(20), rho=1.0, prior_variance=-1.0)
     with pytest.raises(ValueError, match="eigenvalues"):
         pac_bayes.fisher_posterior_kl(params, jnp.ones(3), rho=1.0, prior_variance=1.0)
+
+
+def test_pac_bayes_terms_take_the_best_grid_point():
+    prob = mlp_problem("relu", "cross_entropy", n=7, d=4, widths=(5, 3))
+    flat_params, unravel = ravel_pytree(prob.params)
+    xs, ys = prob.batch
+    g = np.asarray(  # (n, P) per-example gradients
+        jax.jacrev(
+            lambda f: jax.vmap(prob.objective.example_loss, (None, 0, 0))(unravel(f), xs, ys)
+        )(flat_params)
+    )
+    d = jnp.asarray(np.diag(g.T @ g / g.shape[0]))
+    rhos, variances = (1e-4, 1e-2), (0.1, 1.0)
+    kwargs = dict(train_loss=0.7, sharpness=50.0, damping=1e-3, n=7, delta=0.1)
+    terms = pac_bayes.pac_bayes_terms(
+        prob.params, d, rhos=rhos, prior_variances=variances, **kwargs
+    )
+    bounds = []
+    for rho in rhos:
+        for var in variances:
+            kl = pac_bayes.fisher_posterior_kl(
+                prob.params, d, rho=rho, prior_variance=var, damping=1e-3
+            )
+            bound = pac_bayes.pac_bayes_bound(
+                0.7, 50.0, kl, rho=rho, n=7, delta=0.1 / 4, damping=1e-3
+            )
+            bounds.append((float(bound.bound), rho, var, bound))
+    best = min(bounds, key=lambda b: b[0])
+    assert terms["bound"] == pytest.approx(best[0], rel=1e-12)
+    assert (terms["rho"], terms["prior_variance"]) == (best[1], best[2])
+    assert terms["kl"] == pytest.approx(float(best[3].kl), rel=1e-12)
+    assert terms["delta_per_grid_point"] == pytest.approx(0.1 / 4)
+    assert terms["curvature_term"] == pytest.approx(best[1] / 2 * 50.0)

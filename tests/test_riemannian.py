@@ -276,3 +276,30 @@ def test_bad_inputs_raise(relu_se):
         riemannian.diagonal_riemannian_sharpness(obj, params, batch, fisher="sampled")
     with pytest.raises(ValueError, match="same shape"):
         riemannian.riemannian_sharpness_from_matrices(jnp.eye(3), jnp.eye(2))
+
+
+def test_trace_estimators():
+    a = np.random.default_rng(0).standard_normal((6, 6))
+    a = a @ a.T + np.diag(np.arange(1.0, 7.0) ** 2)
+    template = {"x": jnp.zeros(6)}
+
+    def matvec(v):
+        return {"x": jnp.asarray(a) @ v["x"]}
+
+    exact = riemannian.trace_estimate(
+        matvec, template, estimator="exact", key=None, num_probes=None, probe_chunk=None
+    )
+    assert float(exact.value) == pytest.approx(np.trace(a), rel=1e-12)
+    assert float(exact.stderr) == 0 and exact.num_probes == 0
+    for estimator in ("xtrace", "hutchinson"):
+        estimate = jax.jit(
+            lambda k, e=estimator: riemannian.trace_estimate(
+                matvec, template, estimator=e, key=k, num_probes=5, probe_chunk=None
+            )
+        )
+        est = estimate(jax.random.PRNGKey(1))
+        assert abs(float(est.value) - np.trace(a)) <= 5 * float(est.stderr) + 1e-9, estimator
+    with pytest.raises(ValueError, match="estimator"):
+        riemannian.trace_estimate(
+            matvec, template, estimator="lanczos", key=None, num_probes=1, probe_chunk=None
+        )

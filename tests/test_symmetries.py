@@ -171,3 +171,24 @@ def test_orbit_moves_preserve_the_function():
         symmetries.permute_units(params, jnp.array([0, 0, 1]))
     with pytest.raises(ValueError, match="sign-flip"):
         symmetries.flip_units(params, jnp.array([True, False, False]), activation="relu")
+
+
+def test_random_rescale_is_layers_then_units():
+    prob = mlp_problem("relu", "cross_entropy", n=5, d=3, widths=(4, 3))
+    key = jax.random.PRNGKey(3)
+    k_layers, k_units = jax.random.split(key)
+    expected = symmetries.random_rescale_units(
+        k_units,
+        symmetries.random_rescale_layers(k_layers, prob.params, activation="relu", log_std=0.5),
+        activation="relu",
+        log_std=0.7,
+    )
+    got = symmetries.random_rescale(key, prob.params, layer_log_std=0.5, unit_log_std=0.7)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    xs = prob.batch.inputs
+    f0 = jax.vmap(prob.objective.predict, (None, 0))(prob.params, xs)
+    f1 = jax.vmap(prob.objective.predict, (None, 0))(got, xs)
+    np.testing.assert_allclose(f1, f0, rtol=1e-12, atol=1e-12)
+    moved = zip(jax.tree.leaves(got), jax.tree.leaves(prob.params), strict=True)
+    assert max(rel_err(a, b) for a, b in moved) > 0.1

@@ -68,24 +68,20 @@ import numpy as np
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from experiments.studies import common
+from experiments.studies import common, fisher_sharpness_figures
 from sharpness_jax import (
-    data,
-    fisher_metrics,
-    linalg,
-    models,
-    operators,
+    net_sharpness,
     pac_bayes,
-    plots,
+    problem,
     riemannian,
     subsets,
     symmetries,
 )
-from sharpness_jax.objective import Batch, Objective, get_loss
+from sharpness_jax.objective import Batch
 
 NAME = "fisher_sharpness"
 
-ESTIMATORS = ("exact", "xtrace", "hutchinson")
+ESTIMATORS = riemannian.TRACE_ESTIMATORS
 FULL_FISHER_SCOPES = ("output_layer", "all")
 
 # The measures of one net, with their labels in tables and figures.
@@ -154,216 +150,6 @@ def run_name(setup: str, run: Mapping[str, Any]) -> str:
     return f"{setup}_{run['optimizer']}_lr{run['learning_rate']:g}_b{run['batch_size']}"
 
 
-def _trace(matvec, template, *, estimator, key, num_probes, probe_chunk) -> linalg.Estimate:
-    """tr(A) exactly (P matvecs), by XTrace or by Hutchinson, with a standard error."""
-    if estimator == "exact":
-        value = linalg.trace_exact(matvec, template, chunk_size=probe_chunk)
-        return linalg.Estimate(value, jnp.zeros_like(value), 0)
-    if estimator == "xtrace":
-        return linalg.xtrace(matvec, template, key=key, num_probes=num_probes)
-    if estimator == "hutchinson":
-        return linalg.hutchinson_trace(
-            matvec, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
-        )
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-
-
-def output_layer(params: Any) -> str:
-    """The '/'-path of the last Dense layer of an MLP layout (the output layer)."""
-    paths = subsets.leaf_paths(params)
-    layers = sorted({p.rsplit("/", 1)[0] for p in paths}, key=lambda p: int(p.rsplit("_", 1)[1]))
-    return layers[-1]
-
-
-def measure_net(
-    objective: Objective,
-    params: Any,
-    batch: Batch,
-    key: jax.Array,
-    *,
-    damping: float,
-    estimator: str = "xtrace",
-    num_probes: int = 100,
-    probe_chunk: int | None = None,
-    lanczos_iters: int = 64,
-    lanczos_tol: float | None = 1e-6,
-    full_fisher_subset: subsets.Selector | None = None,
-    chunk_size: int | None = None,
-) -> dict[str, jax.Array]:
-    """Riemannian and Euclidean sharpness of one net on ``batch`` (all means over examples).
-
-    With D = diag F_emp = (1/n) Σ_p g_p ⊙ g_p and W_ε = (D + εI)^{-1/2} H (D + εI)^{-1/2}
-    (coordinates with D_ii + ε = 0 excluded):
-
-    * ``riemannian_sharpness`` = tr W_0 = Σ_i H_ii / D_ii (± ``_stderr``);
-    * ``riemannian_sharpness_damped`` = tr W_ε = Σ_i H_ii / (D_ii + ε), same probes;
-    * ``riemannian_lambda_max`` = λ_max(W_0), the top generalised eigenvalue of H v = λ D v;
-    * ``full_fisher_sharpness`` / ``full_fisher_lambda_max`` / ``full_fisher_rank``:
-      tr(F⁺H), λ_max(F⁺H) and rank F with dense H and the true Fisher F (pseudo-inverse) on
-      ``full_fisher_subset`` (None: all parameters);
-    * ``lambda_max`` = λ_max(H) (Lanczos), ``trace_hessian`` = tr H (± ``_stderr``);
-    * ``analysis_loss`` = L(θ) on ``batch``, ``num_excluded`` = #{i : D_ii = 0},
-      ``fisher_diagonal`` = D (flat, for the PAC-Bayes KL).
-
-    The traces are exact (``estimator="exact"``: P products of W) or stochastic
-    (``"xtrace"``, ``"hutchinson"``, ``num_probes`` probes, with a standard error). Keys: the
-    traces of W_0 and W_ε share one probe key, tr H has another, and both Lanczos runs share
-    a start key, so that measuring a reparametrised net with the same ``key`` applies the
-    same probes to the same whitened matrix.
-
-    Args:
-      objective, params, batch: the net and the examples (the analysis batch).
-      key: PRNG key of the probes and the Lanczos start vectors.
-      damping: ε ≥ 0 of the damped Ŝ_R,ε.
-      estimator: "exact", "xtrace" or "hutchinson".
-      num_probes, probe_chunk: the stochastic budget and the probes per batched product.
-      lanczos_iters, lanczos_tol: Lanczos budget and relative residual tolerance.
-      full_fisher_subset: parameter subset of the dense full-Fisher version.
-      chunk_size: examples per chunk.
-
-    Returns:
-      A dict of scalars (and the flat ``fisher_diagonal``).
-    """
-    f_diag = fisher_metrics.empirical_fisher_diagonal(
-        objective, params, batch, chunk_size=chunk_size
-    )
-    hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size)
-    ones = jax.tree.map(jnp.ones_like, params)
-    # The scalings s of the operators v -> s ⊙ H(s ⊙ v): W_0, W_ε and H itself (s = 1). One
-    # trace estimator and one Lanczos are mapped over them (compiled once).
-    scales = jax.tree.map(
-        lambda *leaves: jnp.stack(leaves),
-        fisher_metrics.diagonal_inverse_sqrt(f_diag)(ones),
-        fisher_metrics.diagonal_inverse_sqrt(f_diag, damping=damping)(ones),
-        ones,
-    )
-    key_sr, key_tr, key_lz = jax.random.split(key, 3)
-
-    def scaled(s):
-        return lambda v: jax.tree.map(jnp.multiply, s, hvp(jax.tree.map(jnp.multiply, s, v)))
-
-    def trace(args):
-        s, k = args
-        est = _trace(
-            scaled(s),
-            params,
-            estimator=estimator,
-            key=k,
-            num_probes=num_probes,
-            probe_chunk=probe_chunk,
-        )
-        return est.value, est.stderr
-
-    values, stderrs = jax.lax.map(trace, (scales, jnp.stack([key_sr, key_sr, key_tr])))
-
-    def top(s):
-        eig = linalg.lanczos_top_k(
-            scaled(s), params, k=1, num_iters=lanczos_iters, key=key_lz, tol=lanczos_tol
-        )
-        return eig.values[0]
-
-    # λ_max(W_0) = λ_max(D⁻¹H) (as riemannian.riemannian_top_k) and λ_max(H).
-    tops = jax.lax.map(top, jax.tree.map(lambda a: a[::2], scales))
-    full = riemannian.riemannian_sharpness_dense(
-        objective,
-        params,
-        batch,
-        fisher="true",
-        pinv=True,
-        subset=full_fisher_subset,
-        chunk_size=chunk_size,
-        probe_chunk=probe_chunk,
-    )
-    flat_f = ravel_pytree(f_diag)[0]
-    return {
-        "riemannian_sharpness": values[0],
-        "riemannian_sharpness_stderr": stderrs[0],
-        "riemannian_sharpness_damped": values[1],
-        "riemannian_sharpness_damped_stderr": stderrs[1],
-        "riemannian_lambda_max": tops[0],
-        "full_fisher_sharpness": full.trace,
-        "full_fisher_lambda_max": full.lambda_max,
-        "full_fisher_rank": full.rank,
-        "lambda_max": tops[1],
-        "trace_hessian": values[2],
-        "trace_hessian_stderr": stderrs[2],
-        "analysis_loss": operators.loss_value(objective, params, batch, chunk_size=chunk_size),
-        "num_excluded": jnp.sum(flat_f <= 0, dtype=jnp.int32),
-        "fisher_diagonal": flat_f,
-    }
-
-
-def rescale(key: jax.Array, params: Any, *, layer_log_std: float, unit_log_std: float) -> Any:
-    """A random function-preserving rescaling of a ReLU MLP: layer scales, then unit scales."""
-    k_layers, k_units = jax.random.split(key)
-    params = symmetries.random_rescale_layers(
-        k_layers, params, activation="relu", log_std=layer_log_std
-    )
-    return symmetries.random_rescale_units(k_units, params, activation="relu", log_std=unit_log_std)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "delta", "damping"))
-def _pac_bayes_grid(
-    params, fisher_diagonal, train_loss, sharpness, rhos, variances, *, n, delta, damping
-):
-    """:func:`pac_bayes.pac_bayes_bound` at every (ρ_j, σ_j²) of the flat grid."""
-
-    def one(rho, variance):
-        kl = pac_bayes.fisher_posterior_kl(
-            params, fisher_diagonal, rho=rho, prior_variance=variance, damping=damping
-        )
-        return pac_bayes.pac_bayes_bound(
-            train_loss, sharpness, kl, rho=rho, n=n, delta=delta, damping=damping
-        )
-
-    return jax.vmap(one)(rhos, variances)
-
-
-def pac_bayes_terms(
-    params: Any,
-    fisher_diagonal: jax.Array,
-    *,
-    train_loss: float,
-    sharpness: float,
-    damping: float,
-    n: int,
-    delta: float,
-    rhos: Sequence[float],
-    prior_variances: Sequence[float],
-) -> dict[str, float]:
-    """The PAC-Bayes bound's terms at the (ρ, σ_p²) of the grid that minimises it.
-
-    L ≤ L̂ + (ρ/2) Ŝ_R,ε + sqrt((KL + ln(2√n/δ')) / (2n)), posterior N(θ, ρ (D + εI)⁻¹),
-    prior N(0, σ_p² I), δ' = δ / (grid size) (a union bound over the grid).
-    """
-    dtype = jnp.asarray(fisher_diagonal).dtype
-    rho_grid, var_grid = (a.ravel() for a in np.meshgrid(rhos, prior_variances, indexing="ij"))
-    delta_grid = delta / rho_grid.size
-    bounds = _pac_bayes_grid(
-        params,
-        fisher_diagonal,
-        jnp.asarray(train_loss, dtype),
-        jnp.asarray(sharpness, dtype),
-        jnp.asarray(rho_grid, dtype),
-        jnp.asarray(var_grid, dtype),
-        n=int(n),
-        delta=float(delta_grid),
-        damping=float(damping),
-    )
-    best = int(np.nanargmin(np.asarray(bounds.bound)))
-    return {
-        "bound": float(bounds.bound[best]),
-        "empirical_loss": float(bounds.empirical_loss[best]),
-        "curvature_term": float(bounds.curvature_term[best]),
-        "complexity_term": float(bounds.complexity_term[best]),
-        "kl": float(bounds.kl[best]),
-        "log_term": float(bounds.log_term[best]),
-        "rho": float(rho_grid[best]),
-        "prior_variance": float(var_grid[best]),
-        "delta_per_grid_point": float(delta_grid),
-    }
-
-
 # ------------------------------------------------------------------------ the analysis
 
 
@@ -404,26 +190,17 @@ class _Setup:
         if self._ready:
             return
         c, dtype = self.config, self.config.analysis_dtype
-        options = {k: v for k, v in self.run_base.dataset.to_dict().items() if k != "name"}
-        dataset = data.load_dataset(self.run_base.dataset.name, **{**options, "dtype": dtype})
-        train = dataset.train
+        prob = problem.problem_from_config(common.run_config(self.run_base, dtype=dtype))
+        train = prob.dataset.train
         if c.analysis_examples is not None:
             train = jax.tree.map(lambda a: a[: c.analysis_examples], train)
-        model_options = {k: v for k, v in self.run_base.model.to_dict().items() if k != "name"}
-        model = models.build_model(
-            "mlp",
-            input_shape=np.shape(train.inputs)[1:],
-            num_outputs=dataset.num_classes,
-            **{**model_options, "param_dtype": dtype},
-        )
-        loss = get_loss(self.run_base.loss.name, label_smoothing=self.run_base.loss.label_smoothing)
-        self.objective = Objective(model.predict, loss)
+        self.objective = prob.objective
         self.batch = Batch(jnp.asarray(train.inputs), jnp.asarray(train.targets))
         self.n = int(np.shape(train.inputs)[0])
         self.dtype = jnp.dtype(dtype)
         self._measure = jax.jit(
             functools.partial(
-                measure_net,
+                net_sharpness.measure_net,
                 self.objective,
                 damping=float(c.damping),
                 estimator=c.estimator,
@@ -443,10 +220,12 @@ class _Setup:
         self._prepare()
         c = self.config
         params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), self.dtype), params)
-        subset = output_layer(params) if c.full_fisher_scope == "output_layer" else None
+        subset = (
+            net_sharpness.output_layer(params) if c.full_fisher_scope == "output_layer" else None
+        )
         key = jax.random.PRNGKey(c.analysis_seed)
         scale_key = jax.random.fold_in(jax.random.PRNGKey(c.rescale_seed), index)
-        rescaled = rescale(
+        rescaled = symmetries.random_rescale(
             scale_key, params, layer_log_std=c.layer_log_std, unit_log_std=c.unit_log_std
         )
         before = self._measure(params, self.batch, key, full_fisher_subset=subset)
@@ -466,7 +245,7 @@ class _Setup:
             ravel_pytree(params if subset is None else subsets.select(params, subset))[0].size
         )
         out["damping"] = float(c.damping)
-        pac = pac_bayes_terms(
+        pac = pac_bayes.pac_bayes_terms(
             params,
             before["fisher_diagonal"],
             train_loss=out["analysis_loss"],
@@ -662,130 +441,14 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
                 for r in rows
             },
         }
-        tag = f"{setup_name}_" if multiple else ""
-        figures += [
-            _gap_figure(workdir, rows, corr, tag),
-            _temperature_figure(workdir, rows, corr, tag),
-            _rescaling_figure(workdir, rows, float(config.invariance_tol), tag),
-            _pac_bayes_figure(workdir, rows, tag),
-        ]
+        changes = [{m: relative_change(r[m], r[f"{m}_rescaled"]) for m in MEASURES} for r in rows]
+        figures += fisher_sharpness_figures.figures(
+            workdir,
+            rows,
+            corr,
+            changes,
+            labels=MEASURES,
+            tol=float(config.invariance_tol),
+            tag=f"{setup_name}_" if multiple else "",
+        )
     return checks, results, figures
-
-
-# ------------------------------------------------------------------------ figures
-
-
-def _short(row: Mapping[str, Any]) -> str:
-    opt = "A" if row["optimizer"] == "adam" else ""
-    return f"{opt}{row['learning_rate']:g}/{row['batch_size']}"
-
-
-def _gap_figure(workdir: Path, rows, corr, tag: str) -> str:
-    import matplotlib.pyplot as plt
-
-    measures = (
-        "riemannian_sharpness",
-        "riemannian_sharpness_damped",
-        "lambda_max",
-        "trace_hessian",
-    )
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
-    gaps = np.array([r["gap_loss"] for r in rows])
-    labels = [_short(r) for r in rows]
-    for ax, m in zip(axes, measures, strict=True):
-        points = {
-            "trained nets": (gaps, np.array([r[m] for r in rows])),
-            "rescaled (same functions)": (gaps, np.array([r[f"{m}_rescaled"] for r in rows])),
-        }
-        plots.scatter(
-            points,
-            xlabel="generalisation gap (test − train loss)",
-            ylabel=MEASURES[m],
-            title=f"{MEASURES[m]}: ρ = {corr[m]['gap_loss']:.2f} → "
-            f"{corr[m + '_rescaled']['gap_loss']:.2f} rescaled",
-            logy=True,
-            annotate={"trained nets": labels},
-            ax=ax,
-        )
-    fig.suptitle("Riemannian vs Euclidean sharpness against the generalisation gap", fontsize=11)
-    return common.figure(workdir, f"{tag}sharpness_vs_gap", fig)
-
-
-def _temperature_figure(workdir: Path, rows, corr, tag: str) -> str:
-    import matplotlib.pyplot as plt
-
-    sgd = [r for r in rows if r["optimizer"] == "sgd"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    for ax, m in zip(
-        axes, ("riemannian_sharpness", "riemannian_sharpness_damped", "lambda_max"), strict=True
-    ):
-        points = {}
-        for b in sorted({r["batch_size"] for r in sgd}):
-            sel = [r for r in sgd if r["batch_size"] == b]
-            points[f"SGD, B = {b}"] = (
-                np.array([r["temperature"] for r in sel]),
-                np.array([r[m] for r in sel]),
-            )
-        plots.scatter(
-            points,
-            xlabel="temperature η/B",
-            ylabel=MEASURES[m],
-            title=f"{MEASURES[m]}: Spearman ρ = {corr[m]['temperature']:.2f}",
-            logx=True,
-            logy=True,
-            ax=ax,
-        )
-    fig.suptitle("sharpness against the SGD temperature η/B", fontsize=11)
-    return common.figure(workdir, f"{tag}sharpness_vs_temperature", fig)
-
-
-def _rescaling_figure(workdir: Path, rows, tol: float, tag: str) -> str:
-    import matplotlib.pyplot as plt
-
-    measures = list(MEASURES)
-    floor = 1e-17
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(measures) + 0.25 * len(rows) + 1), 4.0))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        change = [max(relative_change(r[m], r[f"{m}_rescaled"]), floor) for m in measures]
-        ax.bar(
-            np.arange(len(measures)) + (i - (len(rows) - 1) / 2) * width,
-            change,
-            width,
-            label=_short(r),
-            bottom=floor,
-            color=plt.cm.tab20(i % 20),
-        )
-    ax.axhline(tol, color="k", ls="--", lw=1.0, label=f"invariance tolerance {tol:g}")
-    ax.set_yscale("log")
-    ax.set_xticks(np.arange(len(measures)))
-    ax.set_xticklabels([MEASURES[m] for m in measures], fontsize=8, rotation=12)
-    ax.set_ylabel("|after − before| / before")
-    ax.set_title("relative change under a random function-preserving rescaling", fontsize=10)
-    ax.legend(fontsize=6, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return common.figure(workdir, f"{tag}rescaling", fig)
-
-
-def _pac_bayes_figure(workdir: Path, rows, tag: str) -> str:
-    import matplotlib.pyplot as plt
-
-    terms = {
-        "empirical loss L̂": "pac_bayes_empirical_loss",
-        "curvature (ρ/2)·Ŝ_R,ε": "pac_bayes_curvature_term",
-        "complexity √((KL + ln(2√n/δ))/2n)": "pac_bayes_complexity_term",
-    }
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(rows) + 3), 3.8), constrained_layout=True)
-    x = np.arange(len(rows))
-    bottom = np.zeros(len(rows))
-    for label, key in terms.items():
-        values = np.array([r[key] for r in rows])
-        ax.bar(x, values, 0.6, bottom=bottom, label=label)
-        bottom = bottom + values
-    ax.plot(x, [r["test_loss"] for r in rows], "k*", label="test loss")
-    ax.set_xticks(x)
-    ax.set_xticklabels([_short(r) for r in rows], fontsize=7, rotation=30)
-    ax.set_ylabel("loss")
-    ax.set_title("PAC-Bayes bound (standard form) with a Fisher-shaped posterior", fontsize=10)
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return common.figure(workdir, f"{tag}pac_bayes", fig)
