@@ -103,7 +103,8 @@ def test_cached_analysis_and_summary_keep_non_finite_floats(tmp_path):
     np.testing.assert_array_equal(again["spectrum"], first["spectrum"])
 
     # summary.json speaks the same dialect as every other JSON file of the workdir.
-    def run(config, workdir):
+    def run(config, workdir, *, mesh, cache):
+        del mesh, cache
         check = common.check_range("a claim", math.nan, low=0.0)
         return [check], {"ratio": math.nan, "peak": math.inf}, []
 
