@@ -39,6 +39,7 @@ __all__ = [
     "Loss",
     "Objective",
     "get_loss",
+    "output_inner",
     "softmax_cross_entropy",
     "softmax_squared_error",
     "squared_error",
@@ -274,3 +275,24 @@ class Objective:
     def batch_losses(self, params: PyTree, batch: Batch) -> jax.Array:
         """Per-example losses ℓ_p(θ), shape ``(n,)``."""
         return jax.vmap(self.example_loss, in_axes=(None, 0, 0))(params, *batch)
+
+    def output_hessian_products(
+        self, outputs: jax.Array, targets: PyTree, tangents: jax.Array
+    ) -> jax.Array:
+        """Λ_p t_p for a batch: outputs, tangents ``(n, K)`` -> ``(n, K)``."""
+        lam = jax.vmap(self.loss.output_hessian)(outputs, targets)
+        return jnp.einsum("pkl,pl->pk", lam, tangents)
+
+    def output_fisher_products(self, outputs: jax.Array, tangents: jax.Array) -> jax.Array:
+        """F_out(f_p) t_p = B_p B_pᵀ t_p for a batch: ``(n, K)`` -> ``(n, K)``."""
+        b = jax.vmap(self.loss.output_fisher_factor)(outputs)
+        return jnp.einsum("pkl,pml,pm->pk", b, b, tangents)
+
+    def sampled_output_grads(self, keys: jax.Array, outputs: jax.Array) -> jax.Array:
+        """r̂_s = ∇_f(−log p(ŷ_s | f)) for ONE example's outputs and S keys: ``(S, K)``."""
+        return jax.vmap(self.loss.sample_output_grad, in_axes=(0, None))(keys, outputs)
+
+
+def output_inner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Per-example inner products of two batches of outputs: ``(n, ...)`` -> ``(n,)``."""
+    return jnp.sum(a * b, axis=tuple(range(1, jnp.ndim(a))))

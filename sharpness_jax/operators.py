@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from sharpness_jax import checks, dense_factors, subsets
-from sharpness_jax.objective import Batch, Objective
+from sharpness_jax.objective import Batch, Objective, output_inner
 from sharpness_jax.per_example import example_hvp, map_examples, sum_over_chunks
 
 PyTree = Any
@@ -201,7 +201,7 @@ def _output_sandwich(
             inputs, targets = chunk
             outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
             u = middle(outputs, targets, f_jvp(v), index)
-            u = jnp.where(mask[:, None], u, 0)
+            u = jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0)
             return jax.linear_transpose(f_jvp, params)(u)[0]
 
         return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
@@ -222,8 +222,7 @@ def ggn(
 
     def middle(outputs, targets, jv, index):
         del index
-        lam = jax.vmap(objective.loss.output_hessian)(outputs, targets)
-        return jnp.einsum("pkl,pl->pk", lam, jv)
+        return objective.output_hessian_products(outputs, targets, jv)
 
     return _output_sandwich(objective, params, batch, n, chunk_size, middle)
 
@@ -246,8 +245,7 @@ def fisher(
 
     def middle(outputs, targets, jv, index):
         del targets, index
-        b = jax.vmap(objective.loss.output_fisher_factor)(outputs)
-        return jnp.einsum("pkl,pml,pm->pk", b, b, jv)
+        return objective.output_fisher_products(outputs, jv)
 
     return _output_sandwich(objective, params, batch, n, chunk_size, middle)
 
@@ -275,15 +273,14 @@ def fisher_monte_carlo(
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    sample = objective.loss.sample_output_grad
 
     def middle(outputs, targets, jv, index):
         del targets
 
         def per_example(f, t, i):
             keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
-            r = jax.vmap(sample, in_axes=(0, None))(keys, f)  # (S, K)
-            return r.T @ (r @ t) / num_samples
+            r = objective.sampled_output_grads(keys, f)  # (S, *f.shape)
+            return jnp.tensordot(output_inner(r, t[None]), r, axes=1) / num_samples
 
         return jax.vmap(per_example)(outputs, jv, index)
 
@@ -304,7 +301,7 @@ def empirical_fisher(
     def middle(outputs, targets, jv, index):
         del index
         r = objective.output_grads(outputs, targets)
-        return r * jnp.sum(r * jv, axis=1, keepdims=True)
+        return r * output_inner(r, jv).reshape((-1,) + (1,) * (r.ndim - 1))
 
     return _output_sandwich(objective, params, batch, n, chunk_size, middle)
 
@@ -346,8 +343,9 @@ def gradient_covariance(
             inputs, targets = chunk
             outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
             r = objective.output_grads(outputs, targets)
-            centred = jnp.where(mask, jnp.sum(r * f_jvp(v), axis=1) - gv, 0)
-            back = jax.linear_transpose(f_jvp, params)(r * centred[:, None])[0]
+            centred = jnp.where(mask, output_inner(r, f_jvp(v)) - gv, 0)
+            scale = centred.reshape((-1,) + (1,) * (r.ndim - 1))
+            back = jax.linear_transpose(f_jvp, params)(r * scale)[0]
             return back, jnp.sum(centred)
 
         back, total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
