@@ -30,6 +30,8 @@ result is the diagonal block of the full matrix).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from sharpness_jax import checks, dense_factors, subsets
+from sharpness_jax.linear_operator import Operator, Static
 from sharpness_jax.objective import Batch, Objective, output_inner
 from sharpness_jax.per_example import example_hvp, map_examples, sum_over_chunks
 
@@ -99,6 +102,109 @@ def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0))
 
 
+def _freeze(subset: subsets.Selector | None):
+    """A hashable form of a selector (strings and sequences of them; a predicate as is)."""
+    if subset is None or isinstance(subset, str) or callable(subset):
+        return subset
+    return tuple(subset)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Product:
+    """The static half of a curvature operator: which product, of which objective, how.
+
+    ``product(objective, params, batch, v, *extra, chunk_size=..., **settings)`` is a
+    module-level function; the objective is restricted to ``subset`` inside the trace, so the
+    full parameters stay an operand rather than a constant of a closure.
+    """
+
+    product: Callable[..., PyTree]
+    objective: Static
+    subset: Any
+    chunk_size: int | None
+    settings: tuple = ()
+
+    def __repr__(self) -> str:
+        name = self.product.__name__.strip("_").removesuffix("_product")
+        options = ", ".join(f"{k}={v!r}" for k, v in self.settings if k != "layout")
+        subset = "" if self.subset is None else f", subset={self.subset!r}"
+        return f"{name}(chunk_size={self.chunk_size}{subset}{', ' if options else ''}{options})"
+
+    def restricted(self, params: PyTree) -> tuple[Objective, PyTree]:
+        objective = self.objective.value
+        if self.subset is None:
+            return objective, params
+        return subsets.restrict(objective, params, self.subset)
+
+    def __call__(self, operands, v):
+        params, batch, extra = operands
+        objective, params = self.restricted(params)
+        checks.check_vector(v, params)
+        return self.product(
+            objective, params, batch, v, *extra, chunk_size=self.chunk_size, **dict(self.settings)
+        )
+
+
+def _build(
+    product: Callable[..., PyTree],
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    subset: subsets.Selector | None,
+    extra: tuple = (),
+    **settings: Any,
+) -> Operator:
+    """Validates the inputs and returns the operator ``v -> product(..., v)`` (a pytree)."""
+    batch = _as_batch(batch)
+    prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    rule = _Product(
+        product, Static(objective), _freeze(subset), chunk_size, tuple(sorted(settings.items()))
+    )
+    return Operator(rule, (params, batch, tuple(extra)))
+
+
+def _as_batch(batch) -> Batch:
+    if isinstance(batch, Batch):
+        return batch
+    if isinstance(batch, tuple) and len(batch) == 2:
+        return Batch(*batch)
+    raise TypeError(f"batch must be a Batch(inputs, targets), got {type(batch).__name__}")
+
+
+@functools.partial(jax.jit, static_argnames=("rule",))
+def _reduce(rule: _Product, params: PyTree, batch: Batch) -> PyTree:
+    objective, params = rule.restricted(params)
+    return rule.product(objective, params, batch, chunk_size=rule.chunk_size)
+
+
+def _mean_loss(objective, params, batch, *, chunk_size):
+    def chunk_fn(chunk, mask, index):
+        del index
+        return _masked_sum(objective.batch_losses(params, Batch(*chunk)), mask)
+
+    return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size) / checks.num_examples(batch)
+
+
+def _mean_gradient(objective, params, batch, *, chunk_size):
+    def chunk_fn(chunk, mask, index):
+        del index
+        return jax.grad(lambda p: _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask))(
+            params
+        )
+
+    n = checks.num_examples(batch)
+    return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
+
+
+def _evaluate(product, objective, params, batch, *, chunk_size, subset):
+    batch = _as_batch(batch)
+    prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    rule = _Product(product, Static(objective), _freeze(subset), chunk_size)
+    return _reduce(rule, params, batch)
+
+
 def loss_value(
     objective: Objective,
     params: PyTree,
@@ -107,14 +213,8 @@ def loss_value(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
 ) -> jax.Array:
-    """L(θ) = (1/n) Σ_p ℓ_p(θ)."""
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-
-    def chunk_fn(chunk, mask, index):
-        del index
-        return _masked_sum(objective.batch_losses(params, Batch(*chunk)), mask)
-
-    return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size) / n
+    """L(θ) = (1/n) Σ_p ℓ_p(θ) (compiled once per objective and shapes)."""
+    return _evaluate(_mean_loss, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
 
 def gradient(
@@ -125,15 +225,22 @@ def gradient(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
 ) -> PyTree:
-    """ḡ = ∇L(θ) = (1/n) Σ_p g_p."""
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    """ḡ = ∇L(θ) = (1/n) Σ_p g_p (compiled once per objective and shapes)."""
+    return _evaluate(_mean_gradient, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
+
+def _hessian_product(objective, params, batch, v, *, chunk_size, method):
     def chunk_fn(chunk, mask, index):
         del index
-        return jax.grad(lambda p: _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask))(
-            params
-        )
 
+        def chunk_loss(p):
+            return _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask)
+
+        if method == "fwd_rev":
+            return jax.jvp(jax.grad(chunk_loss), (params,), (v,))[1]
+        return jax.grad(lambda p: optax.tree.vdot(jax.grad(chunk_loss)(p), v))(params)
+
+    n = checks.num_examples(batch)
     return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
 
 
@@ -145,7 +252,7 @@ def hessian(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
     method: str = "fwd_rev",
-) -> MatVec:
+) -> Operator:
     """H v = (1/n) Σ_p ∇²ℓ_p(θ) v.
 
     Args:
@@ -156,57 +263,76 @@ def hessian(
         (gradient of ⟨∇L, v⟩, for cross-checks).
 
     Returns:
-      The matvec ``v -> H v``.
+      The operator ``v -> H v`` (a pytree, see :mod:`sharpness_jax.linear_operator`).
     """
     if method not in ("fwd_rev", "rev_rev"):
         raise ValueError(f"method must be 'fwd_rev' or 'rev_rev', got {method!r}")
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-
-    def matvec(v):
-        checks.check_vector(v, params)
-
-        def chunk_fn(chunk, mask, index):
-            del index
-
-            def chunk_loss(p):
-                return _masked_sum(objective.batch_losses(p, Batch(*chunk)), mask)
-
-            if method == "fwd_rev":
-                return jax.jvp(jax.grad(chunk_loss), (params,), (v,))[1]
-            return jax.grad(lambda p: optax.tree.vdot(jax.grad(chunk_loss)(p), v))(params)
-
-        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
-
-    return matvec
+    return _build(
+        _hessian_product,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
+        method=method,
+    )
 
 
-def _output_sandwich(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    n: int,
-    chunk_size: int | None,
-    middle: Callable[..., jax.Array],
-) -> MatVec:
-    """v -> (1/n) Σ_p J_pᵀ u_p with u_p = middle(f_p, y_p, J_p v, p) (vectorised over p).
+def _sandwich(objective, params, batch, v, chunk_size, middle) -> PyTree:
+    """(1/n) Σ_p J_pᵀ u_p with u_p = middle(f_p, y_p, J_p v, p) (vectorised over p).
 
     One linearisation of the chunk's outputs gives J v and, transposed, Jᵀ u: about the cost
     of one forward and one backward pass per chunk.
     """
 
-    def matvec(v):
-        checks.check_vector(v, params)
+    def chunk_fn(chunk, mask, index):
+        inputs, targets = chunk
+        outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
+        u = middle(outputs, targets, f_jvp(v), index)
+        u = jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0)
+        return jax.linear_transpose(f_jvp, params)(u)[0]
 
-        def chunk_fn(chunk, mask, index):
-            inputs, targets = chunk
-            outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
-            u = middle(outputs, targets, f_jvp(v), index)
-            u = jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0)
-            return jax.linear_transpose(f_jvp, params)(u)[0]
+    n = checks.num_examples(batch)
+    return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
 
-        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
 
-    return matvec
+def _ggn_product(objective, params, batch, v, *, chunk_size):
+    def middle(outputs, targets, jv, index):
+        del index
+        return objective.output_hessian_products(outputs, targets, jv)
+
+    return _sandwich(objective, params, batch, v, chunk_size, middle)
+
+
+def _fisher_product(objective, params, batch, v, *, chunk_size):
+    def middle(outputs, targets, jv, index):
+        del targets, index
+        return objective.output_fisher_products(outputs, jv)
+
+    return _sandwich(objective, params, batch, v, chunk_size, middle)
+
+
+def _fisher_monte_carlo_product(objective, params, batch, v, key, *, chunk_size, num_samples):
+    def middle(outputs, targets, jv, index):
+        del targets
+
+        def per_example(f, t, i):
+            keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
+            r = objective.sampled_output_grads(keys, f)  # (S, *f.shape)
+            return jnp.tensordot(output_inner(r, t[None]), r, axes=1) / num_samples
+
+        return jax.vmap(per_example)(outputs, jv, index)
+
+    return _sandwich(objective, params, batch, v, chunk_size, middle)
+
+
+def _empirical_fisher_product(objective, params, batch, v, *, chunk_size):
+    def middle(outputs, targets, jv, index):
+        del index
+        r = objective.output_grads(outputs, targets)
+        return r * output_inner(r, jv).reshape((-1,) + (1,) * (r.ndim - 1))
+
+    return _sandwich(objective, params, batch, v, chunk_size, middle)
 
 
 def ggn(
@@ -216,15 +342,9 @@ def ggn(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
-) -> MatVec:
+) -> Operator:
     """Generalised Gauss–Newton G v = (1/n) Σ_p J_pᵀ Λ_p J_p v, Λ_p = ∇²_f loss(f_p, y_p)."""
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-
-    def middle(outputs, targets, jv, index):
-        del index
-        return objective.output_hessian_products(outputs, targets, jv)
-
-    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+    return _build(_ggn_product, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
 
 def fisher(
@@ -234,20 +354,14 @@ def fisher(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
-) -> MatVec:
+) -> Operator:
     """True Fisher F v = (1/n) Σ_p J_pᵀ F_out(f_p) J_p v, exactly.
 
     F_out(f) = E_{ŷ∼p(·|f)}[∇_f log p(ŷ|f) ∇_f log p(ŷ|f)ᵀ] = B(f) B(f)ᵀ is applied through
     the loss's closed-form factor B; no targets are sampled. Equals the GGN for softmax
     cross-entropy and squared error.
     """
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-
-    def middle(outputs, targets, jv, index):
-        del targets, index
-        return objective.output_fisher_products(outputs, jv)
-
-    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+    return _build(_fisher_product, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
 
 def fisher_monte_carlo(
@@ -259,7 +373,7 @@ def fisher_monte_carlo(
     num_samples: int = 1,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
-) -> MatVec:
+) -> Operator:
     """Monte-Carlo Fisher F̂ v = (1/n) Σ_p (1/S) Σ_s J_pᵀ r̂_ps (r̂_psᵀ J_p v).
 
     r̂_ps = ∇_f(−log p(ŷ_ps | f_p)) at targets ŷ_ps drawn from the model's predictive
@@ -267,24 +381,21 @@ def fisher_monte_carlo(
     for every matvec and for every ``chunk_size``. E[F̂] = F (the true Fisher).
 
     Args:
-      key: PRNG key fixing the sampled targets.
+      key: PRNG key fixing the sampled targets (an operand: another key reuses the program).
       num_samples: S, targets drawn per example.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-
-    def middle(outputs, targets, jv, index):
-        del targets
-
-        def per_example(f, t, i):
-            keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
-            r = objective.sampled_output_grads(keys, f)  # (S, *f.shape)
-            return jnp.tensordot(output_inner(r, t[None]), r, axes=1) / num_samples
-
-        return jax.vmap(per_example)(outputs, jv, index)
-
-    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+    return _build(
+        _fisher_monte_carlo_product,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
+        extra=(key,),
+        num_samples=num_samples,
+    )
 
 
 def empirical_fisher(
@@ -294,16 +405,29 @@ def empirical_fisher(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
-) -> MatVec:
+) -> Operator:
     """Empirical Fisher F_emp v = (1/n) Σ_p g_p (g_pᵀ v); g_p = J_pᵀ r_p is never stored."""
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    return _build(
+        _empirical_fisher_product, objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
 
-    def middle(outputs, targets, jv, index):
+
+def _covariance_product(objective, params, batch, v, g_bar, *, chunk_size):
+    gv = optax.tree.vdot(g_bar, v)
+
+    def chunk_fn(chunk, mask, index):
         del index
+        inputs, targets = chunk
+        outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
         r = objective.output_grads(outputs, targets)
-        return r * output_inner(r, jv).reshape((-1,) + (1,) * (r.ndim - 1))
+        centred = jnp.where(mask, output_inner(r, f_jvp(v)) - gv, 0)
+        scale = centred.reshape((-1,) + (1,) * (r.ndim - 1))
+        back = jax.linear_transpose(f_jvp, params)(r * scale)[0]
+        return back, jnp.sum(centred)
 
-    return _output_sandwich(objective, params, batch, n, chunk_size, middle)
+    n = checks.num_examples(batch)
+    back, total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    return jax.tree_util.tree_map(lambda b, g: (b - g * total) / n, back, g_bar)
 
 
 def gradient_covariance(
@@ -314,7 +438,7 @@ def gradient_covariance(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
     mean_gradient: PyTree | None = None,
-) -> MatVec:
+) -> Operator:
     """SGD-noise covariance C v = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ v, exactly.
 
     The per-example directional derivatives s_p = g_pᵀ v (a JVP) are centred by ḡᵀv before the
@@ -327,31 +451,43 @@ def gradient_covariance(
       mean_gradient: ḡ if already at hand (shaped like the, possibly restricted, params);
         otherwise it is computed once, here (one gradient pass).
     """
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    _, sub, _ = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
     if mean_gradient is None:
-        g_bar = gradient(objective, params, batch, chunk_size=chunk_size)
+        g_bar = gradient(objective, params, batch, chunk_size=chunk_size, subset=subset)
     else:
-        checks.check_vector(mean_gradient, params, name="mean_gradient")
+        checks.check_vector(mean_gradient, sub, name="mean_gradient")
         g_bar = mean_gradient
+    return _build(
+        _covariance_product,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
+        extra=(g_bar,),
+    )
 
-    def matvec(v):
-        checks.check_vector(v, params)
-        gv = optax.tree.vdot(g_bar, v)
 
-        def chunk_fn(chunk, mask, index):
-            del index
-            inputs, targets = chunk
-            outputs, f_jvp = jax.linearize(lambda p: objective.batch_outputs(p, inputs), params)
-            r = objective.output_grads(outputs, targets)
-            centred = jnp.where(mask, output_inner(r, f_jvp(v)) - gv, 0)
-            scale = centred.reshape((-1,) + (1,) * (r.ndim - 1))
-            back = jax.linear_transpose(f_jvp, params)(r * scale)[0]
-            return back, jnp.sum(centred)
+def _second_moment_product(objective, params, batch, v, *, chunk_size, layout):
+    if layout is not None:
+        matvec = dense_factors.second_moment_matvec(
+            objective, params, batch, layout, chunk_size=chunk_size
+        )
+        return matvec(v)
 
-        back, total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
-        return jax.tree_util.tree_map(lambda b, g: (b - g * total) / n, back, g_bar)
+    def chunk_fn(chunk, mask, index):
+        del index
 
-    return matvec
+        def one(x, y, keep):
+            hv = example_hvp(objective, params, x, y, v)
+            hhv = example_hvp(objective, params, x, y, hv)
+            return jax.tree_util.tree_map(lambda a: jnp.where(keep, a, 0), hhv)
+
+        per = jax.vmap(one)(*chunk, mask)
+        return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per)
+
+    n = checks.num_examples(batch)
+    return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
 
 
 def hessian_second_moment(
@@ -362,7 +498,7 @@ def hessian_second_moment(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
     method: str = "auto",
-) -> MatVec:
+) -> Operator:
     """E_p[h_p²] v = (1/n) Σ_p h_p (h_p v), exactly.
 
     Two routes give the same matrix:
@@ -385,32 +521,25 @@ def hessian_second_moment(
         raise ValueError(
             f"unknown E_p[h_p²] method {method!r}; choose one of {SECOND_MOMENT_METHODS}"
         )
-    objective, params, n = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    batch = _as_batch(batch)
+    restricted, sub, _ = prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    layout = None
     if method != "per_example":
         example = jax.tree_util.tree_map(lambda a: a[0], batch[0])
-        layout = dense_factors.dense_layout(objective, params, example)
-        if layout.applicable or method == "factored":
-            return dense_factors.second_moment_matvec(
-                objective, params, batch, layout, chunk_size=chunk_size
-            )
-
-    def matvec(v):
-        checks.check_vector(v, params)
-
-        def chunk_fn(chunk, mask, index):
-            del index
-
-            def one(x, y, keep):
-                hv = example_hvp(objective, params, x, y, v)
-                hhv = example_hvp(objective, params, x, y, hv)
-                return jax.tree_util.tree_map(lambda a: jnp.where(keep, a, 0), hhv)
-
-            per = jax.vmap(one)(*chunk, mask)
-            return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per)
-
-        return _scale(sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size), 1.0 / n)
-
-    return matvec
+        found = dense_factors.dense_layout(restricted, sub, example)
+        if found.applicable or method == "factored":
+            if not found.applicable:
+                raise ValueError(f"the factored E_p[h_p²] route does not apply: {found.reason}")
+            layout = found
+    return _build(
+        _second_moment_product,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
+        layout=layout,
+    )
 
 
 def jacobian_vp(

@@ -21,6 +21,7 @@ from sharpness_jax.linalg.exact import (
     trace_exact,
 )
 from sharpness_jax.linalg.lanczos import _check_reorthogonalisation, _lanczos, _ritz
+from sharpness_jax.linear_operator import compiled
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -82,6 +83,33 @@ def _mean_and_sem(samples):
     return mean, sem
 
 
+_INTEGRANDS = {
+    "trace": stochtrace.monte_carlo_trace,
+    "diagonal": stochtrace.monte_carlo_diagonal,
+    "frobenius_squared": stochtrace.monte_carlo_frobeniusnorm_squared,
+}
+
+
+@compiled(static=("num_probes", "probe_chunk", "kind"))
+def _hutchinson(matvec, template, key, *, num_probes, probe_chunk, kind):
+    """(mean, SE) of a Hutchinson-type estimator with Rademacher probes; pytrees for the
+    diagonal."""
+    values = _probe_values(
+        _INTEGRANDS[kind](),
+        matvec,
+        template,
+        key,
+        num_probes,
+        probe_chunk,
+        stochtrace.sampler_signs,
+    )
+    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
+    is_pair = lambda x: isinstance(x, tuple)
+    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
+    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
+    return mean, sem
+
+
 def hutchinson_trace(
     matvec: MatVec,
     template: PyTree,
@@ -96,16 +124,9 @@ def hutchinson_trace(
     Args:
       probe_chunk: probes evaluated together (bounds memory; default all).
     """
-    values = _probe_values(
-        stochtrace.monte_carlo_trace(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
+    mean, sem = _hutchinson(
+        matvec, template, key, num_probes=num_probes, probe_chunk=probe_chunk, kind="trace"
     )
-    mean, sem = _mean_and_sem(values)
     return Estimate(mean, sem, num_probes)
 
 
@@ -119,19 +140,9 @@ def hutchinson_diagonal(
     probe_chunk: int | None = None,
 ) -> Estimate:
     """Hutchinson's diag(A) ≈ (1/m) Σ_j z_j ⊙ A z_j (Rademacher); value and SE are pytrees."""
-    values = _probe_values(
-        stochtrace.monte_carlo_diagonal(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
+    mean, sem = _hutchinson(
+        matvec, template, key, num_probes=num_probes, probe_chunk=probe_chunk, kind="diagonal"
     )
-    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
-    is_pair = lambda x: isinstance(x, tuple)
-    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
-    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
     return Estimate(mean, sem, num_probes)
 
 
@@ -145,17 +156,29 @@ def frobenius_squared(
     probe_chunk: int | None = None,
 ) -> Estimate:
     """‖A‖_F² ≈ (1/m) Σ_j ‖A z_j‖² (Rademacher z, E zzᵀ = I)."""
-    values = _probe_values(
-        stochtrace.monte_carlo_frobeniusnorm_squared(),
+    mean, sem = _hutchinson(
         matvec,
         template,
         key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
+        num_probes=num_probes,
+        probe_chunk=probe_chunk,
+        kind="frobenius_squared",
     )
-    mean, sem = _mean_and_sem(values)
     return Estimate(mean, sem, num_probes)
+
+
+@compiled(static=("num_probes",))
+def _xtrace(matvec, template, key, *, num_probes):
+    size = _check_template(template)
+    checks.check_positive_int("num_probes", num_probes)
+    if num_probes > size:
+        raise ValueError(f"xtrace needs num_probes <= P={size}, got {num_probes}")
+    estimate = stochtrace.estimator_leave_one_out_mean_and_sem(
+        stochtrace.leave_one_out_xtrace(), stochtrace.sampler_sphere(template, num=num_probes)
+    )
+    # matfree's XTrace relies on implicit rank promotion; allow it for this call only.
+    with jax.numpy_rank_promotion("allow"):
+        return estimate(matvec, key)
 
 
 def xtrace(matvec: MatVec, template: PyTree, /, *, key: jax.Array, num_probes: int) -> Estimate:
@@ -166,16 +189,7 @@ def xtrace(matvec: MatVec, template: PyTree, /, *, key: jax.Array, num_probes: i
     estimates. Memory O(num_probes · P). Much lower variance than Hutchinson when the spectrum
     decays (Hessians, C).
     """
-    size = _check_template(template)
-    checks.check_positive_int("num_probes", num_probes)
-    if num_probes > size:
-        raise ValueError(f"xtrace needs num_probes <= P={size}, got {num_probes}")
-    estimate = stochtrace.estimator_leave_one_out_mean_and_sem(
-        stochtrace.leave_one_out_xtrace(), stochtrace.sampler_sphere(template, num=num_probes)
-    )
-    # matfree's XTrace relies on implicit rank promotion; allow it for this call only.
-    with jax.numpy_rank_promotion("allow"):
-        mean, sem = estimate(matvec, key)
+    mean, sem = _xtrace(matvec, template, key, num_probes=num_probes)
     return Estimate(mean, sem, num_probes)
 
 
@@ -224,34 +238,10 @@ def trace(
     return xtrace(matvec, template, key=key, num_probes=num_probes)
 
 
-def spectral_density(
-    matvec: MatVec,
-    template: PyTree,
-    /,
-    *,
-    key: jax.Array,
-    num_probes: int = 8,
-    num_iters: int = 64,
-    sigma: float | None = None,
-    grid: jax.Array | None = None,
-    num_points: int = 512,
-    reorthogonalisation: str = "partial",
-) -> SpectralDensity:
-    """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin et al.).
-
-    For each Rademacher probe z (‖z‖² = P), Lanczos from z gives nodes θ_j and weights
-    τ_j = (e_1ᵀ s_j)²; the density is (1/m) Σ_probes Σ_j τ_j N(t; θ_j, σ²), an estimate of
-    (1/P) Σ_i N(t; λ_i, σ²), which integrates to 1.
-
-    Args:
-      sigma: Gaussian smoothing width; default 1% of the Ritz-value range (stated in the
-        result).
-      grid: evaluation points; default ``num_points`` points spanning the Ritz values ± 5σ.
-      reorthogonalisation: ``"partial"`` or ``"full"``, as in :func:`lanczos_top_k`.
-
-    Returns:
-      :class:`SpectralDensity`.
-    """
+@compiled(static=("num_probes", "num_iters", "num_points", "reorthogonalisation"))
+def _spectral_density(
+    matvec, template, key, sigma, grid, *, num_probes, num_iters, num_points, reorthogonalisation
+):
     size = _check_template(template)
     checks.check_positive_int("num_probes", num_probes)
     checks.check_positive_int("num_iters", num_iters)
@@ -288,4 +278,48 @@ def spectral_density(
     z = (grid[:, None, None] - nodes[None]) / sigma
     gauss = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
     density = jnp.sum(gauss * weights[None], axis=(1, 2)) / num_probes
+    return grid, density, sigma
+
+
+def spectral_density(
+    matvec: MatVec,
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int = 8,
+    num_iters: int = 64,
+    sigma: float | None = None,
+    grid: jax.Array | None = None,
+    num_points: int = 512,
+    reorthogonalisation: str = "partial",
+) -> SpectralDensity:
+    """Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019; Lin et al.).
+
+    For each Rademacher probe z (‖z‖² = P), Lanczos from z gives nodes θ_j and weights
+    τ_j = (e_1ᵀ s_j)²; the density is (1/m) Σ_probes Σ_j τ_j N(t; θ_j, σ²), an estimate of
+    (1/P) Σ_i N(t; λ_i, σ²), which integrates to 1.
+
+    Args:
+      sigma: Gaussian smoothing width; default 1% of the Ritz-value range (stated in the
+        result).
+      grid: evaluation points; default ``num_points`` points spanning the Ritz values ± 5σ.
+      reorthogonalisation: ``"partial"`` or ``"full"``, as in :func:`lanczos_top_k`.
+
+    Returns:
+      :class:`SpectralDensity`.
+    """
+    checks.check_positive_int("num_iters", num_iters)
+    num_iters = min(num_iters, _check_template(template))
+    grid, density, sigma = _spectral_density(
+        matvec,
+        template,
+        key,
+        sigma,
+        grid,
+        num_probes=num_probes,
+        num_iters=num_iters,
+        num_points=num_points,
+        reorthogonalisation=reorthogonalisation,
+    )
     return SpectralDensity(grid, density, sigma, num_probes, num_iters)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks
+from sharpness_jax.linear_operator import compiled
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -67,6 +68,7 @@ def basis_map(fn, size: int, chunk_size: int | None):
     return jax.lax.map(fn, idx, batch_size=chunk_size)
 
 
+@compiled(static=("chunk_size", "max_bytes"))
 def dense(
     matvec: MatVec,
     template: PyTree,
@@ -100,6 +102,7 @@ def dense(
     return cols.T
 
 
+@compiled(static=("chunk_size",))
 def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> PyTree:
     """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template``."""
     size = _check_template(template)
@@ -108,6 +111,7 @@ def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None =
     return unravel(diag)
 
 
+@compiled(static=("chunk_size",))
 def trace_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
     """tr(A) = Σ_i e_iᵀ A e_i exactly (P matvecs)."""
     return sum(
@@ -116,6 +120,7 @@ def trace_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = No
     )
 
 
+@compiled(static=("chunk_size",))
 def frobenius_squared_exact(
     matvec: MatVec, template: PyTree, *, chunk_size: int | None = None
 ) -> jax.Array:

@@ -20,6 +20,7 @@ from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks
 from sharpness_jax.linalg.exact import _check_template, flatten_operator
+from sharpness_jax.linear_operator import compiled
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -362,6 +363,7 @@ def _start_vector(template, flat, key, init):
     return v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(flat.dtype).tiny) + 1e-3 * noise
 
 
+@compiled(static=("k", "num_iters", "tol", "min_iters", "reorthogonalisation"))
 def lanczos_top_k(
     matvec: MatVec,
     template: PyTree,
@@ -438,6 +440,7 @@ def lanczos_top_k(
     return Eigen(vals[:k], jax.vmap(unravel)(ritz_vectors), residuals[:k], used)
 
 
+@compiled(static=("num_iters", "tol"))
 def power_iteration(
     matvec: MatVec,
     template: PyTree,
@@ -475,6 +478,7 @@ def power_iteration(
     return Eigen(lam[None], jax.vmap(unravel)(v[None]), residual[None], iters)
 
 
+@compiled(static=("k", "num_iters", "tol"))
 def lobpcg_top_k(
     matvec: MatVec,
     template: PyTree,
