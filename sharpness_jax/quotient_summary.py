@@ -361,15 +361,22 @@ def orbit_summary(
     red = out["reduced_lambda_max"]
     out["reduced_ratio"] = float(np.max(red) / np.min(red))
     if generalised:
-        gen, gen_eu = ref["quotient_generalised"], ref["quotient_generalised_euclidean"]
-        changes = [relative_change(p["quotient_generalised"], gen) for p in points]
-        eu_changes = [relative_change(p["quotient_generalised_euclidean"], gen_eu) for p in points]
-        out["reference_generalised"] = gen
-        out["generalised_lambda_max"] = column("quotient_generalised_lambda_max")
-        out["generalised_euclidean_lambda_max"] = column(
-            "quotient_generalised_euclidean_lambda_max"
-        )
-        out["generalised_changes"] = np.array(changes)
-        out["generalised_change"] = float(np.max(changes))
-        out["generalised_euclidean_change"] = float(np.max(eu_changes))
+        out.update(_orbit_generalised(ref, points, on_grid))
     return out
+
+
+def _orbit_generalised(ref, points, on_grid) -> dict[str, Any]:
+    """The generalised spectra along an orbit: λ_max over the grid and the relative changes
+    from the reference ``ref`` at every point (scale-invariant W; Euclidean W)."""
+    gen, gen_eu = ref["quotient_generalised"], ref["quotient_generalised_euclidean"]
+    changes = [relative_change(p["quotient_generalised"], gen) for p in points]
+    eu_changes = [relative_change(p["quotient_generalised_euclidean"], gen_eu) for p in points]
+    key, eu_key = "quotient_generalised_lambda_max", "quotient_generalised_euclidean_lambda_max"
+    return {
+        "reference_generalised": gen,
+        "generalised_lambda_max": np.array([p[key] for p in on_grid]),
+        "generalised_euclidean_lambda_max": np.array([p[eu_key] for p in on_grid]),
+        "generalised_changes": np.array(changes),
+        "generalised_change": float(np.max(changes)),
+        "generalised_euclidean_change": float(np.max(eu_changes)),
+    }

@@ -39,6 +39,11 @@ def _finish(ax, *, legend_size: int = 7, **properties) -> None:
     ax.legend(fontsize=legend_size, frameon=False)
 
 
+def _finish_log_log(ax, xlabel: str, ylabel: str, title: str, **properties) -> None:
+    """:func:`_finish` on log–log axes."""
+    _finish(ax, **_LOG_LOG, xlabel=xlabel, ylabel=ylabel, title=title, **properties)
+
+
 def _grid(rows: int, cols: int, width: float = 4.6, height: float = 3.4):
     """A figure of rows × cols axes with fixed margins (a layout engine would cost several
     times the drawing)."""
@@ -153,24 +158,19 @@ def _orbit_figure(workdir, plot_data, config) -> str:
         ax = axes[0, j]
         for label, y in curves.items():
             ax.plot(o["c"], np.abs(y), marker="o", ms=3, label=label, **styles[label])
-        _finish(
+        _finish_log_log(
             ax,
-            **_LOG_LOG,
-            xlabel="rescaling c of every unit",
-            ylabel="|λ_max|",
-            title=f"{model}: orbit of the regular point (step {p['orbit_step']})",
+            "rescaling c of every unit",
+            "|λ_max|",
+            f"{model}: orbit of the regular point (step {p['orbit_step']})",
         )
         om = p["orbit_min"]
         ax = axes[1, j]
         for label in ("λ_max(H) ambient", "λ_max(BᵀHB) reduced"):
             key = "ambient_lambda_max" if "ambient" in label else "reduced_lambda_max"
             ax.plot(om["c"], om[key], marker="o", ms=3, label=label, **styles[label])
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="rescaling c of every unit",
-            ylabel="λ_max",
-            title=f"{model}: orbit of the interpolating minimum",
+        _finish_log_log(
+            ax, "rescaling c of every unit", "λ_max", f"{model}: orbit of the interpolating minimum"
         )
         ax = axes[2, j]
         ax.plot(om["c"], om["ambient_zeros"], marker="o", ms=3, label="H ambient")
@@ -204,12 +204,11 @@ def _split_figure(workdir, plot_data) -> str:
                 ax.plot(
                     s["step"][s["step"] > 0], y[s["step"] > 0], ls=ls, label=f"{what} ({label})"
                 )
-        _finish(
+        _finish_log_log(
             ax,
-            **_LOG_LOG,
-            xlabel="step",
-            ylabel="predictor change (RMS)",
-            title=f"{model}: predictor change of the parts of SGD steps",
+            "step",
+            "predictor change (RMS)",
+            f"{model}: predictor change of the parts of SGD steps",
             legend_size=6,
         )
     return _save(workdir, "split", fig)
@@ -223,22 +222,15 @@ def _conservation_figure(workdir, plot_data) -> str:
         for lr, (t, drift) in sorted(c["curves"].items()):
             ok = t > 0
             ax.plot(t[ok], np.maximum(drift[ok], np.finfo(float).tiny), label=f"η={lr:g}")
-        _finish(
+        _finish_log_log(
             ax,
-            **_LOG_LOG,
-            xlabel="time η·step",
-            ylabel="max_i |Q_i(t) − Q_i(0)| / scale",
-            title=f"{model}: drift of k‖a_i‖² − ‖w_i‖² − b_i² along GD",
+            "time η·step",
+            "max_i |Q_i(t) − Q_i(0)| / scale",
+            f"{model}: drift of k‖a_i‖² − ‖w_i‖² − b_i² along GD",
         )
         ax = axes[1, j]
         lrs, drift = np.array(c["learning_rates"]), np.array(c["drift_max"])
         ax.plot(lrs, drift, marker="o", label=f"measured (slope {c['slope']:.2f})")
         ax.plot(lrs, drift[-1] * lrs / lrs[-1], ls="--", color="gray", label="∝ η")
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="η",
-            ylabel="max drift over the run",
-            title=f"{model}: drift against the step size",
-        )
+        _finish_log_log(ax, "η", "max drift over the run", f"{model}: drift against the step size")
     return _save(workdir, "conserved", fig)
