@@ -93,11 +93,6 @@ def _slug(layer: str) -> str:
     return layer.strip("/").replace("/", "_")
 
 
-# Objective-independent programs, compiled once per layer size and shared by the runs.
-_power_law_fits = jax.jit(power_law_fits, static_argnames=("num_resamples",))
-_commutation = jax.jit(commutation, static_argnames=("num_rotations",))
-
-
 def _objective_and_batch(run_cfg: ml_collections.ConfigDict, num_examples: int | None):
     """The run's objective (model and loss as the training loop builds them) and the first
     ``num_examples`` training examples."""
@@ -153,15 +148,17 @@ def _analyse_in_dtype(config, run_cfg, params, layer: str, key: jax.Array) -> di
     )(params, batch)
     fit_key, rotation_key = jax.random.split(key)
     out = {k: v for k, v in quantities.items() if k not in ("h", "c")}
+    # Objective-independent programs: jax.jit of the same library function reuses its
+    # compiled program for every layer of the same size and across the runs.
     out.update(
-        _power_law_fits(
+        jax.jit(power_law_fits, static_argnames=("num_resamples",))(
             *fit_pairs(quantities, num_eigen=n_eig, length=max(sizes.values())),
             key=fit_key,
             num_resamples=config.num_resamples,
         )
     )
     out.update(
-        _commutation(
+        jax.jit(commutation, static_argnames=("num_rotations",))(
             quantities["c"], quantities["h"], key=rotation_key, num_rotations=config.num_rotations
         )
     )
@@ -411,10 +408,9 @@ def _commutator_figure(workdir, config, analyses) -> str:
     pos = np.arange(len(keys))
     ax.bar(pos - 0.2, measured, width=0.4, label="‖CH − HC‖_F / ‖CH‖_F")
     ax.bar(pos + 0.2, base, width=0.4, yerr=std, color="0.6", label="H → QHQᵀ, Haar Q")
-    ax.set_xticks(pos, labels, fontsize=8)
-    ax.set_ylabel("relative commutator")
-    ax.set_title("C and H commute far better than randomly rotated", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish_bars(
+        ax, pos, labels, "relative commutator", "C and H commute far better than randomly rotated"
+    )
     return common.figure(workdir, "commutator", fig)
 
 
@@ -448,8 +444,15 @@ def _gamma_figure(workdir, config, results) -> str:
             x += 1.0
     low, high = config.gamma_bounds
     ax.axhspan(low, high, color="0.9", zorder=0, label=f"{low:g} ≤ γ ≤ {high:g}")
-    ax.set_xticks(ticks, labels, fontsize=8)
-    ax.set_ylabel("γ (95% bootstrap CI)")
-    ax.set_title("power-law exponents of the noise covariance", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    _finish_bars(
+        ax, ticks, labels, "γ (95% bootstrap CI)", "power-law exponents of the noise covariance"
+    )
     return common.figure(workdir, "gamma", fig)
+
+
+def _finish_bars(ax, ticks, labels, ylabel: str, title: str) -> None:
+    """Tick labels (one per loss and layer), the y label, the title and a frameless legend."""
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, frameon=False)

@@ -33,7 +33,8 @@ are those of the training step, ``MeasureContext.update``). Checks, per model:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,20 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments.configs.quotient_geometry import MEASUREMENT
-from experiments.studies import common
-from sharpness_jax import data, models, records, symmetries
+from experiments.studies import common, quotient_geometry_figures
+from sharpness_jax import records
 from sharpness_jax.objective import Batch
-from sharpness_jax.quotient_summary import point_summary, shallow_activation
+from sharpness_jax.problem import problem_from_config
+from sharpness_jax.quotient_summary import (
+    conserved_scale,
+    log_slope,
+    orbit_scales,
+    orbit_summary,
+    relative_change,
+    relative_drift,
+    shallow_activation,
+    split_ratios,
+)
 from sharpness_jax.shallow import HOMOGENEITY
 
 NAME = "quotient_geometry"
@@ -67,45 +78,6 @@ __all__ = [
 ]
 
 
-# ================================================================ pure helpers
-
-
-def relative_change(values: np.ndarray, reference: np.ndarray) -> float:
-    """max_j |λ_j − λ_j^ref| / max_j |λ_j^ref| for two spectra sorted the same way."""
-    values, reference = np.asarray(values, float), np.asarray(reference, float)
-    if values.shape != reference.shape:
-        raise ValueError(f"spectra of different sizes: {values.shape} vs {reference.shape}")
-    return float(np.max(np.abs(values - reference)) / np.max(np.abs(reference)))
-
-
-def relative_drift(conserved: np.ndarray, scale: float) -> np.ndarray:
-    """max_i |Q_i(t) − Q_i(0)| / scale for each row t of ``conserved`` (shape (T, m))."""
-    conserved = np.asarray(conserved, float)
-    return np.max(np.abs(conserved - conserved[:1]), axis=1) / scale
-
-
-def log_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """The least-squares slope of log y against log x (NaN for fewer than two positive pairs)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
-
-
-def orbit_scales(
-    low: float, high: float, points: int, random: int, m: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(uniform factors c on a log grid over [low, high], (random, m) per-unit factors drawn
-    log-uniformly on the same range)."""
-    if not 0 < low < 1 < high:
-        raise ValueError(f"the orbit range must satisfy 0 < low < 1 < high, got {(low, high)}")
-    grid = np.geomspace(low, high, points)
-    rng = np.random.default_rng(seed)
-    per_unit = np.exp(rng.uniform(np.log(low), np.log(high), size=(random, m)))
-    return grid, per_unit
-
-
 def flatten_overrides(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} → {"a.b": 1}: nested overrides as the dotted paths of ``run_config``."""
     flat = {}
@@ -118,7 +90,7 @@ def flatten_overrides(nested: Mapping[str, Any], prefix: str = "") -> dict[str, 
     return flat
 
 
-# ================================================================ runs and analyses
+# ================================================================ runs
 
 
 def _run_dir(workdir: Path, name: str) -> Path:
@@ -152,127 +124,35 @@ def _options(config, *, generalised: bool) -> dict[str, Any]:
 def _problem(cfg: ml_collections.ConfigDict):
     """(activation, k, unravel, Batch of the training set, sizes) of a run config."""
     activation = shallow_activation(cfg.model)
-    ds_opts = {k: v for k, v in cfg.dataset.to_dict().items() if k not in ("name", "dtype")}
-    dataset = data.load_dataset(cfg.dataset.name, dtype=cfg.dtype, **ds_opts)
-    model_opts = {k: v for k, v in cfg.model.to_dict().items() if k != "name"}
-    model = models.build_model(
-        cfg.model.name,
-        input_shape=dataset.train.inputs.shape[1:],
-        num_outputs=dataset.num_classes,
-        param_dtype=cfg.dtype,
-        **model_opts,
-    )
-    template = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    problem = problem_from_config(cfg)
+    train = problem.dataset.train
+    template = jax.eval_shape(problem.model.init, jax.random.PRNGKey(0))
     template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template)
     flat, unravel = ravel_pytree(template)
-    n, d = dataset.train.inputs.shape
+    n, d = train.inputs.shape
     sizes = {
         "P": int(flat.size),
         "m": int(template["w"].shape[0]),
         "d": int(d),
         "n": int(n),
-        "K": int(dataset.num_classes),
+        "K": int(problem.dataset.num_classes),
     }
-    batch = Batch(jnp.asarray(dataset.train.inputs), jnp.asarray(dataset.train.targets))
+    batch = Batch(jnp.asarray(train.inputs), jnp.asarray(train.targets))
     return activation, HOMOGENEITY[activation], unravel, batch, sizes
-
-
-def _unit_scale(params, k: int) -> float:
-    """(1/m) Σ_i (k‖a_i‖² + ‖w_i‖² + b_i²): the size of the terms of Q_i."""
-    total = k * jnp.sum(jnp.square(params["a"])) + jnp.sum(jnp.square(params["w"]))
-    if "b" in params:
-        total = total + jnp.sum(jnp.square(params["b"]))
-    return float(total) / params["w"].shape[0]
-
-
-def _point(params, batch, rtol, *, activation, loss_name, generalised):
-    """The spectra at θ, with the compiled program of the measurement of the same setup
-    (underdetermined runs: ``split``; regular runs: ``generalised``)."""
-    dtype = jax.tree.leaves(params)[0].dtype
-    device = next(iter(jnp.zeros(()).devices()))
-    # Placed like the measurement's arguments (committed params, data and step, uncommitted
-    # scalars), so that the compiled program is reused; no step is split here.
-    params, batch = jax.device_put((params, batch), device)
-    zeros = jax.device_put(jax.tree.map(jnp.zeros_like, params), device)
-    out = point_summary(
-        params,
-        batch,
-        zeros,
-        zeros,
-        jnp.zeros((), dtype),
-        jnp.asarray(rtol, dtype),
-        activation=activation,
-        loss_name=loss_name,
-        generalised=generalised,
-        split=not generalised,
-    )
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-_rescale = jax.jit(symmetries.rescale_units, static_argnames="activation")
 
 
 def _orbit(config, cfg, params, *, generalised: bool) -> dict[str, Any]:
     """Spectra along the orbit of θ: every unit rescaled by c (grid), and per-unit factors."""
     activation, _, _, batch, sizes = _problem(cfg)
     grid, per_unit = orbit_scales(
-        *config.orbit_range,
-        config.orbit_points,
-        config.orbit_random,
-        sizes["m"],
-        config.orbit_seed,
+        *config.orbit_range, config.orbit_points, config.orbit_random, sizes["m"], config.orbit_seed
     )
     kw = {"activation": activation, "loss_name": cfg.loss.name, "generalised": generalised}
-    ref = _point(params, batch, config.zero_rtol, **kw)
+    return orbit_summary(params, batch, config.zero_rtol, grid=grid, per_unit=per_unit, **kw)
 
-    def at(scales):
-        return _point(
-            _rescale(params, jnp.asarray(scales), activation=activation),
-            batch,
-            config.zero_rtol,
-            **kw,
-        )
 
-    points = [at(np.full(sizes["m"], c)) for c in grid] + [at(s) for s in per_unit]
-    out = {
-        "c": grid,
-        "ambient_lambda_max": np.array([p["quotient_lambda_max"] for p in points[: grid.size]]),
-        "reduced_lambda_max": np.array(
-            [p["quotient_reduced_lambda_max"] for p in points[: grid.size]]
-        ),
-        "ambient_zeros": np.array([p["quotient_ambient_zeros"] for p in points[: grid.size]]),
-        "reduced_zeros": np.array([p["quotient_reduced_zeros"] for p in points[: grid.size]]),
-        "ambient_lambda_max_all": np.array([p["quotient_lambda_max"] for p in points]),
-        "reference_ambient": ref["quotient_ambient"],
-        "reference_reduced": ref["quotient_reduced"],
-        "regular": bool(ref["quotient_regular"]),
-        "jacobian_condition": float(ref["quotient_jacobian_condition"]),
-        "gradient_norm": float(ref["quotient_gradient_norm"]),
-    }
-    lam = out["ambient_lambda_max_all"]
-    out["ambient_ratio"] = float(np.max(lam) / np.min(lam))
-    red = out["reduced_lambda_max"]
-    out["reduced_ratio"] = float(np.max(red) / np.min(red))
-    if generalised:
-        gen = ref["quotient_generalised"]
-        out["reference_generalised"] = gen
-        out["generalised_lambda_max"] = np.array(
-            [p["quotient_generalised_lambda_max"] for p in points[: grid.size]]
-        )
-        out["generalised_euclidean_lambda_max"] = np.array(
-            [p["quotient_generalised_euclidean_lambda_max"] for p in points[: grid.size]]
-        )
-        changes = [relative_change(p["quotient_generalised"], gen) for p in points]
-        eu_changes = [
-            relative_change(
-                p["quotient_generalised_euclidean"], ref["quotient_generalised_euclidean"]
-            )
-            for p in points
-        ]
-        out["generalised_changes"] = np.array(changes)
-        out["generalised_change"] = float(np.max(changes))
-        out["generalised_euclidean_change"] = float(np.max(eu_changes))
-    return out
+# A run trainer: ``(name, setup, *, every, generalised, **overrides) -> run config``.
+_Train = Callable[..., ml_collections.ConfigDict]
 
 
 def _train(
@@ -289,23 +169,17 @@ def _train(
 ):
     """Trains run ``name`` of ``setup`` (with dotted-path ``overrides``), measuring the study's
     measurement every ``every`` steps and at the early log-spaced steps; returns its config."""
-    cfg = _run_config(
-        config,
-        setup,
-        **overrides,
-        **{
-            "measure.every": max(1, every),
-            "measure.num_log_steps": int(config.num_log_measurements),
-            "measure.options": _options(config, generalised=generalised),
-        },
-    )
+    measure = {
+        "measure.every": max(1, every),
+        "measure.num_log_steps": int(config.num_log_measurements),
+        "measure.options": _options(config, generalised=generalised),
+    }
+    cfg = _run_config(config, setup, **overrides, **measure)
     common.train_run(workdir, name, cfg, mesh=mesh, cache=cache)
     return cfg
 
 
-def _gd_runs(
-    config, workdir: Path, model: str, setup, *, mesh=None, cache=None
-) -> dict[float, tuple[str, Any]]:
+def _gd_runs(config, model: str, setup, train: _Train) -> dict[float, tuple[str, Any]]:
     """GD at η₀·f for each f, all for the same time η·steps; {η: (run name, run config)}."""
     runs = {}
     lr0, steps0 = setup.optimizer.learning_rate, setup.max_steps
@@ -314,24 +188,11 @@ def _gd_runs(
         name = f"{model}_gd_lr{lr:g}"
         overrides = {"optimizer.name": "gd", "optimizer.learning_rate": lr, "max_steps": steps}
         every = steps // config.measurements_per_run
-        runs[lr] = (
-            name,
-            _train(
-                config,
-                workdir,
-                name,
-                setup,
-                every=every,
-                generalised=False,
-                mesh=mesh,
-                cache=cache,
-                **overrides,
-            ),
-        )
+        runs[lr] = (name, train(name, setup, every=every, generalised=False, **overrides))
     return runs
 
 
-def _sgd_run(config, workdir: Path, model: str, setup, lr0: float, *, mesh=None, cache=None) -> str:
+def _sgd_run(config, model: str, setup, lr0: float, train: _Train) -> str:
     """SGD with weight decay on the underdetermined setup; its steps are split."""
     sgd, steps = config.sgd, int(config.sgd.max_steps)
     overrides = {
@@ -343,37 +204,18 @@ def _sgd_run(config, workdir: Path, model: str, setup, lr0: float, *, mesh=None,
     }
     name = f"{model}_sgd_wd{sgd.weight_decay:g}"
     every = steps // config.measurements_per_run
-    _train(
-        config,
-        workdir,
-        name,
-        setup,
-        every=every,
-        generalised=False,
-        mesh=mesh,
-        cache=cache,
-        **overrides,
-    )
+    train(name, setup, every=every, generalised=False, **overrides)
     return name
 
 
-def _regular_run(
-    config, workdir: Path, model: str, setup, *, mesh=None, cache=None
-) -> tuple[str, Any]:
+def _regular_run(model: str, setup, train: _Train) -> tuple[str, Any]:
     """GD on the regular setup, with the quotient curvature at every measurement."""
     name = f"{model}_regular_gd"
     every = int(setup.max_steps) // 4
-    return name, _train(
-        config,
-        workdir,
-        name,
-        setup,
-        every=every,
-        generalised=True,
-        mesh=mesh,
-        cache=cache,
-        **{"optimizer.name": "gd"},
-    )
+    return name, train(name, setup, every=every, generalised=True, **{"optimizer.name": "gd"})
+
+
+# ================================================================ analyses
 
 
 def _conservation(workdir: Path, runs, k: int) -> dict[str, Any]:
@@ -383,7 +225,7 @@ def _conservation(workdir: Path, runs, k: int) -> dict[str, Any]:
         rows = _rows(workdir, name)
         unravel = _problem(cfg)[2]
         first = _arrays(workdir, name, rows[0])
-        scale = _unit_scale(unravel(jnp.asarray(first["quotient_params"])), k)
+        scale = conserved_scale(unravel(jnp.asarray(first["quotient_params"])), k)
         conserved = np.stack([_arrays(workdir, name, r)["quotient_conserved"] for r in rows])
         drift = relative_drift(conserved, scale)
         steps = np.array([r["step"] for r in rows], float)
@@ -394,31 +236,15 @@ def _conservation(workdir: Path, runs, k: int) -> dict[str, Any]:
     return out
 
 
-def _split_summary(split: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Per split ("split": Euclidean, SGD + weight decay; "split_si": scale-invariant, plain
-    SGD): the gain ratio (‖Jδ_v‖/‖δ_v‖)/(‖Jδ_h‖/‖δ_h‖) and the fraction ‖δ_v‖/‖δ‖ per step."""
-    out = {"ratio": {}, "fraction": {}}
-    for prefix in ("split", "split_si"):
-        h_gain = split[f"{prefix}_jvp_horizontal"] / split[f"{prefix}_horizontal_norm"]
-        v_gain = split[f"{prefix}_jvp_vertical"] / split[f"{prefix}_vertical_norm"]
-        out["ratio"][prefix] = v_gain / h_gain
-        out["fraction"][prefix] = split[f"{prefix}_vertical_norm"] / split[f"{prefix}_step_norm"]
-    return out
-
-
-def _model_study(
-    config, workdir: Path, model: str, setups, *, mesh=None, cache=None
-) -> tuple[list, dict, dict]:
-    under = setups.underdetermined
-
-    # Underdetermined: GD at several η (interpolating minimum, conservation), SGD split.
-    gd = _gd_runs(config, workdir, model, under, mesh=mesh, cache=cache)
+def _underdetermined(config, workdir: Path, model: str, setup, train: _Train) -> dict[str, Any]:
+    """GD at several η (the interpolating minimum and its orbit, the conservation of Q_i) and
+    the SGD split, on the underdetermined setup."""
+    gd = _gd_runs(config, model, setup, train)
     lr0 = max(gd)
     name0, cfg0 = gd[lr0]
     activation, k, unravel, _, sizes_u = _problem(cfg0)
     rows0 = _rows(workdir, name0)
-    first, last = rows0[0], rows0[-1]
-    last_arrays = _arrays(workdir, name0, last)
+    last_arrays = _arrays(workdir, name0, rows0[-1])
     orbit_min = common.cached(
         workdir,
         f"{model}_orbit_minimum",
@@ -427,101 +253,136 @@ def _model_study(
         ),
     )
     conservation = _conservation(workdir, gd, k)
-    sgd_name = _sgd_run(config, workdir, model, under, lr0, mesh=mesh, cache=cache)
-    split = common.columns(workdir, sgd_name)
-    split_summary = _split_summary(split)
+    split = common.columns(workdir, _sgd_run(config, model, setup, lr0, train))
+    return {
+        "gd": gd,
+        "name0": name0,
+        "activation": activation,
+        "sizes_u": sizes_u,
+        "lr0": lr0,
+        "first": rows0[0],
+        "last": rows0[-1],
+        "last_arrays": last_arrays,
+        "orbit_min": orbit_min,
+        "conservation": conservation,
+        "split": split,
+        "split_summary": split_ratios(split),
+        "time": lr0 * setup.max_steps,
+    }
 
-    # Regular: the quotient curvature along the orbit of the last regular point.
-    reg_name, reg_cfg = _regular_run(config, workdir, model, setups.regular, mesh=mesh, cache=cache)
-    reg_rows = _rows(workdir, reg_name)
-    regular_rows = [r for r in reg_rows if r.get("quotient_regular") == 1]
-    point_row = (regular_rows or reg_rows)[-1]
-    reg_unravel, sizes_r = _problem(reg_cfg)[2], _problem(reg_cfg)[4]
-    point = _arrays(workdir, reg_name, point_row)["quotient_params"]
+
+def _regular(config, workdir: Path, model: str, setup, train: _Train) -> dict[str, Any]:
+    """GD on the regular setup; the quotient curvature along the orbit of its last regular
+    point (its last point if none was regular)."""
+    name, cfg = _regular_run(model, setup, train)
+    rows = _rows(workdir, name)
+    regular_rows = [r for r in rows if r.get("quotient_regular") == 1]
+    point_row = (regular_rows or rows)[-1]
+    _, _, unravel, _, sizes_r = _problem(cfg)
+    point = _arrays(workdir, name, point_row)["quotient_params"]
     orbit_reg = common.cached(
         workdir,
         f"{model}_orbit_regular_step{point_row['step']}",
-        lambda: _orbit(config, reg_cfg, reg_unravel(jnp.asarray(point)), generalised=True),
+        lambda: _orbit(config, cfg, unravel(jnp.asarray(point)), generalised=True),
     )
+    return {
+        "sizes_r": sizes_r,
+        "point_row": point_row,
+        "orbit_step": int(point_row["step"]),
+        "orbit_reg": orbit_reg,
+    }
 
+
+def _results(workdir: Path, f: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's entry of the study's results."""
+    first, last, conservation = f["first"], f["last"], f["conservation"]
+    split, split_summary = f["split"], f["split_summary"]
+    orbit_min, orbit_reg = f["orbit_min"], f["orbit_reg"]
+    drifts = zip(conservation["learning_rates"], conservation["drift_max"], strict=True)
+    underdetermined = {
+        **f["sizes_u"],
+        "activation": f["activation"],
+        "final_loss": {
+            f"{lr:g}": _rows(workdir, n)[-1]["train_loss"] for lr, (n, _) in f["gd"].items()
+        },
+        "gradient_norm_final": float(last["quotient_gradient_norm"]),
+        "ambient_zeros": int(last["quotient_ambient_zeros"]),
+        "reduced_zeros": int(last["quotient_reduced_zeros"]),
+        "lambda_max_initial": float(first["quotient_lambda_max"]),
+        "lambda_max_final": float(last["quotient_lambda_max"]),
+        "orbit_ambient_ratio": orbit_min["ambient_ratio"],
+        "orbit_reduced_ratio": orbit_min["reduced_ratio"],
+        "drift_max": {f"{lr:g}": d for lr, d in drifts},
+        "drift_slope": conservation["slope"],
+        "sgd_final_loss": float(split["train_loss"][-1]),
+        "sgd_vertical_ratio_max": {
+            p: float(np.nanmax(r)) for p, r in split_summary["ratio"].items()
+        },
+        "sgd_vertical_fraction_median": {
+            p: float(np.nanmedian(v)) for p, v in split_summary["fraction"].items()
+        },
+        "sgd_second_order_vertical_change_median": float(
+            np.nanmedian(split["split_change_vertical"] / split["split_change_horizontal"])
+        ),
+    }
+    regular = {
+        **f["sizes_r"],
+        "orbit_step": f["orbit_step"],
+        "regular": orbit_reg["regular"],
+        "train_loss": float(f["point_row"]["train_loss"]),
+        "gradient_norm": orbit_reg["gradient_norm"],
+        "jacobian_condition": orbit_reg["jacobian_condition"],
+        "ambient_ratio": orbit_reg["ambient_ratio"],
+        "reduced_ratio": orbit_reg["reduced_ratio"],
+        "generalised_change": orbit_reg["generalised_change"],
+        "generalised_euclidean_change": orbit_reg["generalised_euclidean_change"],
+        "generalised_lambda_max": float(orbit_reg["reference_generalised"][0]),
+    }
+    return {"underdetermined": underdetermined, "regular": regular}
+
+
+def _model_study(
+    config, workdir: Path, model: str, setups, *, mesh=None, cache=None
+) -> tuple[list, dict, dict]:
+    """The runs, checks and results of one model, with what its figures draw."""
+    train = functools.partial(_train, config, workdir, mesh=mesh, cache=cache)
     facts = {
         "model": model,
-        "sizes_u": sizes_u,
-        "sizes_r": sizes_r,
-        "lr0": lr0,
-        "last": last,
-        "orbit_step": int(point_row["step"]),
-        "orbit_min": orbit_min,
-        "orbit_reg": orbit_reg,
-        "conservation": conservation,
-        "split_summary": split_summary,
-        "time": lr0 * under.max_steps,
-    }
-    checks = _checks(config, facts)
-    results = {
-        "underdetermined": {
-            **sizes_u,
-            "activation": activation,
-            "final_loss": {
-                f"{lr:g}": _rows(workdir, n)[-1]["train_loss"] for lr, (n, _) in gd.items()
-            },
-            "gradient_norm_final": float(last["quotient_gradient_norm"]),
-            "ambient_zeros": int(last["quotient_ambient_zeros"]),
-            "reduced_zeros": int(last["quotient_reduced_zeros"]),
-            "lambda_max_initial": float(first["quotient_lambda_max"]),
-            "lambda_max_final": float(last["quotient_lambda_max"]),
-            "orbit_ambient_ratio": orbit_min["ambient_ratio"],
-            "orbit_reduced_ratio": orbit_min["reduced_ratio"],
-            "drift_max": {
-                f"{lr:g}": d
-                for lr, d in zip(
-                    conservation["learning_rates"], conservation["drift_max"], strict=True
-                )
-            },
-            "drift_slope": conservation["slope"],
-            "sgd_final_loss": float(split["train_loss"][-1]),
-            "sgd_vertical_ratio_max": {
-                p: float(np.nanmax(r)) for p, r in split_summary["ratio"].items()
-            },
-            "sgd_vertical_fraction_median": {
-                p: float(np.nanmedian(f)) for p, f in split_summary["fraction"].items()
-            },
-            "sgd_second_order_vertical_change_median": float(
-                np.nanmedian(split["split_change_vertical"] / split["split_change_horizontal"])
-            ),
-        },
-        "regular": {
-            **sizes_r,
-            "orbit_step": int(point_row["step"]),
-            "regular": orbit_reg["regular"],
-            "train_loss": float(point_row["train_loss"]),
-            "gradient_norm": orbit_reg["gradient_norm"],
-            "jacobian_condition": orbit_reg["jacobian_condition"],
-            "ambient_ratio": orbit_reg["ambient_ratio"],
-            "reduced_ratio": orbit_reg["reduced_ratio"],
-            "generalised_change": orbit_reg["generalised_change"],
-            "generalised_euclidean_change": orbit_reg["generalised_euclidean_change"],
-            "generalised_lambda_max": float(orbit_reg["reference_generalised"][0]),
-        },
+        **_underdetermined(config, workdir, model, setups.underdetermined, train),
+        **_regular(config, workdir, model, setups.regular, train),
     }
     plot_data = {
         **facts,
-        "init_spectra": tuple(_arrays(workdir, name0, first)[key] for key in _SPECTRA),
-        "min_spectra": tuple(last_arrays[key] for key in _SPECTRA),
-        "training": common.columns(workdir, name0),
-        "split": split,
+        "init_spectra": tuple(
+            _arrays(workdir, facts["name0"], facts["first"])[key] for key in _SPECTRA
+        ),
+        "min_spectra": tuple(facts["last_arrays"][key] for key in _SPECTRA),
+        "training": common.columns(workdir, facts["name0"]),
     }
-    return checks, results, plot_data
+    return _checks(config, facts), _results(workdir, facts), plot_data
+
+
+# ================================================================ checks
 
 
 def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
     """The claims of the paper, for one model (see the module docstring)."""
-    model, su, sr = f["model"], f["sizes_u"], f["sizes_r"]
-    orbit_reg, last, conservation = f["orbit_reg"], f["last"], f["conservation"]
+    return [
+        *_orbit_checks(config, f),
+        _zero_mode_check(config, f),
+        *_split_checks(config, f),
+        *_conservation_checks(config, f),
+    ]
+
+
+def _orbit_checks(config, f: Mapping[str, Any]) -> list[common.Check]:
+    """Ambient flatness moves along the orbit of the regular point; the quotient curvature
+    does not."""
+    model, sr, orbit_reg = f["model"], f["sizes_r"], f["orbit_reg"]
     lo, hi = config.orbit_range
     where = f"regular setup (P={sr['P']}, n·K={sr['n'] * sr['K']}), step {f['orbit_step']}"
     regular = orbit_reg["regular"]
-    checks = [
+    return [
         common.check_range(
             f"{model}: ambient flatness moves along the orbit "
             f"(max/min λ_max(H), c ∈ [{lo:g}, {hi:g}])",
@@ -540,23 +401,33 @@ def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
             + ("" if regular else "; no regular point was reached: not evaluated"),
         ),
     ]
+
+
+def _zero_mode_check(config, f: Mapping[str, Any]) -> common.Check:
+    """The ambient Hessian at the interpolating minimum has m more near-zero eigenvalues than
+    the reduced Hessian."""
+    su, last = f["sizes_u"], f["last"]
     zeros_amb, zeros_red = int(last["quotient_ambient_zeros"]), int(last["quotient_reduced_zeros"])
     interpolating = last["train_loss"] <= config.interpolation_loss
-    checks.append(
-        common.check_range(
-            f"{model}: at the interpolating minimum the ambient Hessian has m = {su['m']} more "
-            "near-zero eigenvalues than the reduced Hessian",
-            zeros_amb - zeros_red,
-            low=su["m"],
-            high=su["m"],
-            detail=f"GD η={f['lr0']:g}, final loss {last['train_loss']:.3g}"
-            f"{'' if interpolating else ' (not interpolating)'}; |λ| ≤ "
-            f"{config.zero_rtol:g}·λ_max: ambient {zeros_amb}, reduced {zeros_red} "
-            f"(P − n·K = {su['P'] - su['n'] * su['K']})",
-        )
+    return common.check_range(
+        f"{f['model']}: at the interpolating minimum the ambient Hessian has m = {su['m']} more "
+        "near-zero eigenvalues than the reduced Hessian",
+        zeros_amb - zeros_red,
+        low=su["m"],
+        high=su["m"],
+        detail=f"GD η={f['lr0']:g}, final loss {last['train_loss']:.3g}"
+        f"{'' if interpolating else ' (not interpolating)'}; |λ| ≤ "
+        f"{config.zero_rtol:g}·λ_max: ambient {zeros_amb}, reduced {zeros_red} "
+        f"(P − n·K = {su['P'] - su['n'] * su['K']})",
     )
+
+
+def _split_checks(config, f: Mapping[str, Any]) -> list[common.Check]:
+    """Vertical motion leaves the predictor unchanged to first order, and is not negligible."""
+    model = f["model"]
     ratio, fraction = f["split_summary"]["ratio"], f["split_summary"]["fraction"]
-    checks.append(
+    medians = {p: float(np.nanmedian(v)) for p, v in fraction.items()}
+    return [
         common.check_range(
             f"{model}: vertical motion does not change the predictor to first order "
             "(max (‖Jδ_v‖/‖δ_v‖)/(‖Jδ_h‖/‖δ_h‖) over SGD steps)",
@@ -564,21 +435,23 @@ def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
             high=config.vertical_ratio_max,
             detail="Euclidean split of SGD+weight-decay steps and scale-invariant split of the "
             "plain SGD steps",
-        )
-    )
-    medians = {p: float(np.nanmedian(v)) for p, v in fraction.items()}
-    checks.append(
+        ),
         common.check_range(
             f"{model}: the split steps have a vertical part "
             "(median ‖δ_v‖/‖δ‖, the smaller of the two splits)",
             min(medians.values()),
             low=config.vertical_fraction_min,
             detail=f"Euclidean {medians['split']:.3g}, scale-invariant {medians['split_si']:.3g}",
-        )
-    )
+        ),
+    ]
+
+
+def _conservation_checks(config, f: Mapping[str, Any]) -> list[common.Check]:
+    """Q_i is conserved along GD up to a drift that shrinks like η."""
+    model, conservation = f["model"], f["conservation"]
     lrs, drifts = conservation["learning_rates"], conservation["drift_max"]
     smallest = min(lrs)
-    checks.append(
+    return [
         common.check_range(
             f"{model}: k‖a_i‖² − ‖w_i‖² − b_i² is conserved along GD "
             f"(max relative drift at η={smallest:g})",
@@ -586,9 +459,7 @@ def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
             high=config.drift_max,
             detail="relative to (1/m)Σ_i(k‖a_i‖² + ‖w_i‖² + b_i²) at step 0, over time "
             f"η·steps = {f['time']:g}",
-        )
-    )
-    checks.append(
+        ),
         common.check_range(
             f"{model}: the drift shrinks with η (log-log slope of the drift against η)",
             conservation["slope"],
@@ -596,9 +467,11 @@ def _checks(config, f: Mapping[str, Any]) -> list[common.Check]:
             high=config.drift_slope[1],
             detail="drifts "
             + ", ".join(f"η={lr:g}: {d:.3g}" for lr, d in zip(lrs, drifts, strict=True)),
-        )
-    )
-    return checks
+        ),
+    ]
+
+
+# ================================================================ the study
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=None):
@@ -618,228 +491,5 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
             checks += c
             results[model] = r
             plot_data[model] = p
-        figures = [
-            _spectra_figure(workdir, plot_data),
-            _training_figure(workdir, plot_data),
-            _orbit_figure(workdir, plot_data, config),
-            _split_figure(workdir, plot_data),
-            _conservation_figure(workdir, plot_data),
-        ]
+        figures = quotient_geometry_figures.figures(workdir, plot_data, config)
     return checks, results, figures
-
-
-# ================================================================ figures
-
-
-_LOG_LOG = {"xscale": "log", "yscale": "log"}
-
-
-def _finish(ax, *, legend_size: int = 7, **properties) -> None:
-    """``ax.set(**properties)`` (scales, labels, title) and a frameless legend."""
-    ax.set(**properties)
-    ax.legend(fontsize=legend_size, frameon=False)
-
-
-def _grid(rows: int, cols: int, width: float = 4.6, height: float = 3.4):
-    """A figure of rows × cols axes with fixed margins (a layout engine would cost several
-    times the drawing)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    fig.subplots_adjust(
-        left=0.9 / (width * cols),
-        right=1 - 0.15 / (width * cols),
-        bottom=0.55 / (height * rows),
-        top=1 - 0.35 / (height * rows),
-        wspace=0.3,
-        hspace=0.5 if rows > 1 else 0.2,
-    )
-    return fig, axes
-
-
-def _save(workdir, name: str, fig) -> str:
-    for ax in fig.axes:
-        ax.title.set_fontsize(9)
-    return common.figure(workdir, name, fig)
-
-
-def _abs_spectra(ax, spectra: Mapping[str, np.ndarray], title: str) -> None:
-    """Sorted spectra (descending) as |λ| on a log axis; negative eigenvalues marked ×, so
-    that the near-zero plateau and its gap stay readable."""
-    floor = np.finfo(float).tiny
-    for label, values in spectra.items():
-        values = np.sort(np.asarray(values, float))[::-1]
-        index = np.arange(1, values.size + 1)
-        (line,) = ax.plot(index, np.maximum(np.abs(values), floor), lw=1.0, label=label)
-        neg = values < 0
-        ax.plot(index[neg], np.abs(values[neg]), "x", ms=3, color=line.get_color())
-    ax.set(yscale="log", xlabel="index (eigenvalues sorted, descending)", ylabel="|λ| (× : λ < 0)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
-
-
-def _spectra_figure(workdir, plot_data) -> str:
-    fig, axes = _grid(2, len(plot_data))
-    for j, (model, p) in enumerate(plot_data.items()):
-        s = p["sizes_u"]
-        _abs_spectra(
-            axes[0, j],
-            {
-                "ambient H, init": p["init_spectra"][0],
-                "reduced BᵀHB, init": p["init_spectra"][1],
-                "ambient H, interpolating min": p["min_spectra"][0],
-                "reduced BᵀHB, interpolating min": p["min_spectra"][1],
-            },
-            f"{model}, underdetermined (P={s['P']}, m={s['m']}, n·K={s['n'] * s['K']})",
-        )
-        o, r = p["orbit_reg"], p["sizes_r"]
-        spectra = {"ambient H": o["reference_ambient"], "reduced BᵀHB": o["reference_reduced"]}
-        if "reference_generalised" in o:
-            spectra["quotient: BᵀHB y = λ BᵀGB y"] = o["reference_generalised"]
-        _abs_spectra(
-            axes[1, j],
-            spectra,
-            f"{model}, regular (P={r['P']}, m={r['m']}, n·K={r['n'] * r['K']}), "
-            f"step {p['orbit_step']}",
-        )
-    return _save(workdir, "spectra", fig)
-
-
-def _training_figure(workdir, plot_data) -> str:
-    fig, axes = _grid(2, len(plot_data))
-    for j, (model, p) in enumerate(plot_data.items()):
-        t, s = p["training"], p["sizes_u"]
-        ax = axes[0, j]
-        ax.plot(t["step"], t["train_loss"], label="train loss")
-        ax.plot(t["step"], t["quotient_lambda_max"], label="λ_max(H) ambient")
-        ax.plot(t["step"], t["quotient_reduced_lambda_max"], "--", label="λ_max(BᵀHB) reduced")
-        _finish(
-            ax, yscale="log", xlabel="step", title=f"{model}: GD η={p['lr0']:g} (underdetermined)"
-        )
-        ax = axes[1, j]
-        ax.plot(t["step"], t["quotient_ambient_zeros"], label="H ambient")
-        ax.plot(t["step"], t["quotient_reduced_zeros"], label="BᵀHB reduced")
-        for value, label in (
-            (s["P"] - s["n"] * s["K"], "P − n·K"),
-            (s["P"] - s["m"] - s["n"] * s["K"], "P − m − n·K"),
-        ):
-            ax.axhline(value, ls=":", lw=1.0, color="gray")
-            ax.annotate(label, (t["step"][-1], value), fontsize=7, ha="right", va="bottom")
-        _finish(
-            ax,
-            xlabel="step",
-            ylabel="near-zero eigenvalues",
-            title=f"{model}: false-flat zero modes (m = {s['m']})",
-        )
-    return _save(workdir, "training", fig)
-
-
-def _orbit_figure(workdir, plot_data, config) -> str:
-    fig, axes = _grid(3, len(plot_data))
-    styles = {
-        "λ_max(H) ambient": dict(lw=2.5, alpha=0.6),
-        "λ_max(BᵀHB) reduced": dict(ls="--"),
-        "quotient λ_max, scale-invariant W": dict(),
-        "quotient λ_max, Euclidean W": dict(ls=":"),
-    }
-    for j, (model, p) in enumerate(plot_data.items()):
-        o = p["orbit_reg"]
-        curves = {
-            "λ_max(H) ambient": o["ambient_lambda_max"],
-            "λ_max(BᵀHB) reduced": o["reduced_lambda_max"],
-        }
-        if "generalised_lambda_max" in o:
-            curves["quotient λ_max, scale-invariant W"] = o["generalised_lambda_max"]
-            curves["quotient λ_max, Euclidean W"] = o["generalised_euclidean_lambda_max"]
-        ax = axes[0, j]
-        for label, y in curves.items():
-            ax.plot(o["c"], np.abs(y), marker="o", ms=3, label=label, **styles[label])
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="rescaling c of every unit",
-            ylabel="|λ_max|",
-            title=f"{model}: orbit of the regular point (step {p['orbit_step']})",
-        )
-        om = p["orbit_min"]
-        ax = axes[1, j]
-        for label in ("λ_max(H) ambient", "λ_max(BᵀHB) reduced"):
-            key = "ambient_lambda_max" if "ambient" in label else "reduced_lambda_max"
-            ax.plot(om["c"], om[key], marker="o", ms=3, label=label, **styles[label])
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="rescaling c of every unit",
-            ylabel="λ_max",
-            title=f"{model}: orbit of the interpolating minimum",
-        )
-        ax = axes[2, j]
-        ax.plot(om["c"], om["ambient_zeros"], marker="o", ms=3, label="H ambient")
-        ax.plot(om["c"], om["reduced_zeros"], marker="o", ms=3, label="BᵀHB reduced")
-        _finish(
-            ax,
-            xscale="log",
-            xlabel="rescaling c of every unit",
-            ylabel=f"#|λ| ≤ {config.zero_rtol:g}·λ_max(H)",
-            title=f"{model}: near-zero eigenvalues along that orbit",
-        )
-    return _save(workdir, "orbit", fig)
-
-
-def _split_figure(workdir, plot_data) -> str:
-    fig, axes = _grid(1, len(plot_data), width=5.2, height=3.8)
-    for j, (model, p) in enumerate(plot_data.items()):
-        s = p["split"]
-        ax = axes[0, j]
-        tiny = np.finfo(float).tiny
-        for prefix, label, ls in (
-            ("split", "Euclidean, SGD+wd", "-"),
-            ("split_si", "scale-inv., SGD", "--"),
-        ):
-            for key, what in (
-                ("jvp_horizontal", "‖J δ_h‖"),
-                ("change_vertical", "‖f(θ+δ_v) − f(θ)‖"),
-                ("jvp_vertical", "‖J δ_v‖"),
-            ):
-                y = np.maximum(s[f"{prefix}_{key}"], tiny)
-                ax.plot(
-                    s["step"][s["step"] > 0], y[s["step"] > 0], ls=ls, label=f"{what} ({label})"
-                )
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="step",
-            ylabel="predictor change (RMS)",
-            title=f"{model}: predictor change of the parts of SGD steps",
-            legend_size=6,
-        )
-    return _save(workdir, "split", fig)
-
-
-def _conservation_figure(workdir, plot_data) -> str:
-    fig, axes = _grid(2, len(plot_data))
-    for j, (model, p) in enumerate(plot_data.items()):
-        c = p["conservation"]
-        ax = axes[0, j]
-        for lr, (t, drift) in sorted(c["curves"].items()):
-            ok = t > 0
-            ax.plot(t[ok], np.maximum(drift[ok], np.finfo(float).tiny), label=f"η={lr:g}")
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="time η·step",
-            ylabel="max_i |Q_i(t) − Q_i(0)| / scale",
-            title=f"{model}: drift of k‖a_i‖² − ‖w_i‖² − b_i² along GD",
-        )
-        ax = axes[1, j]
-        lrs, drift = np.array(c["learning_rates"]), np.array(c["drift_max"])
-        ax.plot(lrs, drift, marker="o", label=f"measured (slope {c['slope']:.2f})")
-        ax.plot(lrs, drift[-1] * lrs / lrs[-1], ls="--", color="gray", label="∝ η")
-        _finish(
-            ax,
-            **_LOG_LOG,
-            xlabel="η",
-            ylabel="max drift over the run",
-            title=f"{model}: drift against the step size",
-        )
-    return _save(workdir, "conserved", fig)
