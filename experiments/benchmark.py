@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 
 import sharpness_jax as sj
+from experiments import cli
 from sharpness_jax import data, models, noise, records, second_moment, sharpness, training
 from sharpness_jax.config import default_config
 from sharpness_jax.programs import CompileCache
@@ -368,9 +369,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     f = flags.FLAGS
     result = run(repeats=f.repeats, chunk=f.chunk_size, with_w2=f.w2, with_w3=f.w3, small=f.small)
     print(markdown(result) if f.markdown else json.dumps(records.encode_value(result), indent=1))
@@ -387,5 +386,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)

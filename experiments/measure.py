@@ -21,9 +21,9 @@ import contextlib
 import json
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import launch
+from experiments import cli, launch
 from sharpness_jax import records, training
 from sharpness_jax.config import resolve_config
 from sharpness_jax.measurements import MEASUREMENTS
@@ -79,9 +79,7 @@ def run(
     return records.encode_value(row)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     f = flags.FLAGS
     if f.list:
         for name, m in sorted(MEASUREMENTS.items()):
@@ -122,5 +120,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)

@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from experiments import configs, launch
+from experiments import cli, configs, launch
 from experiments.studies import STUDIES, common
 
 
@@ -112,9 +112,7 @@ def write_report(workdir: Path, summaries: list[dict], preset: str, *, elapsed: 
     return path
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     f = flags.FLAGS
     mesh = launch.setup()
     run_all(f.workdir, f.preset, tuple(f.studies), force=f.force, mesh=mesh)
@@ -128,5 +126,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_program(main, define_flags)

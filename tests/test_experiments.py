@@ -11,10 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import benchmark, launch, reproduce
+from experiments import benchmark, configs, launch, reproduce
 from experiments import measure as measure_bin
 from experiments.studies import STUDIES, common
 from sharpness_jax import records
+from sharpness_jax.config import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,6 +129,25 @@ def test_reproduce_validates_names_before_running(tmp_path):
     assert not any(tmp_path.iterdir())
     for name in STUDIES:
         assert reproduce.study_config(name, "paper").preset == "paper"
+
+
+def test_new_study_edits_the_default_training_config():
+    c, base = configs.new_study(
+        "smoke",
+        model={"widths": (7,)},
+        measure={"names": ("loss", "lambda_max"), "options": {"lambda_max": {"k": 3}}},
+        log_every=5,
+    )
+    assert c.preset == "smoke" and c.base is base
+    default = default_config()
+    assert base.model.widths == (7,) and base.model.name == default.model.name
+    assert base.measure.names == ("loss", "lambda_max")
+    assert base.measure.options.lambda_max.k == 3 and base.measure.every == default.measure.every
+    assert base.log_every == 5 and base.max_steps == default.max_steps
+    with pytest.raises(KeyError, match="no field 'log_evry'"):
+        configs.new_study("smoke", log_evry=5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        configs.new_study("huge")
 
 
 def test_report_lists_every_check(tmp_path):

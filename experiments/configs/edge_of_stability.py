@@ -14,19 +14,21 @@ Run::
 
 import ml_collections
 
-from experiments.configs import new_study
+from experiments.configs import lambda_max_options, new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c, base = new_study(preset)
-    base.loss.name = "squared_error_half"
-    base.optimizer.name = "gd"
-    base.model.update(name="mlp", activation="tanh", init="torch")
-    base.measure.names = ("loss", "accuracy", "lambda_max")
-    base.measure.options = ml_collections.ConfigDict(
-        {"lambda_max": {"k": 2, "num_iters": 40, "tol": 1e-3, "warm_start": True}}
+    c, base = new_study(
+        preset,
+        loss={"name": "squared_error_half"},
+        optimizer={"name": "gd"},
+        model={"name": "mlp", "activation": "tanh", "init": "torch"},
+        measure={
+            "names": ("loss", "accuracy", "lambda_max"),
+            "options": {"lambda_max": lambda_max_options(k=2, num_iters=40)},
+        },
+        log_every=200,
     )
-    base.log_every = 200
     # The study's knobs.
     c.learning_rates = (0.05, 0.1, 0.2, 0.4)
     # EoS band: in the late phase (the last `late_fraction` of measurements) of every run

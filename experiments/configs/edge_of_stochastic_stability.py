@@ -27,29 +27,31 @@ Run::
 
 import ml_collections
 
-from experiments.configs import new_study
+from experiments.configs import lambda_max_options, new_study
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c, base = new_study(preset)
-    base.loss.name = "squared_error_sum"
-    base.optimizer.name = "sgd"
-    base.replace = False  # epoch-wise shuffling, as the published code's data loader
-    base.model.update(name="mlp", activation="relu", init="he", init_scale=0.2)
-    base.measure.names = ("loss", "accuracy", "lambda_max", "batch_sharpness", "gni")
-    base.measure.options = ml_collections.ConfigDict(
-        {
-            "lambda_max": {"k": 2, "num_iters": 30, "tol": 1e-3, "warm_start": True},
-            "batch_sharpness": {
-                "rel_stderr": 0.02,
-                "min_draws": 20,
-                "max_draws": 300,
-                "draws_per_step": 20,
+    c, base = new_study(
+        preset,
+        loss={"name": "squared_error_sum"},
+        optimizer={"name": "sgd"},
+        replace=False,  # epoch-wise shuffling, as the published code's data loader
+        model={"name": "mlp", "activation": "relu", "init": "he", "init_scale": 0.2},
+        measure={
+            "names": ("loss", "accuracy", "lambda_max", "batch_sharpness", "gni"),
+            "options": {
+                "lambda_max": lambda_max_options(k=2, num_iters=30),
+                "batch_sharpness": {
+                    "rel_stderr": 0.02,
+                    "min_draws": 20,
+                    "max_draws": 300,
+                    "draws_per_step": 20,
+                },
+                "gni": {"method": "hutchinson", "num_probes": 10},
             },
-            "gni": {"method": "hutchinson", "num_probes": 10},
-        }
+        },
+        log_every=500,
     )
-    base.log_every = 500
     # The study's knobs.
     c.learning_rate = 0.2
     c.batch_sizes = (16, 32, 64, 128)

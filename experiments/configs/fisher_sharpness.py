@@ -32,18 +32,20 @@ def _setup(dataset: dict, widths: tuple[int, ...]) -> ml_collections.ConfigDict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c, base = new_study(preset)
-    base.loss.name = "cross_entropy"
-    base.optimizer.name = "sgd"
-    # Stop rule: every net is trained to the same training loss (cross-entropy 0.01, as in
-    # Jiang et al. 2020), so that the sharpness measures compare nets at the same fit; the
-    # step cap stops runs that do not get there.
-    base.train_loss_goal = 0.01
-    base.goal_every = 50
-    base.measure.names = ("loss", "accuracy")
-    base.measure.every = 0  # loss and accuracy of both splits at the final step only
-    base.checkpoint_every = 0
-    base.log_every = 1000
+    c, base = new_study(
+        preset,
+        loss={"name": "cross_entropy"},
+        optimizer={"name": "sgd"},
+        # Stop rule: every net is trained to the same training loss (cross-entropy 0.01, as
+        # in Jiang et al. 2020), so that the sharpness measures compare nets at the same fit;
+        # the step cap stops runs that do not get there.
+        train_loss_goal=0.01,
+        goal_every=50,
+        # Loss and accuracy of both splits at the final step only.
+        measure={"names": ("loss", "accuracy"), "every": 0},
+        checkpoint_every=0,
+        log_every=1000,
+    )
     # The grid: SGD at every (η, B); Adam at every (η_adam, B_adam).
     c.learning_rates = (0.03, 0.1, 0.3)
     c.batch_sizes = (8, 32, 128)

@@ -20,31 +20,55 @@ Run::
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import new_study
+from experiments.configs import lambda_max_options, new_study
+
+
+def _variants(
+    *,
+    weight_decay: float | None = None,
+    large_batch: int | None = None,
+    small_lr: float | None = None,
+    large_lr: float | None = None,
+) -> ml_collections.ConfigDict:
+    """The variants, name -> overrides of the base config (nested like the config):
+    "baseline" and "label_smoothing" (ε = 0.1), then one for each value given: weight decay,
+    a larger batch size, a smaller and a larger learning rate."""
+    variants = {"baseline": {}, "label_smoothing": {"loss": {"label_smoothing": 0.1}}}
+    if weight_decay is not None:
+        variants["weight_decay"] = {"optimizer": {"weight_decay": weight_decay}}
+    if large_batch is not None:
+        variants["large_batch"] = {"batch_size": large_batch}
+    if small_lr is not None:
+        variants["small_lr"] = {"optimizer": {"learning_rate": small_lr}}
+    if large_lr is not None:
+        variants["large_lr"] = {"optimizer": {"learning_rate": large_lr}}
+    return ml_collections.ConfigDict(variants)
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c, base = new_study(preset)
-    base.loss.name = "cross_entropy"
-    base.optimizer.update(name="sgd", learning_rate=0.1)
-    base.batch_size = 32
-    base.model.update(name="mlp", activation="relu", init="torch")
-    base.measure.names = (
-        "loss",
-        "accuracy",
-        "lambda_max",
-        "jacobian_norms",
-        "progressive_sharpening_curvature",
-        "progressive_sharpening_unsmoothed_loss",
+    c, base = new_study(
+        preset,
+        loss={"name": "cross_entropy"},
+        optimizer={"name": "sgd", "learning_rate": 0.1},
+        batch_size=32,
+        model={"name": "mlp", "activation": "relu", "init": "torch"},
+        measure={
+            "names": (
+                "loss",
+                "accuracy",
+                "lambda_max",
+                "jacobian_norms",
+                "progressive_sharpening_curvature",
+                "progressive_sharpening_unsmoothed_loss",
+            ),
+            "options": {
+                "lambda_max": lambda_max_options(k=1, num_iters=30),
+                "jacobian_norms": {"output": "logits", "spectral": "svd"},
+            },
+        },
+        log_every=0,
+        progress_bar=False,
     )
-    base.measure.options = ml_collections.ConfigDict(
-        {
-            "lambda_max": {"k": 1, "num_iters": 30, "tol": 1e-3, "warm_start": True},
-            "jacobian_norms": {"output": "logits", "spectral": "svd"},
-        }
-    )
-    base.log_every = 0
-    base.progress_bar = False
     # The study's knobs.
     c.epochs = 20
     c.num_measurements = 20
@@ -54,15 +78,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c.seeds = (0, 1)
     # Variants: name -> overrides of the base config (nested like the config). "baseline"
     # must be present; the label-smoothing checks need "label_smoothing".
-    c.variants = ml_collections.ConfigDict(
-        {
-            "baseline": {},
-            "label_smoothing": {"loss": {"label_smoothing": 0.1}},
-            "weight_decay": {"optimizer": {"weight_decay": 5e-3}},
-            "large_batch": {"batch_size": 256},
-            "small_lr": {"optimizer": {"learning_rate": 0.02}},
-        }
-    )
+    c.variants = _variants(weight_decay=5e-3, large_batch=256, small_lr=0.02)
     # The Jacobian norm of the checks: the paper's theory uses the sample maximum of the
     # spectral norm, max_p ‖∂f(x_p)/∂x‖₂ (a column of the jacobian_norms measurement).
     c.jacobian_column = "jacobian_spectral_max"
@@ -88,9 +104,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.num_log_measurements = 2
         c.final_window = 1
         # Two seeds of two variants: runs of one variant share their compiled programs.
-        c.variants = ml_collections.ConfigDict(
-            {"baseline": {}, "label_smoothing": {"loss": {"label_smoothing": 0.1}}}
-        )
+        c.variants = _variants()
         base.checkpoint_every = 0
     elif preset == "quick":
         base.dataset.update(name="mnist5k", standardize="channel")
@@ -111,14 +125,5 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.final_window = 5
         c.seeds = (0, 1)
         c.bound_dimension = 25  # an intrinsic-dimension estimate of CIFAR-10 images
-        c.variants = ml_collections.ConfigDict(
-            {
-                "baseline": {},
-                "label_smoothing": {"loss": {"label_smoothing": 0.1}},
-                "weight_decay": {"optimizer": {"weight_decay": 5e-4}},
-                "large_batch": {"batch_size": 512},
-                "small_lr": {"optimizer": {"learning_rate": 0.01}},
-                "large_lr": {"optimizer": {"learning_rate": 0.2}},
-            }
-        )
+        c.variants = _variants(weight_decay=5e-4, large_batch=512, small_lr=0.01, large_lr=0.2)
     return c

@@ -103,18 +103,18 @@ def _setup(model: dict, row: tuple) -> dict:
 
 
 def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
-    c, base = new_study(preset)
-    base.dataset = ml_collections.ConfigDict(
-        {"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0}
+    c, base = new_study(
+        preset,
+        dataset={"name": "teacher_student", "num_test": 256, "noise_std": 0.0, "seed": 0},
+        loss={"name": "squared_error_half"},
+        optimizer={"name": "gd"},
+        dtype="float64",
+        measure={"names": ("loss", MEASUREMENT)},
+        measure_subset=None,
+        checkpoint_every=0,  # runs take seconds: the final checkpoint only
+        log_every=0,
+        progress_bar=False,
     )
-    base.loss.name = "squared_error_half"
-    base.optimizer.name = "gd"
-    base.dtype = "float64"
-    base.measure.names = ("loss", MEASUREMENT)
-    base.measure_subset = None
-    base.checkpoint_every = 0  # runs take seconds: the final checkpoint only
-    base.log_every = 0
-    base.progress_bar = False
 
     # The study's knobs.
     c.model_names = ("relu", "quadratic")  # the keys of `models`, in the order of the report

@@ -35,6 +35,7 @@ from sharpness_jax.programs import CompileCache
 __all__ = [
     "Check",
     "cached",
+    "check_band",
     "check_range",
     "columns",
     "diverged_check",
@@ -92,6 +93,15 @@ def check_range(
     v = float(value)
     ok = (low is None or v >= low) and (high is None or v <= high)
     return Check(claim, v, expected, bool(ok), detail)
+
+
+def check_band(
+    claim: str, value: float | None, band: Sequence[float], *, detail: str = ""
+) -> Check:
+    """A check that ``value`` lies in the closed interval ``band = (low, high)``
+    (:func:`check_range` with both bounds)."""
+    low, high = band
+    return check_range(claim, value, low=low, high=high, detail=detail)
 
 
 def diverged_check(claim: str, step: int, consequence: str) -> Check:

@@ -64,46 +64,51 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
             )
             continue
 
-        if threshold > lam[0]:
-            end = first if first is not None else len(lam) - 1
-            growth = float(np.nanmax(lam[: end + 1]) / lam[0])
-            checks.append(
-                common.check_range(
-                    f"progressive sharpening at η={lr:g}: λ_max grows before reaching 2/η",
-                    growth,
-                    low=config.sharpening_factor,
-                    detail="max λ_max up to the first step at 0.9·2/η, over λ_max at step 0",
-                )
-            )
-        if first is not None:
-            checks.append(
-                common.check_range(
-                    f"edge of stability at η={lr:g}: median late λ_max/(2/η)",
-                    entry["late_ratio_median"],
-                    low=config.median_band[0],
-                    high=config.median_band[1],
-                    detail=f"last {config.late_fraction:.0%} of measurements",
-                )
-            )
-            checks.append(
-                common.check_range(
-                    f"edge of stability at η={lr:g}: every late λ_max/(2/η) in the band",
-                    entry["late_ratio_max"],
-                    low=config.band[0],
-                    high=config.band[1],
-                    detail=f"max over the late phase; min is {entry['late_ratio_min']:.3g}",
-                )
-            )
-            checks.append(
-                common.check_range(
-                    f"loss keeps falling at the edge (η={lr:g}): final / at-arrival loss",
-                    float(loss[-1] / loss[first]),
-                    high=1.0,
-                )
-            )
+        checks += _checks(config, entry, lam, loss, first)
 
     figures = [_figure(workdir, curves)]
     return checks, results, figures
+
+
+def _checks(config, entry: dict, lam: np.ndarray, loss: np.ndarray, first: int | None):
+    """The claim checks of one GD run that trained: progressive sharpening (when 2/η lies
+    above the initial λ_max) and, once λ_max reached 0.9·2/η at measurement ``first``, the
+    edge-of-stability band and the falling loss."""
+    lr, threshold = entry["learning_rate"], entry["threshold"]
+    checks = []
+    if threshold > lam[0]:
+        end = first if first is not None else len(lam) - 1
+        growth = float(np.nanmax(lam[: end + 1]) / lam[0])
+        checks.append(
+            common.check_range(
+                f"progressive sharpening at η={lr:g}: λ_max grows before reaching 2/η",
+                growth,
+                low=config.sharpening_factor,
+                detail="max λ_max up to the first step at 0.9·2/η, over λ_max at step 0",
+            )
+        )
+    if first is None:
+        return checks
+    return [
+        *checks,
+        common.check_band(
+            f"edge of stability at η={lr:g}: median late λ_max/(2/η)",
+            entry["late_ratio_median"],
+            config.median_band,
+            detail=f"last {config.late_fraction:.0%} of measurements",
+        ),
+        common.check_band(
+            f"edge of stability at η={lr:g}: every late λ_max/(2/η) in the band",
+            entry["late_ratio_max"],
+            config.band,
+            detail=f"max over the late phase; min is {entry['late_ratio_min']:.3g}",
+        ),
+        common.check_range(
+            f"loss keeps falling at the edge (η={lr:g}): final / at-arrival loss",
+            float(loss[-1] / loss[first]),
+            high=1.0,
+        ),
+    ]
 
 
 def _figure(workdir: Path, curves) -> str:

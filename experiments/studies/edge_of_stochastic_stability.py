@@ -33,13 +33,16 @@ from sharpness_jax import plots, series, sharpness
 
 NAME = "edge_of_stochastic_stability"
 
-# Measured quantities of the SGD runs: metric column -> label in figures and results.
-QUANTITIES = {
-    "batch_sharpness": "batch sharpness",
-    "lambda_max": "λ_max(H)",
-    "gni": "GNI",
-    "batch_lambda_max": "E_B[λ_max(H_B)]",
+# Measured curvatures: metric column -> (label, colour) in the figures. The results hold the
+# late median of each; the SGD runs measure ``QUANTITIES``, the GD run λ_max and ḡᵀHḡ/‖ḡ‖².
+_CURVATURES = {
+    "batch_sharpness": ("batch sharpness", "C0"),
+    "lambda_max": ("λ_max(H)", "C1"),
+    "gni": ("GNI", "C2"),
+    "batch_lambda_max": ("E_B[λ_max(H_B)]", "C3"),
+    "gradient_rayleigh": ("ḡᵀHḡ/‖ḡ‖²", "C4"),
 }
+QUANTITIES = ("batch_sharpness", "lambda_max", "gni", "batch_lambda_max")
 
 
 def _sgd_name(batch_size: int) -> str:
@@ -110,8 +113,7 @@ def _entry(result, c: dict[str, np.ndarray], threshold: float, fraction: float) 
         "final_loss": float(c["train_loss"][-1]),
         "lambda_max_initial": float(c["lambda_max"][0]),
     }
-    quantities = (*QUANTITIES, "gradient_rayleigh")
-    for q in quantities:
+    for q in _CURVATURES:
         median = series.late_median(c[q], fraction=fraction)
         if math.isfinite(median):
             entry[f"late_{q}"] = median
@@ -160,11 +162,10 @@ def _checks(config, results: dict, sgd, trained: dict[str, bool], fraction: floa
     for b, name in sgd:
         if trained[name]:
             checks.append(
-                common.check_range(
+                common.check_band(
                     f"batch sharpness settles at 2/η (b={b}): late batch sharpness/(2/η)",
                     results[name].get("late_batch_sharpness_ratio"),
-                    low=config.sharpness_band[0],
-                    high=config.sharpness_band[1],
+                    config.sharpness_band,
                     detail=detail,
                 )
             )
@@ -196,24 +197,14 @@ def _checks(config, results: dict, sgd, trained: dict[str, bool], fraction: floa
     )
     if trained[GD_NAME]:
         checks.append(
-            common.check_range(
+            common.check_band(
                 "full-batch GD reaches the edge of stability: late λ_max/(2/η)",
                 results[GD_NAME].get("late_lambda_max_ratio"),
-                low=config.gd_band[0],
-                high=config.gd_band[1],
+                config.gd_band,
                 detail=detail,
             )
         )
     return checks
-
-
-_COLORS = {
-    "batch_sharpness": "C0",
-    "lambda_max": "C1",
-    "gni": "C2",
-    "batch_lambda_max": "C3",
-    "gradient_rayleigh": "C4",
-}
 
 
 def _trajectories_figure(workdir: Path, curves, sgd, threshold: float) -> str:
@@ -231,22 +222,19 @@ def _trajectories_figure(workdir: Path, curves, sgd, threshold: float) -> str:
         sharey=True,
         constrained_layout=True,
     )
-    labels = {**QUANTITIES, "gradient_rayleigh": "ḡᵀHḡ/‖ḡ‖²"}
     top = threshold
     for ax, (title, name) in zip(axes.flat, panels, strict=False):
         c = curves[name]
-        for q, label in labels.items():
+        for q, (label, color) in _CURVATURES.items():
             y = c[q]
             ok = np.isfinite(y)
             if not ok.any():
                 continue
             x = c["step"]
-            ax.plot(x[ok], y[ok], color=_COLORS[q], lw=1.4, label=label)
+            ax.plot(x[ok], y[ok], color=color, lw=1.4, label=label)
             se = c.get(f"{q}_stderr")
             if se is not None and np.isfinite(se[ok]).all():
-                ax.fill_between(
-                    x[ok], y[ok] - se[ok], y[ok] + se[ok], color=_COLORS[q], alpha=0.2, lw=0
-                )
+                ax.fill_between(x[ok], y[ok] - se[ok], y[ok] + se[ok], color=color, alpha=0.2, lw=0)
             top = max(top, float(np.max(y[ok])))
         ax.axhline(threshold, ls="--", lw=1.0, color="k", label="2/η")
         ax.set_title(title, fontsize=10)
@@ -269,11 +257,12 @@ def _plateau_figure(
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8), constrained_layout=True)
     sizes = np.asarray([b for b, _ in sgd], float)
-    for q, label in QUANTITIES.items():
+    for q in QUANTITIES:
+        label, color = _CURVATURES[q]
         values = np.asarray([results[name].get(f"late_{q}", np.nan) for _, name in sgd], float)
         ok = np.isfinite(values)
         if ok.any():
-            ax.plot(sizes[ok], values[ok], marker="o", lw=1.4, color=_COLORS[q], label=label)
+            ax.plot(sizes[ok], values[ok], marker="o", lw=1.4, color=color, label=label)
     gd_lambda = results[GD_NAME].get("late_lambda_max")
     if gd_lambda is not None:
         x_gd = float(num_train) if num_train else 2.0 * sizes.max()
@@ -282,7 +271,7 @@ def _plateau_figure(
             [gd_lambda],
             marker="*",
             s=90,
-            color=_COLORS["lambda_max"],
+            color=_CURVATURES["lambda_max"][1],
             zorder=3,
             label="λ_max(H), full-batch GD (b = n)",
         )

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,14 @@ def change_factor(before: float, after: float) -> float:
     if not (before > 0 and after > 0):
         return math.nan
     return max(after / before, before / after)
+
+
+def _rescaling_comparison(
+    rows: Sequence[Mapping[str, Any]], measure: str, compare: Callable[[float, float], float]
+) -> list[float]:
+    """``compare(before, after)`` of ``measure`` for every net: its value before and after the
+    net's function-preserving rescaling (``<measure>`` and ``<measure>_rescaled``)."""
+    return [compare(r[measure], r[f"{measure}_rescaled"]) for r in rows]
 
 
 def gap(row: Mapping[str, float]) -> dict[str, float]:
@@ -346,11 +354,10 @@ def _checks(config, rows, corr, prefix: str) -> list[common.Check]:
     checks = []
     tol = float(config.invariance_tol)
     for measure in INVARIANT:
-        changes = [relative_change(r[measure], r[f"{measure}_rescaled"]) for r in rows]
         checks.append(
             common.check_range(
                 f"{prefix}{MEASURES[measure]} is invariant under function-preserving rescaling",
-                float(np.max(changes)),
+                float(np.max(_rescaling_comparison(rows, measure, relative_change))),
                 high=tol,
                 detail=f"max over {len(rows)} nets of the relative change (same probes)"
                 + (
@@ -371,7 +378,7 @@ def _checks(config, rows, corr, prefix: str) -> list[common.Check]:
         )
     )
     for measure in EUCLIDEAN:
-        factors = [change_factor(r[measure], r[f"{measure}_rescaled"]) for r in rows]
+        factors = _rescaling_comparison(rows, measure, change_factor)
         checks.append(
             common.check_range(
                 f"{prefix}{MEASURES[measure]} changes under rescaling by a large factor",
@@ -424,6 +431,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
         corr = correlations(rows)
         prefix = f"{setup_name}: " if multiple else ""
         checks += _checks(config, rows, corr, prefix)
+        changes = {m: _rescaling_comparison(rows, m, relative_change) for m in MEASURES}
         results[setup_name] = {
             "damping": float(config.damping),
             "estimator": config.estimator,
@@ -433,20 +441,17 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
                 np.median([r["top_direction_share"] for r in rows])
             ),
             "rank_correlations": corr,
-            "max_relative_change": {
-                m: max(relative_change(r[m], r[f"{m}_rescaled"]) for r in rows) for m in MEASURES
-            },
+            "max_relative_change": {m: max(values) for m, values in changes.items()},
             "runs": {
                 r["name"]: {k: v for k, v in r.items() if k != "name" and not k.endswith("_block")}
                 for r in rows
             },
         }
-        changes = [{m: relative_change(r[m], r[f"{m}_rescaled"]) for m in MEASURES} for r in rows]
         figures += fisher_sharpness_figures.figures(
             workdir,
             rows,
             corr,
-            changes,
+            [{m: changes[m][i] for m in MEASURES} for i in range(len(rows))],
             labels=MEASURES,
             tol=float(config.invariance_tol),
             tag=f"{setup_name}_" if multiple else "",
