@@ -82,6 +82,21 @@ def _mean_and_sem(samples):
     return mean, sem
 
 
+def _rademacher_estimate(integrand, matvec, template, key, num_probes, probe_chunk) -> Estimate:
+    """Mean ± standard error of ``integrand`` over Rademacher probes, leaf by leaf.
+
+    The values of :func:`_probe_values` may be one array (a trace) or a pytree (a diagonal).
+    """
+    values = _probe_values(
+        integrand, matvec, template, key, num_probes, probe_chunk, stochtrace.sampler_signs
+    )
+    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
+    is_pair = lambda x: isinstance(x, tuple)
+    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
+    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
+    return Estimate(mean, sem, num_probes)
+
+
 def hutchinson_trace(
     matvec: MatVec,
     template: PyTree,
@@ -96,17 +111,9 @@ def hutchinson_trace(
     Args:
       probe_chunk: probes evaluated together (bounds memory; default all).
     """
-    values = _probe_values(
-        stochtrace.monte_carlo_trace(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
+    return _rademacher_estimate(
+        stochtrace.monte_carlo_trace(), matvec, template, key, num_probes, probe_chunk
     )
-    mean, sem = _mean_and_sem(values)
-    return Estimate(mean, sem, num_probes)
 
 
 def hutchinson_diagonal(
@@ -119,20 +126,9 @@ def hutchinson_diagonal(
     probe_chunk: int | None = None,
 ) -> Estimate:
     """Hutchinson's diag(A) ≈ (1/m) Σ_j z_j ⊙ A z_j (Rademacher); value and SE are pytrees."""
-    values = _probe_values(
-        stochtrace.monte_carlo_diagonal(),
-        matvec,
-        template,
-        key,
-        num_probes,
-        probe_chunk,
-        stochtrace.sampler_signs,
+    return _rademacher_estimate(
+        stochtrace.monte_carlo_diagonal(), matvec, template, key, num_probes, probe_chunk
     )
-    mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
-    is_pair = lambda x: isinstance(x, tuple)
-    mean = jax.tree_util.tree_map(lambda t: t[0], mean_sem, is_leaf=is_pair)
-    sem = jax.tree_util.tree_map(lambda t: t[1], mean_sem, is_leaf=is_pair)
-    return Estimate(mean, sem, num_probes)
 
 
 def frobenius_squared(
@@ -145,17 +141,14 @@ def frobenius_squared(
     probe_chunk: int | None = None,
 ) -> Estimate:
     """‖A‖_F² ≈ (1/m) Σ_j ‖A z_j‖² (Rademacher z, E zzᵀ = I)."""
-    values = _probe_values(
+    return _rademacher_estimate(
         stochtrace.monte_carlo_frobeniusnorm_squared(),
         matvec,
         template,
         key,
         num_probes,
         probe_chunk,
-        stochtrace.sampler_signs,
     )
-    mean, sem = _mean_and_sem(values)
-    return Estimate(mean, sem, num_probes)
 
 
 def xtrace(matvec: MatVec, template: PyTree, /, *, key: jax.Array, num_probes: int) -> Estimate:
