@@ -63,6 +63,14 @@ __all__ = [
 ]
 
 
+def _require_num_probes(measurement: str, probes: Any) -> None:
+    """A stochastic estimate needs an int ``num_probes`` >= 2 for its standard error."""
+    _require(
+        _is_int(probes) and probes >= 2,
+        f"{measurement}: num_probes must be an int >= 2 (for a standard error)",
+    )
+
+
 # ============================================================ loss and curvature
 
 
@@ -159,10 +167,7 @@ def check_trace_hessian(options: Mapping[str, Any], info: RunInfo) -> None:
             "the limit",
         )
     else:
-        _require(
-            _is_int(options["num_probes"]) and options["num_probes"] >= 2,
-            "trace_hessian: num_probes must be an int >= 2 (for a standard error)",
-        )
+        _require_num_probes("trace_hessian", options["num_probes"])
 
 
 def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
@@ -211,10 +216,7 @@ def check_trace_gradient_covariance(options: Mapping[str, Any], info: RunInfo) -
             "method='hutchinson'",
         )
     else:
-        _require(
-            _is_int(options["num_probes"]) and options["num_probes"] >= 2,
-            "trace_gradient_covariance: num_probes must be an int >= 2",
-        )
+        _require_num_probes("trace_gradient_covariance", options["num_probes"])
 
 
 def measure_gradient_norm(ctx: MeasureContext) -> dict[str, Any]:
@@ -433,7 +435,7 @@ def check_riemannian_sharpness(options: Mapping[str, Any], info: RunInfo) -> Non
             f"{info.exact_param_limit:,}; set num_probes (Hutchinson, with a standard error)",
         )
     else:
-        _require(isinstance(probes, int) and probes >= 2, "riemannian_sharpness: num_probes >= 2")
+        _require_num_probes("riemannian_sharpness", probes)
 
 
 def measure_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:

@@ -135,17 +135,24 @@ def concrete_value(x: Any) -> np.ndarray | None:
         return None
 
 
+def _check_finite_scalar(name: str, value: Any, *, strict: bool) -> None:
+    """``value`` is a finite scalar > 0 (``strict``) or ≥ 0, checked only when concrete."""
+    val = concrete_value(value)
+    if val is None:
+        return
+    if val.ndim != 0 or not np.isfinite(val) or val < 0 or (strict and val == 0):
+        raise ValueError(
+            f"{name} must be a finite scalar {'>' if strict else '>='} 0, got {value!r}"
+        )
+
+
 def check_nonnegative_scalar(name: str, value: Any) -> None:
     """``value`` is a finite scalar ≥ 0 (checked only when concrete).
 
     Raises:
       ValueError: naming ``name``.
     """
-    val = concrete_value(value)
-    if val is None:
-        return
-    if val.ndim != 0 or not np.isfinite(val) or val < 0:
-        raise ValueError(f"{name} must be a finite scalar >= 0, got {value!r}")
+    _check_finite_scalar(name, value, strict=False)
 
 
 def check_positive_scalar(name: str, value: Any) -> None:
@@ -154,11 +161,7 @@ def check_positive_scalar(name: str, value: Any) -> None:
     Raises:
       ValueError: naming ``name``.
     """
-    val = concrete_value(value)
-    if val is None:
-        return
-    if val.ndim != 0 or not np.isfinite(val) or val <= 0:
-        raise ValueError(f"{name} must be a finite scalar > 0, got {value!r}")
+    _check_finite_scalar(name, value, strict=True)
 
 
 def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks, linalg, noise, operators, subsets
+from sharpness_jax.noise import _flat, _matmul
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -37,18 +38,8 @@ __all__ = [
     "rotation_baseline",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _flat(tree: PyTree) -> jax.Array:
-    return ravel_pytree(tree)[0]
 
 
 def _sq_norm(tree: PyTree) -> jax.Array:

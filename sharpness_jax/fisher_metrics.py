@@ -37,6 +37,34 @@ MatVec = Callable[[PyTree], PyTree]
 __all__ = ["diagonal_inverse_sqrt", "empirical_fisher_diagonal", "fisher_diagonal"]
 
 
+def _example_mean(per_example, objective, params, batch, chunk_size, subset) -> PyTree:
+    """(1/n) Σ_p per_example(objective, params, (x_p, y_p)), leaf by leaf, streamed in chunks.
+
+    ``per_example`` gets the validated objective and params (restricted, with ``subset``).
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    total = sum_examples(
+        lambda example: per_example(objective, params, example), tuple(batch), chunk_size=chunk_size
+    )
+    return jax.tree_util.tree_map(lambda a: a / n, total)
+
+
+def _squared_gradient(objective: Objective, params: PyTree, example) -> PyTree:
+    """g_p ⊙ g_p, g_p = ∇θ ℓ_p(θ)."""
+    x, y = example
+    return jax.tree_util.tree_map(jnp.square, jax.grad(objective.example_loss)(params, x, y))
+
+
+def _squared_fisher_columns(objective: Objective, params: PyTree, example) -> PyTree:
+    """Σ_k (J_pᵀ B_p e_k)² over the K columns of the output Fisher factor B_p."""
+    x, _ = example
+    f, vjp = jax.vjp(lambda p: objective.predict(p, x), params)
+    columns = jax.vmap(lambda u: vjp(u)[0])(objective.loss.output_fisher_factor(f).T)
+    return jax.tree_util.tree_map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
+
+
 def empirical_fisher_diagonal(
     objective: Objective,
     params: PyTree,
@@ -53,17 +81,7 @@ def empirical_fisher_diagonal(
     Returns:
       A pytree like ``params`` (or the subset's ``{path: leaf}`` dict).
     """
-    objective, params, n = operators.prepare(
-        objective, params, batch, chunk_size=chunk_size, subset=subset
-    )
-    grad = jax.grad(objective.example_loss)
-
-    def one(example):
-        x, y = example
-        return jax.tree_util.tree_map(jnp.square, grad(params, x, y))
-
-    total = sum_examples(one, tuple(batch), chunk_size=chunk_size)
-    return jax.tree_util.tree_map(lambda a: a / n, total)
+    return _example_mean(_squared_gradient, objective, params, batch, chunk_size, subset)
 
 
 def fisher_diagonal(
@@ -84,19 +102,7 @@ def fisher_diagonal(
     Returns:
       A pytree like ``params`` (or the subset's ``{path: leaf}`` dict).
     """
-    objective, params, n = operators.prepare(
-        objective, params, batch, chunk_size=chunk_size, subset=subset
-    )
-    factor = objective.loss.output_fisher_factor
-
-    def one(example):
-        x, _ = example
-        f, vjp = jax.vjp(lambda p: objective.predict(p, x), params)
-        columns = jax.vmap(lambda u: vjp(u)[0])(factor(f).T)  # row k: J_pᵀ B_p e_k
-        return jax.tree_util.tree_map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
-
-    total = sum_examples(one, tuple(batch), chunk_size=chunk_size)
-    return jax.tree_util.tree_map(lambda a: a / n, total)
+    return _example_mean(_squared_fisher_columns, objective, params, batch, chunk_size, subset)
 
 
 def diagonal_inverse_sqrt(diagonal: PyTree, *, damping: float = 0.0) -> MatVec:

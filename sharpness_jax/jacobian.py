@@ -134,6 +134,52 @@ def _example_function(predict, params, example, output):
     return g, flat_x
 
 
+def _dense_jacobian(predict, params, output, num_outputs: int, size: int):
+    """``example -> J_p`` (K × D, dense): ``jax.jacfwd`` (D JVPs) when D ≤ K, else
+    ``jax.jacrev`` (K VJPs)."""
+    jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+
+    def jacobian(example):
+        g, z = _example_function(predict, params, example, output)
+        return jac(g)(z)
+
+    return jacobian
+
+
+def _power_spectral_norm(g, z, key: jax.Array, *, num_iters: int, tol: float) -> jax.Array:
+    """σ_max of the Jacobian of g at z by power iteration (see :func:`jacobian_spectral_norm`).
+
+    On J Jᵀ (K × K) when K ≤ D, else on Jᵀ J (D × D), from a Gaussian start vector drawn
+    from ``key``; one JVP and one VJP of a single linearisation per step.
+    """
+    out, jvp = jax.linearize(g, z)
+    vjp = jax.linear_transpose(jvp, z)
+    if out.size <= z.size:
+        op = lambda u: jvp(vjp(u)[0])  # J Jᵀ on R^K
+        v0 = jax.random.normal(key, out.shape, out.dtype)
+    else:
+        op = lambda v: vjp(jvp(v))[0]  # Jᵀ J on R^D
+        v0 = jax.random.normal(key, z.shape, z.dtype)
+    tiny = jnp.finfo(v0.dtype).tiny
+    v0 = v0 / jnp.linalg.norm(v0)
+    av0 = op(v0)
+    lam0 = jnp.vdot(v0, av0)
+
+    def cond(state):
+        i, _, _, lam, lam_prev = state
+        return (i < num_iters) & (jnp.abs(lam - lam_prev) > tol * jnp.abs(lam))
+
+    def step(state):
+        i, _, av, lam, _ = state
+        v = av / jnp.maximum(jnp.linalg.norm(av), tiny)
+        av_new = op(v)
+        return i + 1, v, av_new, jnp.vdot(v, av_new), lam
+
+    init = (jnp.int32(1), v0, av0, lam0, lam0 + 1 + jnp.abs(lam0))
+    lam = jax.lax.while_loop(cond, step, init)[3]
+    return jnp.sqrt(jnp.maximum(lam, 0))
+
+
 def _with_index(inputs: PyTree, n: int):
     return inputs, jnp.arange(n, dtype=jnp.int32)
 
@@ -171,13 +217,8 @@ def input_jacobians(
     """
     _check_output(output)
     _, num_outputs, size = _check_inputs(predict, params, inputs)
-    jac = jax.jacfwd if size <= num_outputs else jax.jacrev
-
-    def one(example):
-        g, z = _example_function(predict, params, example, output)
-        return jac(g)(z)
-
-    return map_examples(one, inputs, chunk_size=chunk_size)
+    jacobian = _dense_jacobian(predict, params, output, num_outputs, size)
+    return map_examples(jacobian, inputs, chunk_size=chunk_size)
 
 
 def jacobian_frobenius_norm(
@@ -202,11 +243,10 @@ def jacobian_frobenius_norm(
     """
     _check_output(output)
     _, num_outputs, size = _check_inputs(predict, params, inputs)
-    jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+    jacobian = _dense_jacobian(predict, params, output, num_outputs, size)
 
     def one(example):
-        g, z = _example_function(predict, params, example, output)
-        return jnp.sqrt(jnp.sum(jnp.square(jac(g)(z))))
+        return jnp.sqrt(jnp.sum(jnp.square(jacobian(example))))
 
     return _reduce(map_examples(one, inputs, chunk_size=chunk_size), per_example)
 
@@ -257,46 +297,21 @@ def jacobian_spectral_norm(
     n, num_outputs, size = _check_inputs(predict, params, inputs)
 
     if method == "svd":
-        jac = jax.jacfwd if size <= num_outputs else jax.jacrev
+        jacobian = _dense_jacobian(predict, params, output, num_outputs, size)
 
         def one_svd(example):
-            g, z = _example_function(predict, params, example, output)
-            return jnp.linalg.svd(jac(g)(z), compute_uv=False)[0]
+            return jnp.linalg.svd(jacobian(example), compute_uv=False)[0]
 
         return _reduce(map_examples(one_svd, inputs, chunk_size=chunk_size), per_example)
 
     key = jax.random.PRNGKey(0) if key is None else key
-    on_outputs = num_outputs <= size
 
     def one_power(example_index):
         example, index = example_index
         g, z = _example_function(predict, params, example, output)
-        out, jvp = jax.linearize(g, z)
-        vjp = jax.linear_transpose(jvp, z)
-        if on_outputs:
-            op = lambda u: jvp(vjp(u)[0])  # J Jᵀ on R^K
-            v0 = jax.random.normal(jax.random.fold_in(key, index), out.shape, out.dtype)
-        else:
-            op = lambda v: vjp(jvp(v))[0]  # Jᵀ J on R^D
-            v0 = jax.random.normal(jax.random.fold_in(key, index), z.shape, z.dtype)
-        tiny = jnp.finfo(v0.dtype).tiny
-        v0 = v0 / jnp.linalg.norm(v0)
-        av0 = op(v0)
-        lam0 = jnp.vdot(v0, av0)
-
-        def cond(state):
-            i, _, _, lam, lam_prev = state
-            return (i < num_iters) & (jnp.abs(lam - lam_prev) > tol * jnp.abs(lam))
-
-        def step(state):
-            i, _, av, lam, _ = state
-            v = av / jnp.maximum(jnp.linalg.norm(av), tiny)
-            av_new = op(v)
-            return i + 1, v, av_new, jnp.vdot(v, av_new), lam
-
-        init = (jnp.int32(1), v0, av0, lam0, lam0 + 1 + jnp.abs(lam0))
-        lam = jax.lax.while_loop(cond, step, init)[3]
-        return jnp.sqrt(jnp.maximum(lam, 0))
+        return _power_spectral_norm(
+            g, z, jax.random.fold_in(key, index), num_iters=num_iters, tol=tol
+        )
 
     values = map_examples(one_power, _with_index(inputs, n), chunk_size=chunk_size)
     return _reduce(values, per_example)

@@ -240,6 +240,11 @@ def reduced_realisation_metric(
 ) -> jax.Array:
     """Dense Bᵀ G B with G = JᵀJ/n; positive definite on the regular set."""
     basis = quotient.horizontal_basis(params, activation=activation, metric=metric, rtol=rtol)
+    return _reduced_metric(params, inputs, basis, activation, chunk_size)
+
+
+def _reduced_metric(params, inputs, basis, activation, chunk_size):
+    """Bᵀ G B with G = JᵀJ/n, J the realisation Jacobian on ``inputs``."""
     jac = quotient.realisation_jacobian(
         params, inputs, activation=activation, chunk_size=chunk_size
     )
@@ -294,13 +299,8 @@ def quotient_spectra(
         batch = Batch(*batch)
     basis = quotient.horizontal_basis(params, activation=activation, metric=metric, rtol=rtol)
     hess = _dense_hessian(objective, params, batch, chunk_size)
-    jac = quotient.realisation_jacobian(
-        params, batch.inputs, activation=activation, chunk_size=chunk_size
-    )
-    n = checks.num_examples(batch.inputs)
     h_red = basis.T @ hess @ basis
-    jb = jac @ basis
-    g_red = jb.T @ jb / n
+    g_red = _reduced_metric(params, batch.inputs, basis, activation, chunk_size)
     if damping:
         g_red = g_red + damping * jnp.eye(g_red.shape[0], dtype=g_red.dtype)
     return QuotientSpectra(

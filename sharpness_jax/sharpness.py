@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from sharpness_jax import linalg, minibatch, operators, subsets
+from sharpness_jax.batch_moments import _safe_ratio
 from sharpness_jax.linalg import Eigen, Estimate
 from sharpness_jax.minibatch import BatchEstimate
 from sharpness_jax.objective import Batch, Objective
@@ -163,6 +164,12 @@ def _restricted(objective, params, batch, chunk_size, subset):
     return objective, params, batch, n
 
 
+def _restricted_hessian(objective, params, batch, chunk_size, subset):
+    """``(matvec, params)``: the Hessian operator of the (restricted) objective and its params."""
+    objective, params, batch, _ = _restricted(objective, params, batch, chunk_size, subset)
+    return operators.hessian(objective, params, batch, chunk_size=chunk_size), params
+
+
 def _gather(batch: PyTree, idx: jax.Array) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), batch)
 
@@ -221,8 +228,7 @@ def hessian_top_k(
       the number of Hessian-vector products.
     """
     tol = _check_tol(tol)
-    objective, params, batch, _ = _restricted(objective, params, batch, chunk_size, subset)
-    matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size)
+    matvec, params = _restricted_hessian(objective, params, batch, chunk_size, subset)
     return linalg.lanczos_top_k(
         matvec, params, k=k, num_iters=num_iters, key=key, init=init, tol=tol
     )
@@ -245,8 +251,7 @@ def hessian_trace_exact(
         with ``basis_chunk`` × ``chunk_size``).
       subset: restrict to these parameter leaves (the trace of that diagonal block).
     """
-    objective, params, batch, _ = _restricted(objective, params, batch, chunk_size, subset)
-    matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size)
+    matvec, params = _restricted_hessian(objective, params, batch, chunk_size, subset)
     return linalg.trace(matvec, params, method="exact", basis_chunk=basis_chunk).value
 
 
@@ -270,8 +275,7 @@ def hessian_trace_hutchinson(
       chunk_size: examples per chunk in each product.
       subset: restrict to these parameter leaves.
     """
-    objective, params, batch, _ = _restricted(objective, params, batch, chunk_size, subset)
-    matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size)
+    matvec, params = _restricted_hessian(objective, params, batch, chunk_size, subset)
     return linalg.trace(
         matvec,
         params,
@@ -297,8 +301,7 @@ def hessian_trace_xtrace(
     Far lower variance than Hutchinson when the spectrum decays, as Hessians' do. Memory
     O(num_probes · P); the standard error is that of the leave-one-out estimates.
     """
-    objective, params, batch, _ = _restricted(objective, params, batch, chunk_size, subset)
-    matvec = operators.hessian(objective, params, batch, chunk_size=chunk_size)
+    matvec, params = _restricted_hessian(objective, params, batch, chunk_size, subset)
     return linalg.trace(matvec, params, method="xtrace", key=key, num_probes=num_probes)
 
 
@@ -318,12 +321,6 @@ def gradient_rayleigh_quotient(
     g = operators.gradient(objective, params, batch, chunk_size=chunk_size)
     hg = operators.hessian(objective, params, batch, chunk_size=chunk_size)(g)
     return _safe_ratio(_vdot(g, hg), _vdot(g, g))
-
-
-def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    """num/den, NaN where den = 0 (an undefined ratio)."""
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), jnp.nan)
 
 
 # --------------------------------------------------------------- batch sharpness (MC)
