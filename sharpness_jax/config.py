@@ -1,9 +1,72 @@
 """The run config of the training loop: its defaults, resolved once, and validated.
 
-:func:`default_config` documents every field; :func:`resolve_config` fills in the defaults and
+:func:`default_config` gives every field below; :func:`resolve_config` fills in the defaults and
 the values derived from ``max_steps``, so that the stored config says what a run did;
 :func:`validate_config` checks everything that can be checked without the data, before
 anything loads or compiles. ``RESUMABLE_FIELDS`` are the fields a resumed run may change.
+
+The fields:
+
+``dataset``: ``name`` (one of ``data.DATASETS``, "mnist5k") plus any keyword option of
+  ``data.load_dataset`` (``num_train``, ``num_test``, ``standardize``, ``seed`` (the
+  data split's seed), ``flatten``, ...). ``dtype`` is set from the top-level ``dtype``.
+``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
+  ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
+  set from the top-level ``dtype``.
+``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
+  "softmax_squared_error", see
+  ``objective.LOSSES``) and ``label_smoothing`` (0.0; cross-entropy only).
+``optimizer``:
+  ``name``: "gd" (full batch) | "sgd" | "momentum" (heavy ball, v ← g + μv, θ ← θ − ηv,
+    optax.trace; ``nesterov`` option) | "adam" (optax.scale_by_adam).
+  ``learning_rate``: η > 0 (0.01).
+  ``momentum``: μ in [0, 1) for "momentum" (0.9). ``nesterov``: False.
+  ``b1``, ``b2``, ``eps``: Adam's (0.9, 0.999, 1e-8).
+  ``weight_decay``: λ ≥ 0 (0.0). ``weight_decay_type``: "decoupled" (θ ← θ − η_t(u + λθ)
+    with u the optimizer's direction: AdamW for Adam) or "l2" (λθ added to the gradient
+    before the optimizer, the gradient of (λ/2)‖θ‖²).
+  ``schedule``: "constant" | "cosine" (to ``end_factor``·η at ``decay_steps``) | "linear"
+    (likewise, linear); each after a linear warmup from 0 over ``warmup_steps`` (0).
+  ``decay_steps``: None → ``max_steps`` for a decaying schedule (resolved and stored;
+    unused by "constant"). ``end_factor``: 0.0.
+``batch_size``: None (full batch) or B in [1, n].
+``replace``: False: batches without replacement (epoch-wise permutations); True: i.i.d.
+  uniform indices. See ``minibatch.Sampler``.
+``seed``: seeds the initialisation, the batches and the measurements' keys (0).
+``max_steps``: number of updates (1000). ``0`` only measures the initial parameters.
+``train_accuracy_goal``: stop once the full training accuracy is ≥ this (None).
+``train_loss_goal``: stop once the full training loss is ≤ this (None).
+``goal_every``: evaluate the goals every this many steps (0: at measurement steps only).
+``loss_limit``: divergence when the mini-batch loss exceeds this (None: non-finite only).
+``measure``:
+  ``names``: measurement names from ``MEASUREMENTS`` ("loss", "accuracy").
+  ``options``: per-name options, e.g. ``options.lambda_max.k = 2`` (defaults from the
+    registry).
+  ``every``: measure at multiples of this step (100; 0: off).
+  ``steps``: extra explicit steps (()).
+  ``num_log_steps``: extra log-spaced steps, round(geomspace(1, log_max_step, count)) and
+    step 0 (0: off). ``log_max_step``: None → ``max_steps`` when ``num_log_steps`` > 0
+    (resolved and stored).
+  ``final``: also measure at the step where the run stops (True).
+  ``exact_param_limit``: refuse exact O(P)-matvec methods (exact traces, dense matrices)
+    above this many parameters (10_000).
+``measure_subset``: at most this many training examples for the measurements on the
+  measurement batch (4096; None: all).
+``checkpoint_every``: checkpoint every this many steps (1000; 0: only the final step).
+  ``keep_checkpoints``: the last few kept (3).
+``chunk_size``: examples per chunk in every sum over examples, training included (None:
+  all at once); bounds memory.
+``dtype``: "float32" | "float64" for data and parameters ("float32"; float64 needs
+  ``jax_enable_x64``).
+``log_every``: a progress line every this many steps (100; 0: off).
+``progress_bar``: draw a progress bar when stderr is a terminal (True).
+``mesh``: where the data lives. None: one device (the default device). "auto": a 1-D
+  mesh over all devices (all hosts after ``jax.distributed.initialize``); an int d: the
+  first d devices. Every example array is sharded along its example axis over the mesh
+  (arrays whose example count the mesh size does not divide are replicated, with a
+  warning), parameters and optimizer state are replicated, and the jitted step and
+  measurements run data-parallel (XLA's SPMD partitioner). Results equal the one-device
+  results up to the order of floating-point sums; a run may resume on another mesh.
 """
 
 from __future__ import annotations
@@ -60,69 +123,7 @@ RESUMABLE_FIELDS = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The default config; every field documented.
-
-    ``dataset``: ``name`` (one of ``data.DATASETS``, "mnist5k") plus any keyword option of
-      ``data.load_dataset`` (``num_train``, ``num_test``, ``standardize``, ``seed`` (the
-      data split's seed), ``flatten``, ...). ``dtype`` is set from the top-level ``dtype``.
-    ``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
-      ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
-      set from the top-level ``dtype``.
-    ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
-      "softmax_squared_error", see
-      ``objective.LOSSES``) and ``label_smoothing`` (0.0; cross-entropy only).
-    ``optimizer``:
-      ``name``: "gd" (full batch) | "sgd" | "momentum" (heavy ball, v ← g + μv, θ ← θ − ηv,
-        optax.trace; ``nesterov`` option) | "adam" (optax.scale_by_adam).
-      ``learning_rate``: η > 0 (0.01).
-      ``momentum``: μ in [0, 1) for "momentum" (0.9). ``nesterov``: False.
-      ``b1``, ``b2``, ``eps``: Adam's (0.9, 0.999, 1e-8).
-      ``weight_decay``: λ ≥ 0 (0.0). ``weight_decay_type``: "decoupled" (θ ← θ − η_t(u + λθ)
-        with u the optimizer's direction: AdamW for Adam) or "l2" (λθ added to the gradient
-        before the optimizer, the gradient of (λ/2)‖θ‖²).
-      ``schedule``: "constant" | "cosine" (to ``end_factor``·η at ``decay_steps``) | "linear"
-        (likewise, linear); each after a linear warmup from 0 over ``warmup_steps`` (0).
-      ``decay_steps``: None → ``max_steps`` for a decaying schedule (resolved and stored;
-        unused by "constant"). ``end_factor``: 0.0.
-    ``batch_size``: None (full batch) or B in [1, n].
-    ``replace``: False: batches without replacement (epoch-wise permutations); True: i.i.d.
-      uniform indices. See ``minibatch.Sampler``.
-    ``seed``: seeds the initialisation, the batches and the measurements' keys (0).
-    ``max_steps``: number of updates (1000). ``0`` only measures the initial parameters.
-    ``train_accuracy_goal``: stop once the full training accuracy is ≥ this (None).
-    ``train_loss_goal``: stop once the full training loss is ≤ this (None).
-    ``goal_every``: evaluate the goals every this many steps (0: at measurement steps only).
-    ``loss_limit``: divergence when the mini-batch loss exceeds this (None: non-finite only).
-    ``measure``:
-      ``names``: measurement names from ``MEASUREMENTS`` ("loss", "accuracy").
-      ``options``: per-name options, e.g. ``options.lambda_max.k = 2`` (defaults from the
-        registry).
-      ``every``: measure at multiples of this step (100; 0: off).
-      ``steps``: extra explicit steps (()).
-      ``num_log_steps``: extra log-spaced steps, round(geomspace(1, log_max_step, count)) and
-        step 0 (0: off). ``log_max_step``: None → ``max_steps`` when ``num_log_steps`` > 0
-        (resolved and stored).
-      ``final``: also measure at the step where the run stops (True).
-      ``exact_param_limit``: refuse exact O(P)-matvec methods (exact traces, dense matrices)
-        above this many parameters (10_000).
-    ``measure_subset``: at most this many training examples for the measurements on the
-      measurement batch (4096; None: all).
-    ``checkpoint_every``: checkpoint every this many steps (1000; 0: only the final step).
-      ``keep_checkpoints``: the last few kept (3).
-    ``chunk_size``: examples per chunk in every sum over examples, training included (None:
-      all at once); bounds memory.
-    ``dtype``: "float32" | "float64" for data and parameters ("float32"; float64 needs
-      ``jax_enable_x64``).
-    ``log_every``: a progress line every this many steps (100; 0: off).
-    ``progress_bar``: draw a progress bar when stderr is a terminal (True).
-    ``mesh``: where the data lives. None: one device (the default device). "auto": a 1-D
-      mesh over all devices (all hosts after ``jax.distributed.initialize``); an int d: the
-      first d devices. Every example array is sharded along its example axis over the mesh
-      (arrays whose example count the mesh size does not divide are replicated, with a
-      warning), parameters and optimizer state are replicated, and the jitted step and
-      measurements run data-parallel (XLA's SPMD partitioner). Results equal the one-device
-      results up to the order of floating-point sums; a run may resume on another mesh.
-    """
+    """The default config; every field is documented in the module docstring."""
     c = ml_collections.ConfigDict()
     c.dataset = ml_collections.ConfigDict({"name": "mnist5k"})
     c.model = ml_collections.ConfigDict({"name": "mlp"})
