@@ -59,6 +59,10 @@ TARGETS = {
     "lambda_max_warm_rel_error": (1e-3, "relative"),
     "batch_sharpness_grad_equivalents": (60.0, "gradients"),
     "w3_exact_h2_diagonal_s": (600.0, "s"),
+    "eager_lanczos_x_matvecs": (1.5, "× its matvecs"),
+    "eager_lanczos_compile_s": (20.0, "s"),
+    "w2_eager_lanczos_x_matvecs": (1.5, "× its matvecs"),
+    "w2_eager_lanczos_compile_s": (20.0, "s"),
 }
 
 
@@ -241,6 +245,35 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
     return out
 
 
+def eager_lanczos_times(objective, params, batch, *, chunk: int) -> dict[str, float]:
+    """The README snippet's eager ``lanczos_top_k(H, params, k=3, num_iters=50, tol=1e-4)``:
+    the first call (compiles), a second call on an operator built from other arrays of the same
+    shapes (reuses the program), and the same number of timed HVPs."""
+
+    def call(p):
+        h = sj.hessian(objective, p, batch, chunk_size=chunk)
+        return _block(sj.lanczos_top_k(h, p, k=3, num_iters=50, tol=1e-4))
+
+    start = time.perf_counter()
+    call(params)
+    first = time.perf_counter() - start
+    moved = jax.tree_util.tree_map(lambda a: a * 1.001, params)
+    start = time.perf_counter()
+    eig = call(moved)
+    second = time.perf_counter() - start
+    hvp = jax.jit(lambda p, b, v: sj.hessian(objective, p, b, chunk_size=chunk)(v))
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    one = timeit(hvp, moved, batch, v, repeats=3)
+    matvecs = int(eig.num_matvecs)
+    return {
+        "eager_lanczos_first_s": first,
+        "eager_lanczos_second_s": second,
+        "eager_lanczos_compile_s": max(first - second, 0.0),
+        "eager_lanczos_matvecs": matvecs,
+        "eager_lanczos_x_matvecs": second / (matvecs * one),
+    }
+
+
 def covariance_memory(objective, params, *, n: int, chunk: int) -> dict[str, float]:
     """Compiled temporary memory (MiB) of one C matvec at n and 4n examples, fixed chunk."""
     out = {}
@@ -331,17 +364,20 @@ def run(
     w1 = operator_times(obj, params, batch, chunk=chunk, repeats=repeats)
     w1.update(eigen_and_trace_times(obj, params, batch, chunk=chunk, repeats=repeats))
     w1.update(covariance_memory(obj, params, n=n, chunk=chunk))
+    w1.update(eager_lanczos_times(obj, params, batch, chunk=chunk))
     w1.update(training_overheads(n, widths, chunk, repeats))
     result["w1"] = w1
     if with_w2:
         n, channels = sizes["w2"]
         obj, params, batch = _problem("cnn", n, channels=channels, activation="relu", pooling="avg")
         result["w2"] = operator_times(obj, params, batch, chunk=chunk, repeats=repeats)
+        result["w2"].update(eager_lanczos_times(obj, params, batch, chunk=chunk))
     if with_w3:
         n, widths = sizes["w3"]
         result["w3"] = w3(n, widths, max(1, repeats // 5))
     checks = {}
-    flat = {} if small else {**result.get("w1", {}), **result.get("w3", {})}
+    w2_eager = {f"w2_{k}": v for k, v in result.get("w2", {}).items() if k.startswith("eager")}
+    flat = {} if small else {**result.get("w1", {}), **result.get("w3", {}), **w2_eager}
     for name, (target, unit) in TARGETS.items():
         if name in flat:
             checks[name] = {

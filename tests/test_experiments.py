@@ -217,6 +217,8 @@ def test_benchmark_small_runs_every_measurement():
         "batch_sharpness_grad_equivalents",
         "c_matvec_temp_mib_4n",
         "measure_lambda_max_x_step",
+        "eager_lanczos_x_matvecs",
+        "eager_lanczos_compile_s",
     ):
         assert key in w1 and w1[key] == w1[key], key
     # Memory of a C matvec at fixed chunk size does not grow with n (4× more examples).
