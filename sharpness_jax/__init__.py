@@ -49,6 +49,7 @@ from sharpness_jax import (
     subsets,
     symmetries,
     training,
+    worst_case,
 )
 from sharpness_jax.batch_moments import (
     batch_sharpness_ratio_of_expectations,
@@ -212,5 +213,6 @@ __all__ = [
     "trace_exact",
     "train",
     "training",
+    "worst_case",
     "xtrace",
 ]
