@@ -55,6 +55,16 @@ name                                     row keys and quantity
                                          conserved quantities and (option ``split``) the split of
                                          the step's update of a shallow network
                                          (``quotient_summary.point_summary``)
+``preconditioned_sharpness``             ``preconditioned_sharpness``: λ_max(P⁻¹H), P = diag(√ν̂ + ε)
+                                         of the run's Adam state, and
+                                         ``adaptive_stability_threshold`` (2 + 2β₁)/((1 − β₁)η)
+``worst_case_sharpness``                 ``worst_case_sharpness``, ``worst_case_perturbation_norm``:
+                                         max_{‖ε ⊘ c‖ ≤ ρ} L(θ+ε) − L(θ) by projected ascent
+                                         (option ``adaptive``: c = |θ| + ξ)
+``average_sharpness``                    ``average_sharpness`` (± ``_stderr``): E_ε[L(θ+ε)] − L(θ),
+                                         ε ∼ N(0, σ² diag c²), Monte Carlo
+``loss_slice``                           arrays ``loss_slice_alphas``, ``loss_slice_values``:
+                                         L(θ+αu) along a filter-normalised direction u
 ======================================== =========================================================
 
 Registering a measurement (a function of a :class:`MeasureContext` returning a dict)::
@@ -89,6 +99,7 @@ import ml_collections
 import numpy as np
 
 from sharpness_jax import builtin_measurements as builtin
+from sharpness_jax import perturbation_measurements as perturbation
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -325,6 +336,30 @@ BUILTIN_MEASUREMENTS: tuple[Measurement, ...] = (
         builtin.measure_quotient_geometry,
         {"generalised": False, "split": False, "zero_rtol": 1e-6},
         builtin.check_quotient_geometry,
+    ),
+    Measurement(
+        "preconditioned_sharpness",
+        perturbation.measure_preconditioned_sharpness,
+        {"num_iters": 50, "tol": 1e-6},
+        perturbation.check_preconditioned_sharpness,
+    ),
+    Measurement(
+        "worst_case_sharpness",
+        perturbation.measure_worst_case_sharpness,
+        {"rho": 0.05, "num_steps": 10, "adaptive": False, "xi": 0.0},
+        perturbation.check_worst_case_sharpness,
+    ),
+    Measurement(
+        "average_sharpness",
+        perturbation.measure_average_sharpness,
+        {"sigma": 0.01, "num_samples": 32, "adaptive": False},
+        perturbation.check_average_sharpness,
+    ),
+    Measurement(
+        "loss_slice",
+        perturbation.measure_loss_slice,
+        {"radius": 1.0, "num_points": 21},
+        perturbation.check_loss_slice,
     ),
 )
 

@@ -38,6 +38,10 @@ STUDY_MEASUREMENTS = (
     "progressive_sharpening_curvature",
     "progressive_sharpening_unsmoothed_loss",
     "quotient_geometry",
+    "preconditioned_sharpness",
+    "worst_case_sharpness",
+    "average_sharpness",
+    "loss_slice",
 )
 
 

@@ -1,0 +1,165 @@
+"""Built-in measurements of the perturbation and preconditioned measures (the second half of
+:mod:`sharpness_jax.builtin_measurements`, listed in the same table of
+:mod:`sharpness_jax.measurements`).
+
+Each is ``fn(ctx: MeasureContext) -> {key: value}`` with an option check
+``(options, info) -> None``; the math is in :mod:`sharpness_jax.worst_case`,
+:mod:`sharpness_jax.preconditioned` and :mod:`sharpness_jax.landscape`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from sharpness_jax import landscape, preconditioned, worst_case
+from sharpness_jax.checks import is_int as _is_int
+from sharpness_jax.checks import is_number as _is_number
+from sharpness_jax.checks import require as _require
+
+if TYPE_CHECKING:
+    from sharpness_jax.measurements import MeasureContext, RunInfo
+
+__all__ = [
+    "check_average_sharpness",
+    "check_loss_slice",
+    "check_preconditioned_sharpness",
+    "check_worst_case_sharpness",
+    "measure_average_sharpness",
+    "measure_loss_slice",
+    "measure_preconditioned_sharpness",
+    "measure_worst_case_sharpness",
+]
+
+
+def _positive(name: str, key: str, value: Any) -> None:
+    _require(
+        _is_number(value) and value > 0, f"{name}: {key} must be a positive number, got {value!r}"
+    )
+
+
+def _count(name: str, key: str, value: Any, low: int) -> None:
+    _require(
+        _is_int(value) and value >= low, f"{name}: {key} must be an int >= {low}, got {value!r}"
+    )
+
+
+def check_preconditioned_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _count("preconditioned_sharpness", "num_iters", options["num_iters"], 1)
+
+
+def measure_preconditioned_sharpness(ctx: MeasureContext) -> dict[str, Any]:
+    """λ_max(P⁻¹H) with P = diag(√ν̂ + ε) of the run's Adam state, and the adaptive stability
+    threshold (2 + 2β₁)/((1 − β₁)η) of the run's optimiser (Cohen et al. 2022)."""
+    opt = ctx.config.optimizer
+    if opt.name != "adam":
+        raise ValueError(
+            "preconditioned_sharpness needs optimizer.name='adam' (it reads Adam's second-moment "
+            f"estimate), got {opt.name!r}"
+        )
+
+    def top(params, batch, opt_state):
+        diag = preconditioned.adam_preconditioner(opt_state, b2=opt.b2, eps=opt.eps)
+        eig = preconditioned.preconditioned_lambda_max(
+            ctx.objective,
+            params,
+            batch,
+            diag,
+            num_iters=ctx.options["num_iters"],
+            tol=ctx.options["tol"],
+            chunk_size=ctx.chunk_size,
+        )
+        return eig.values[0], eig.num_matvecs
+
+    value, matvecs = ctx.jit(top)(ctx.params, ctx.batch, ctx.opt_state)
+    threshold = preconditioned.adaptive_stability_threshold(opt.learning_rate, opt.b1)
+    return {
+        "preconditioned_sharpness": value,
+        "preconditioned_sharpness_num_matvecs": matvecs,
+        "adaptive_stability_threshold": threshold,
+    }
+
+
+def check_worst_case_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _positive("worst_case_sharpness", "rho", options["rho"])
+    _count("worst_case_sharpness", "num_steps", options["num_steps"], 0)
+
+
+def measure_worst_case_sharpness(ctx: MeasureContext) -> dict[str, Any]:
+    """max_{‖ε ⊘ c‖ ≤ ρ} L(θ + ε) − L(θ) (``adaptive``: c = |θ| + ξ) by projected ascent."""
+    o = ctx.options
+
+    def sharp(params, batch):
+        result = worst_case.worst_case_sharpness(
+            ctx.objective,
+            params,
+            batch,
+            rho=o["rho"],
+            num_steps=o["num_steps"],
+            adaptive=o["adaptive"],
+            xi=o["xi"],
+            chunk_size=ctx.chunk_size,
+        )
+        return result.sharpness, result.perturbation_norm
+
+    value, norm = ctx.jit(sharp)(ctx.params, ctx.batch)
+    return {"worst_case_sharpness": value, "worst_case_perturbation_norm": norm}
+
+
+def check_average_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _positive("average_sharpness", "sigma", options["sigma"])
+    _count("average_sharpness", "num_samples", options["num_samples"], 2)
+
+
+def measure_average_sharpness(ctx: MeasureContext) -> dict[str, Any]:
+    """E_ε[L(θ + ε)] − L(θ), ε ∼ N(0, σ² diag c²), Monte Carlo with its standard error."""
+    o = ctx.options
+
+    def average(params, batch, key):
+        est = worst_case.average_sharpness(
+            ctx.objective,
+            params,
+            batch,
+            sigma=o["sigma"],
+            key=key,
+            num_samples=o["num_samples"],
+            adaptive=o["adaptive"],
+            chunk_size=ctx.chunk_size,
+        )
+        return est.value, est.stderr
+
+    value, stderr = ctx.jit(average)(ctx.params, ctx.batch, ctx.key)
+    return {"average_sharpness": value, "average_sharpness_stderr": stderr}
+
+
+def check_loss_slice(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _positive("loss_slice", "radius", options["radius"])
+    _count("loss_slice", "num_points", options["num_points"], 2)
+
+
+def measure_loss_slice(ctx: MeasureContext) -> dict[str, Any]:
+    """L(θ + αu) for α on ``num_points`` points of [−radius, radius] along a filter-normalised
+    direction u (Li et al. 2018) drawn with the step's key; saved as arrays beside the
+    metrics (``loss_slice_alphas``, ``loss_slice_values``)."""
+    o = ctx.options
+    alphas = jnp.linspace(-o["radius"], o["radius"], o["num_points"])
+
+    def line(params, batch, key, alphas):
+        u = landscape.filter_normalised_direction(params, key)
+        return landscape.slice_1d(
+            ctx.objective, params, batch, u, alphas, chunk_size=ctx.chunk_size
+        ).values
+
+    values = ctx.jit(line)(ctx.params, ctx.batch, ctx.key, alphas.astype(_dtype(ctx.params)))
+    return {"loss_slice_alphas": alphas, "loss_slice_values": values}
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree_util.tree_leaves(params))
