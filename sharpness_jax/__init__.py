@@ -8,6 +8,7 @@ functions over parameter pytrees, and feed them to the algorithms in :mod:`linal
 
 from sharpness_jax import (
     activations,
+    adapters,
     batch_moments,
     builtin_measurements,
     checks,
@@ -125,6 +126,7 @@ __all__ = [
     "Objective",
     "SpectralDensity",
     "activations",
+    "adapters",
     "batch_moments",
     "batch_sharpness",
     "batch_sharpness_ratio_of_expectations",
