@@ -85,8 +85,7 @@ def main() -> None:
         for name, m in sorted(MEASUREMENTS.items()):
             print(f"{name}: options {dict(m.defaults)}")
         return
-    mesh = launch.setup()
-    logging.set_verbosity(logging.WARNING)
+    mesh = launch.setup(logging.WARNING)
     row = run(
         run_dir=f.run,
         step=f.step,
