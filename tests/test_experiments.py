@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -299,3 +299,31 @@ def test_error_lines_name_the_problem_and_the_fix():
         "that holds it."
     )
     assert cli.error_line(KeyError("no field 'x'")) == "no field 'x'"
+
+
+INTERRUPT_CONFIG = {
+    "dataset": {"name": "gaussian_mixture", "num_train": 64, "num_test": 16, "input_dim": 4},
+    "model": {"name": "mlp", "widths": [4]},
+    "batch_size": 16,
+    "max_steps": 10,
+    "measure": {"every": 5, "names": ["loss"]},
+    "checkpoint_every": 5,
+    "log_every": 0,
+}
+
+
+def test_ctrl_c_is_one_line_records_the_status_and_resumes(tmp_path):
+    child = [os.path.join(ROOT, "tests", "training_child.py"), str(tmp_path / "run")]
+    child.append(json.dumps(INTERRUPT_CONFIG))
+    proc = _run(*child, "interrupt:7")
+    assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert _last_line(proc).startswith(
+        "interrupted at step 7; last checkpoint at step 5; rerun the same command to resume"
+    )
+    status = records.read_status(tmp_path / "run")
+    assert status == {"status": "interrupted", "step": 7, "checkpoint_step": 5}
+    again = _run(*child)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary == {"status": "completed", "step": 10, "resumed_from": 5}
