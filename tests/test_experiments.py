@@ -188,7 +188,7 @@ def test_mesh_flag_and_measure_arguments():
             chunk_size=None,
             mesh=None,
         )
-    with pytest.raises(ValueError, match="unknown measurements"):
+    with pytest.raises(ValueError, match="unknown measurement 'curvature'"):
         measure_bin.run(
             run_dir="x",
             step=None,
