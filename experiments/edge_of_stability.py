@@ -4,12 +4,10 @@ r"""Edge of stability: full-batch GD at several step sizes, λ_max against 2/η.
       --config=experiments/configs/edge_of_stability.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import edge_of_stability as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

@@ -4,12 +4,10 @@ r"""Edge of stochastic stability: SGD over batch sizes, batch sharpness and λ_m
       --config=experiments/configs/edge_of_stochastic_stability.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import edge_of_stochastic_stability as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

@@ -5,12 +5,10 @@ and after function-preserving rescalings.
       --config=experiments/configs/fisher_sharpness.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import fisher_sharpness as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

@@ -35,9 +35,11 @@ def mesh_from_flag(value: str):
     raise ValueError(f"--mesh must be 'auto', 'none' or a positive device count, got {value!r}")
 
 
-def setup() -> object:
-    """Logging, optional multi-host initialisation; returns the mesh of --mesh."""
-    logging.set_verbosity(logging.INFO)
+def setup(verbosity: int = logging.INFO) -> object:
+    """Logging (at ``verbosity`` unless ``--verbosity`` is given), optional multi-host
+    initialisation; returns the mesh of --mesh."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(verbosity)
     # Orbax reports every checkpoint step at INFO; keep the study's own progress readable.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     mesh = mesh_from_flag(_MESH.value)

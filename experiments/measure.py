@@ -18,6 +18,7 @@ Measurement names: see ``sharpness_jax.measurements.MEASUREMENTS`` (``--list`` p
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 
 import jax
@@ -27,6 +28,45 @@ from experiments import cli, launch
 from sharpness_jax import records, training
 from sharpness_jax.config import resolve_config
 from sharpness_jax.measurements import MEASUREMENTS
+
+
+def _suggest(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known``, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_names(measures: list[str], options: dict) -> None:
+    """Checks the measurement names of ``--measures`` and ``--options`` and the option names,
+    before anything is loaded.
+
+    Raises:
+      ValueError: for an unknown measurement or option (with the closest known name), or
+        options for a measurement ``--measures`` does not name.
+    """
+    if not isinstance(options, dict):
+        raise ValueError("--options must be a JSON object {measurement: {option: value}}")
+    for name in [*measures, *options]:
+        if name not in MEASUREMENTS:
+            raise ValueError(
+                f"unknown measurement {name!r}{_suggest(name, MEASUREMENTS)}; see --list for "
+                "the known measurements"
+            )
+    for name, given in options.items():
+        if name not in measures:
+            raise ValueError(
+                f"--options sets options of {name!r}, which --measures does not name: add it "
+                f"to --measures (now {','.join(measures)}) or drop its options"
+            )
+        if not isinstance(given, dict):
+            raise ValueError(f"--options: the options of {name!r} must be a JSON object")
+        defaults = MEASUREMENTS[name].defaults
+        for option in given:
+            if option not in defaults:
+                raise ValueError(
+                    f"measurement {name!r} takes no option {option!r}"
+                    f"{_suggest(option, defaults)}; its options: {sorted(defaults)}"
+                )
 
 
 def run(
@@ -46,9 +86,7 @@ def run(
     JAX when the run's dtype is float64)."""
     if (run_dir is None) == (params_path is None):
         raise ValueError("give exactly one of --run and --params")
-    unknown = [m for m in measures if m not in MEASUREMENTS]
-    if unknown:
-        raise ValueError(f"unknown measurements {unknown}; known: {sorted(MEASUREMENTS)}")
+    check_names(measures, options)
     if run_dir is None and config_json is None:
         raise ValueError("--params needs --config_json (what model and data they belong to)")
     if run_dir is not None:
@@ -62,7 +100,7 @@ def run(
         else:
             config, params = resolve_config(stored), None
         config.measure.names = tuple(measures)
-        config.measure.options = {k: v for k, v in options.items() if k in measures}
+        config.measure.options = dict(options)
         if dataset is not None:
             config.dataset = dataset
         if measure_subset is not None:
@@ -85,8 +123,7 @@ def main() -> None:
         for name, m in sorted(MEASUREMENTS.items()):
             print(f"{name}: options {dict(m.defaults)}")
         return
-    mesh = launch.setup()
-    logging.set_verbosity(logging.WARNING)
+    mesh = launch.setup(logging.WARNING)
     row = run(
         run_dir=f.run,
         step=f.step,

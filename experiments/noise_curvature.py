@@ -4,12 +4,10 @@ r"""SGD noise vs curvature: per-layer C, H and E_p[h_p²] after SGD with CE and 
       --config=experiments/configs/noise_curvature.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import noise_curvature as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

@@ -5,12 +5,10 @@ under regularisers, against the generalisation gap.
       --config=experiments/configs/progressive_sharpening.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import progressive_sharpening as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

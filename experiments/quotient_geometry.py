@@ -5,12 +5,10 @@ orbits, horizontal/vertical split of SGD steps, conserved quantities of GD.
       --config=experiments/configs/quotient_geometry.py:quick
 """
 
-from absl import app
-
-from experiments import launch
+from experiments import cli, launch
 from experiments.studies import quotient_geometry as study
 
 _CONFIG, _WORKDIR = launch.define_flags(study.NAME)
 
 if __name__ == "__main__":
-    app.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))
+    cli.run(lambda argv: launch.main(argv, study, _CONFIG, _WORKDIR))

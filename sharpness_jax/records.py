@@ -11,7 +11,7 @@ A training run writes everything it produces into one directory:
                             (e.g. warm-start eigenvectors) and a JSON ``meta`` item (step,
                             seed, stop-rule state)
 ``status.json``             ``{"status": "running" | "completed" | "goal_reached" |
-                            "diverged", "step": ...}``
+                            "diverged" | "interrupted" | "failed", "step": ...}``
 ``figures/``                plots made from ``metrics.jsonl``
 ==========================  ===============================================================
 
@@ -90,7 +90,15 @@ _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class ConfigMismatchError(ValueError):
-    """The workdir holds a run whose config differs from the new one in a result field."""
+    """A stored config differs in result fields: ``path``, ``differences`` (``"f: a -> b"``)."""
+
+    def __init__(self, path: PathLike, differences: Sequence[str]):
+        self.path, self.differences = str(path), list(differences)
+        super().__init__(
+            f"{path} holds a run with a different config; these fields change results:\n  "
+            + "\n  ".join(self.differences)
+            + "\nUse a new workdir, restore the old values, or pass force=True to continue it."
+        )
 
 
 # ------------------------------------------------------------------------------ files
@@ -291,12 +299,7 @@ def write_config(
         stored = read_json(path)
         diffs = config_differences(stored, new, ignore=ignore)
         if diffs and not force:
-            raise ConfigMismatchError(
-                f"{path} holds a run with a different config; these fields change results:\n  "
-                + "\n  ".join(diffs)
-                + "\nUse a new workdir, restore the old values, or pass force=True to continue "
-                "this run with the new config anyway."
-            )
+            raise ConfigMismatchError(path, diffs)
         if diffs:
             logging.warning("overriding the stored config of %s:\n  %s", path, "\n  ".join(diffs))
         if config_to_dict(stored) == new:

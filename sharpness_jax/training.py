@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import zlib
 from collections import Counter
 from collections.abc import Mapping
@@ -58,7 +59,7 @@ from sharpness_jax.progress import Progress
 
 PyTree = Any
 
-__all__ = ["TrainResult", "load_checkpoint", "measure", "train"]
+__all__ = ["TrainResult", "TrainingInterrupted", "load_checkpoint", "measure", "train"]
 
 # Tags folded into the seed's key so that the random streams for different purposes differ.
 _TAG_INIT, _TAG_MEASURE = 1, 2
@@ -256,11 +257,14 @@ def load_checkpoint(
       ``(config, params, step)``.
 
     Raises:
-      FileNotFoundError: if the workdir holds no config or no complete checkpoint.
+      FileNotFoundError: if the workdir holds no config or no complete checkpoint (the message
+        names the runs inside it that hold one, e.g. those of a study's workdir).
     """
     stored = records.read_config(workdir)
     if stored is None:
         raise FileNotFoundError(f"{workdir} holds no config.json: not a training run's workdir")
+    if not (pathlib.Path(workdir) / records.CHECKPOINT_DIR).is_dir():
+        raise FileNotFoundError(_no_checkpoint(workdir))
     config = resolve_config(stored)
     st = _setup(config, None)
     _, tx = st.programs.optimizer(st.config)
@@ -270,8 +274,25 @@ def load_checkpoint(
         manager, {"params": params, "opt_state": tx.init(params)}, step=step
     )
     if ckpt is None:
-        raise FileNotFoundError(f"{workdir} holds no complete checkpoint")
+        raise FileNotFoundError(_no_checkpoint(workdir))
     return st.config, ckpt.state["params"], ckpt.step
+
+
+def _no_checkpoint(workdir: str, shown: int = 6) -> str:
+    """The message for a workdir without a complete checkpoint, naming the runs inside it (at
+    most three levels down, e.g. ``runs/<name>`` of a study) that hold checkpoints."""
+    root = pathlib.Path(workdir)
+    inside = sorted(
+        str(path.parent.relative_to(root))
+        for depth in (1, 2, 3)
+        for path in root.glob("/".join(["*"] * depth + [records.CHECKPOINT_DIR]))
+        if path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+    )
+    message = f"{workdir} holds no complete checkpoint"
+    if inside:
+        more = f", ... ({len(inside)} in all)" if len(inside) > shown else ""
+        message += f"; the runs inside it that do: {', '.join(inside[:shown])}{more}"
+    return message
 
 
 # ============================================================================= training
@@ -307,6 +328,23 @@ class TrainResult(NamedTuple):
     workdir: str | None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train` with a workdir, after ``status.json`` recorded it.
+
+    Attributes:
+      step: the step the run was at.
+      checkpoint_step: the step of its last complete checkpoint (None: none yet), where a
+        rerun resumes.
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        self.step, self.checkpoint_step = step, checkpoint_step
+        last = f"last checkpoint at step {checkpoint_step}"
+        if checkpoint_step is None:
+            last = "no checkpoint yet"
+        super().__init__(f"interrupted at step {step}; {last}; rerun the same command to resume")
+
+
 class _Records:
     """A run's records: rows and arrays (in the workdir or in memory), checkpoints and the
     measurements' warm-start states."""
@@ -318,6 +356,8 @@ class _Records:
         self.rows: list[dict[str, Any]] = []
         self.arrays: dict[int, dict[str, np.ndarray]] = {}
         self.last_row: dict[str, Any] = {}
+        self.step = 0  # the step the loop is at
+        self.checkpoint_step: int | None = None  # the last complete checkpoint
 
     def resume(self, params: PyTree, opt_state: PyTree, force: bool):
         """Stores or checks the config; ``(step, params, opt_state, meta)`` of the latest
@@ -339,7 +379,8 @@ class _Records:
                     self.states[name] = st.placement.params(dict(state))
             logging.info("resuming %s from the checkpoint at step %d", workdir, step)
         records.truncate_metrics(workdir, max_step=None if ckpt is None else step)
-        records.write_status(workdir, "running", step)
+        self.step, self.checkpoint_step = step, None if ckpt is None else step
+        records.write_status(workdir, "running", step, **self._checkpoint_field())
         previous = records.read_metrics(workdir)
         self.last_row = previous[-1] if previous else {}
         return step, params, opt_state, meta
@@ -368,6 +409,23 @@ class _Records:
             extra=self.states,
             meta={"seed": self.st.config.seed, "train_evaluation": evaluation},
         )
+        self.checkpoint_step = step
+        records.write_status(self.workdir, "running", step, checkpoint_step=step)
+
+    def _checkpoint_field(self) -> dict[str, int]:
+        return {} if self.checkpoint_step is None else {"checkpoint_step": self.checkpoint_step}
+
+    def abort(self, error: BaseException) -> None:
+        """Records in ``status.json`` that the run stopped on ``error`` at :attr:`step`
+        (``"interrupted"`` for Ctrl-C, ``"failed"`` otherwise) and where it would resume."""
+        if self.workdir is None:
+            return
+        extra = self._checkpoint_field()
+        if isinstance(error, KeyboardInterrupt):
+            records.write_status(self.workdir, "interrupted", self.step, **extra)
+        else:
+            error_text = f"{type(error).__name__}: {error}"
+            records.write_status(self.workdir, "failed", self.step, error=error_text, **extra)
 
     def finish(self, status: str, step: int, batch_loss: float) -> list[dict[str, Any]]:
         """Writes the final status; all rows of the run."""
@@ -417,6 +475,7 @@ def _loop(st: _Setup, rec: _Records, step: int, params, opt_state, restored_meta
     batch_loss = math.nan
     resumed = restored_meta is not None
     while True:
+        rec.step = step
         if resumed:  # goals, measurements and the checkpoint of this step are done
             resumed = False
             status = _stop(c, step, restored_meta.get("train_evaluation"))
@@ -471,6 +530,8 @@ def train(
     Raises:
       ValueError: for an invalid config (before any compilation) or non-finite data or
         initial parameters; ``records.ConfigMismatchError`` for a conflicting stored config.
+      TrainingInterrupted: for Ctrl-C with a workdir (``status.json`` says ``"interrupted"``;
+        an exception leaves ``"failed"`` there and propagates).
     """
     st = _setup(config, cache)
     programs = st.programs
@@ -482,7 +543,13 @@ def train(
     rec = _Records(st, None if workdir is None else workdir)
     step, params, opt_state, meta = rec.resume(params, opt_state, force)
     resumed_from = None if meta is None else step
-    status, step, params, opt_state, batch_loss = _loop(st, rec, step, params, opt_state, meta)
+    try:
+        status, step, params, opt_state, batch_loss = _loop(st, rec, step, params, opt_state, meta)
+    except BaseException as e:
+        rec.abort(e)
+        if isinstance(e, KeyboardInterrupt) and workdir is not None:
+            raise TrainingInterrupted(rec.step, rec.checkpoint_step) from e
+        raise
     rows = rec.finish(status, step, batch_loss)
     logging.info("run %s at step %d", status, step)
     return TrainResult(

@@ -11,17 +11,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import benchmark, configs, launch, reproduce
+from experiments import benchmark, cli, configs, launch, reproduce
 from experiments import measure as measure_bin
 from experiments.studies import STUDIES, common
-from sharpness_jax import records
+from sharpness_jax import data, records
 from sharpness_jax.config import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -188,7 +188,7 @@ def test_mesh_flag_and_measure_arguments():
             chunk_size=None,
             mesh=None,
         )
-    with pytest.raises(ValueError, match="unknown measurements"):
+    with pytest.raises(ValueError, match="unknown measurement 'curvature'"):
         measure_bin.run(
             run_dir="x",
             step=None,
@@ -226,3 +226,106 @@ def test_benchmark_small_runs_every_measurement():
     assert w1["lambda_max_cold_rel_error"] < 1e-3
     assert "w3_exact_h2_diagonal_s" in result["w3"]
     assert "| quantity |" in benchmark.markdown(result)
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def _last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_study_help_lists_its_own_flags():
+    proc = _run("-m", "experiments.edge_of_stability", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for flag in ("--config", "--workdir", "--[no]force", "--mesh"):
+        assert flag in proc.stdout, flag
+    assert "--jax_" not in proc.stdout  # only --helpfull lists every module's flags
+
+
+def test_user_errors_are_one_line_with_exit_status_1(tmp_path):
+    smoke = "--config=experiments/configs/edge_of_stability.py:smoke"
+    study = ["-m", "experiments.edge_of_stability", f"--workdir={tmp_path / 'eos'}", smoke]
+    typo = _run(*study, "--config.base.max_stpes=3")
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo.stderr[-3000:]
+    assert "--config.base.max_stpes" in _last_line(typo) and "max_steps" in _last_line(typo)
+
+    changed = reproduce.study_config("edge_of_stability", "smoke")
+    changed.learning_rates = (0.3,)
+    records.write_config(tmp_path / "eos", changed)
+    mismatch = _run(*study)
+    assert mismatch.returncode == 1 and "Traceback" not in mismatch.stderr
+    line = _last_line(mismatch)
+    assert line.startswith("error: ") and "learning_rates" in line
+    assert "--force" in line and "force=True" not in line
+
+    # A study's workdir is not a run: the message names the runs inside that hold checkpoints.
+    (tmp_path / "eos" / "runs" / "gd_lr0.1" / records.CHECKPOINT_DIR / "3").mkdir(parents=True)
+    measure = ["-m", "experiments.measure", f"--run={tmp_path / 'eos'}", "--mesh=none"]
+    proc = _run(*measure)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "holds no complete checkpoint" in _last_line(proc)
+    assert "runs/gd_lr0.1" in _last_line(proc)
+
+
+def test_run_reports_expected_errors_and_keeps_tracebacks_of_bugs(capsys, monkeypatch):
+    def fails(error):
+        def main(argv):
+            raise error
+
+        return main
+
+    for error in (ValueError("bad value"), FileNotFoundError("no file"), KeyError("no key")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(fails(error), argv=["prog"])
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {cli.error_line(error)} (")
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(SystemExit):
+        cli.run(fails(ValueError("bad value")), argv=["prog"])
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: bad value\n")
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        cli.run(fails(ZeroDivisionError("bug")), argv=["prog"])
+
+
+def test_error_lines_name_the_problem_and_the_fix():
+    mismatch = records.ConfigMismatchError("w/config.json", ["seed: 0 -> 1", "lr: 1 -> 2"])
+    assert "force=True" in str(mismatch) and "seed: 0 -> 1" in str(mismatch)
+    line = cli.error_line(mismatch)
+    assert "\n" not in line and "(seed: 0 -> 1, lr: 1 -> 2)" in line and "--force" in line
+    missing = data.DatasetNotFoundError("dataset 'cifar10' is not prepared.\n    tfds build x")
+    assert cli.error_line(missing) == (
+        "dataset 'cifar10' is not prepared. tfds build x Or set TFDS_DATA_DIR to the directory "
+        "that holds it."
+    )
+    assert cli.error_line(KeyError("no field 'x'")) == "no field 'x'"
+
+
+INTERRUPT_CONFIG = {
+    "dataset": {"name": "gaussian_mixture", "num_train": 64, "num_test": 16, "input_dim": 4},
+    "model": {"name": "mlp", "widths": [4]},
+    "batch_size": 16,
+    "max_steps": 10,
+    "measure": {"every": 5, "names": ["loss"]},
+    "checkpoint_every": 5,
+    "log_every": 0,
+}
+
+
+def test_ctrl_c_is_one_line_records_the_status_and_resumes(tmp_path):
+    child = [os.path.join(ROOT, "tests", "training_child.py"), str(tmp_path / "run")]
+    child.append(json.dumps(INTERRUPT_CONFIG))
+    proc = _run(*child, "interrupt:7")
+    assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert _last_line(proc).startswith(
+        "interrupted at step 7; last checkpoint at step 5; rerun the same command to resume"
+    )
+    status = records.read_status(tmp_path / "run")
+    assert status == {"status": "interrupted", "step": 7, "checkpoint_step": 5}
+    again = _run(*child)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary == {"status": "completed", "step": 10, "resumed_from": 5}

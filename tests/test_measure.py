@@ -3,6 +3,7 @@ study's measurements), and ``--list`` showing every built-in measurement."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,33 @@ def test_list_shows_every_measurement():
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = {line.split(":")[0] for line in proc.stdout.splitlines() if line}
     assert listed == {m.name for m in BUILTIN_MEASUREMENTS}
+
+
+def _names(measures, options):
+    return measure_bin.run(
+        run_dir="no/such/run",  # nothing is loaded: the names are checked first
+        step=None,
+        params_path=None,
+        config_json=None,
+        measures=measures,
+        options=options,
+        dataset=None,
+        measure_subset=None,
+        chunk_size=None,
+        mesh=None,
+    )
+
+
+@pytest.mark.parametrize(
+    "measures, options, message",
+    [
+        (["lamda_max"], {}, "unknown measurement 'lamda_max' (did you mean 'lambda_max'?)"),
+        (["loss"], {"lamda_max": {"k": 2}}, "did you mean 'lambda_max'"),
+        (["loss"], {"lambda_max": {"k": 2}}, "which --measures does not name"),
+        (["lambda_max"], {"lambda_max": {"kk": 2}}, "no option 'kk' (did you mean 'k'?)"),
+        (["lambda_max"], ["k"], "must be a JSON object"),
+    ],
+)
+def test_unknown_names_are_errors_before_loading(measures, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _names(measures, options)

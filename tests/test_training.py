@@ -123,6 +123,35 @@ def test_divergence_is_recorded_not_raised(tmp_path):
 # ------------------------------------------------------------------------------ workdir
 
 
+def test_status_follows_checkpoints_and_records_a_failure(tmp_path, monkeypatch):
+    from sharpness_jax import training
+
+    seen = []
+    batch_indices = training._batch_indices
+
+    def indices(sampler, step):
+        seen.append(records.read_status(tmp_path))
+        if step == 7:
+            raise RuntimeError("disk on fire")
+        return batch_indices(sampler, step)
+
+    monkeypatch.setattr(training, "_batch_indices", indices)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(config(max_steps=10), tmp_path)
+    assert seen[0] == {"status": "running", "step": 0, "checkpoint_step": 0}
+    assert seen[6] == {"status": "running", "step": 5, "checkpoint_step": 5}
+    assert records.read_status(tmp_path) == {
+        "status": "failed",
+        "step": 7,
+        "checkpoint_step": 5,
+        "error": "RuntimeError: disk on fire",
+    }
+    monkeypatch.undo()
+    result = train(config(max_steps=10), tmp_path)
+    assert (result.resumed_from, result.status) == (5, "completed")
+    assert records.read_status(tmp_path) == {"status": "completed", "step": 10}
+
+
 def test_rerun_resumes_refuses_conflicts_and_extends(tmp_path):
     c = config(max_steps=10)
     first = train(c, tmp_path)

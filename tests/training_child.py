@@ -9,7 +9,9 @@ JSON. KILL makes the process SIGKILL itself at one point of the run:
 * ``measure:K``: inside the measurements of step K, after the other measurements of the row
   ran and before the row is written (the ``kill_switch`` measurement, listed last);
 * ``checkpoint:K``: inside the checkpoint write of step K, when every file is written into
-  the temporary directory and only the final rename is left.
+  the temporary directory and only the final rename is left;
+* ``interrupt:K``: SIGINT (Ctrl-C) instead of SIGKILL during the update of step K, with the
+  run under ``experiments.cli.run`` as a binary runs.
 
 The ``kill_switch`` measurement (returns nothing) is registered in every run so that killed,
 resumed and reference runs share one config. ``JAX_COMPILATION_CACHE_DIR`` (set by the test)
@@ -49,12 +51,12 @@ def main(workdir: str, config: str, kill: str = "none:-1") -> None:
 
     register_measurement("kill_switch", kill_switch)
 
-    if kind == "step":
+    if kind in ("step", "interrupt"):
         batch_indices = training._batch_indices
 
         def indices(sampler, step):
             if step == at:
-                _die()
+                _die() if kind == "step" else os.kill(os.getpid(), signal.SIGINT)
             return batch_indices(sampler, step)
 
         training._batch_indices = indices
@@ -79,4 +81,9 @@ def main(workdir: str, config: str, kill: str = "none:-1") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[3:4] and sys.argv[3].startswith("interrupt:"):
+        from experiments import cli
+
+        cli.run(lambda argv: main(*argv[1:]))
+    else:
+        main(*sys.argv[1:])
