@@ -27,6 +27,7 @@ The loop, for step s = 0, 1, … with parameters θ_s:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -56,6 +57,7 @@ from sharpness_jax.placement import Placement
 from sharpness_jax.problem import problem_from_config
 from sharpness_jax.programs import CompileCache, Programs, Runtime
 from sharpness_jax.progress import Progress
+from sharpness_jax.run_records import RunRecords, TrainingInterrupted, no_checkpoint_message
 
 PyTree = Any
 
@@ -264,7 +266,7 @@ def load_checkpoint(
     if stored is None:
         raise FileNotFoundError(f"{workdir} holds no config.json: not a training run's workdir")
     if not (pathlib.Path(workdir) / records.CHECKPOINT_DIR).is_dir():
-        raise FileNotFoundError(_no_checkpoint(workdir))
+        raise FileNotFoundError(no_checkpoint_message(workdir))
     config = resolve_config(stored)
     st = _setup(config, None)
     _, tx = st.programs.optimizer(st.config)
@@ -274,25 +276,8 @@ def load_checkpoint(
         manager, {"params": params, "opt_state": tx.init(params)}, step=step
     )
     if ckpt is None:
-        raise FileNotFoundError(_no_checkpoint(workdir))
+        raise FileNotFoundError(no_checkpoint_message(workdir))
     return st.config, ckpt.state["params"], ckpt.step
-
-
-def _no_checkpoint(workdir: str, shown: int = 6) -> str:
-    """The message for a workdir without a complete checkpoint, naming the runs inside it (at
-    most three levels down, e.g. ``runs/<name>`` of a study) that hold checkpoints."""
-    root = pathlib.Path(workdir)
-    inside = sorted(
-        str(path.parent.relative_to(root))
-        for depth in (1, 2, 3)
-        for path in root.glob("/".join(["*"] * depth + [records.CHECKPOINT_DIR]))
-        if path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
-    )
-    message = f"{workdir} holds no complete checkpoint"
-    if inside:
-        more = f", ... ({len(inside)} in all)" if len(inside) > shown else ""
-        message += f"; the runs inside it that do: {', '.join(inside[:shown])}{more}"
-    return message
 
 
 # ============================================================================= training
@@ -328,114 +313,6 @@ class TrainResult(NamedTuple):
     workdir: str | None
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`train` with a workdir, after ``status.json`` recorded it.
-
-    Attributes:
-      step: the step the run was at.
-      checkpoint_step: the step of its last complete checkpoint (None: none yet), where a
-        rerun resumes.
-    """
-
-    def __init__(self, step: int, checkpoint_step: int | None):
-        self.step, self.checkpoint_step = step, checkpoint_step
-        last = f"last checkpoint at step {checkpoint_step}"
-        if checkpoint_step is None:
-            last = "no checkpoint yet"
-        super().__init__(f"interrupted at step {step}; {last}; rerun the same command to resume")
-
-
-class _Records:
-    """A run's records: rows and arrays (in the workdir or in memory), checkpoints and the
-    measurements' warm-start states."""
-
-    def __init__(self, st: _Setup, workdir: str | None):
-        self.st, self.workdir = st, workdir
-        self.manager = None
-        self.states: dict[str, dict[str, Any]] = {name: {} for name in st.config.measure.names}
-        self.rows: list[dict[str, Any]] = []
-        self.arrays: dict[int, dict[str, np.ndarray]] = {}
-        self.last_row: dict[str, Any] = {}
-        self.step = 0  # the step the loop is at
-        self.checkpoint_step: int | None = None  # the last complete checkpoint
-
-    def resume(self, params: PyTree, opt_state: PyTree, force: bool):
-        """Stores or checks the config; ``(step, params, opt_state, meta)`` of the latest
-        checkpoint (``(0, params, opt_state, None)`` for a fresh run)."""
-        st, workdir = self.st, self.workdir
-        if workdir is None:
-            return 0, params, opt_state, None
-        records.init_workdir(workdir)
-        records.write_config(workdir, st.config, ignore=RESUMABLE_FIELDS, force=force)
-        self.manager = records.checkpoint_manager(workdir, max_to_keep=st.config.keep_checkpoints)
-        ckpt = records.restore_checkpoint(self.manager, {"params": params, "opt_state": opt_state})
-        step, meta = 0, None
-        if ckpt is not None:
-            step, meta = ckpt.step, ckpt.meta
-            params = st.placement.params(ckpt.state["params"])
-            opt_state = st.placement.params(ckpt.state["opt_state"])
-            for name, state in ckpt.extra.items():
-                if name in self.states:
-                    self.states[name] = st.placement.params(dict(state))
-            logging.info("resuming %s from the checkpoint at step %d", workdir, step)
-        records.truncate_metrics(workdir, max_step=None if ckpt is None else step)
-        self.step, self.checkpoint_step = step, None if ckpt is None else step
-        records.write_status(workdir, "running", step, **self._checkpoint_field())
-        previous = records.read_metrics(workdir)
-        self.last_row = previous[-1] if previous else {}
-        return step, params, opt_state, meta
-
-    def measure(self, step: int, params: PyTree, opt_state: PyTree) -> None:
-        """Measures at θ_s and appends the row (its arrays beside it)."""
-        row, arrays = _measure_row(self.st, self.states, step, params, opt_state)
-        if arrays:
-            if self.workdir is not None:
-                row["arrays"] = records.save_arrays(self.workdir, step, arrays)
-            else:
-                self.arrays[step] = arrays
-        if self.workdir is not None:
-            records.append_metrics(self.workdir, row)
-        else:
-            self.rows.append(row)
-        self.last_row = row
-
-    def checkpoint(self, step, params, opt_state, evaluation) -> None:
-        if self.manager is None:
-            return
-        records.save_checkpoint(
-            self.manager,
-            step,
-            {"params": params, "opt_state": opt_state},
-            extra=self.states,
-            meta={"seed": self.st.config.seed, "train_evaluation": evaluation},
-        )
-        self.checkpoint_step = step
-        records.write_status(self.workdir, "running", step, checkpoint_step=step)
-
-    def _checkpoint_field(self) -> dict[str, int]:
-        return {} if self.checkpoint_step is None else {"checkpoint_step": self.checkpoint_step}
-
-    def abort(self, error: BaseException) -> None:
-        """Records in ``status.json`` that the run stopped on ``error`` at :attr:`step`
-        (``"interrupted"`` for Ctrl-C, ``"failed"`` otherwise) and where it would resume."""
-        if self.workdir is None:
-            return
-        extra = self._checkpoint_field()
-        if isinstance(error, KeyboardInterrupt):
-            records.write_status(self.workdir, "interrupted", self.step, **extra)
-        else:
-            error_text = f"{type(error).__name__}: {error}"
-            records.write_status(self.workdir, "failed", self.step, error=error_text, **extra)
-
-    def finish(self, status: str, step: int, batch_loss: float) -> list[dict[str, Any]]:
-        """Writes the final status; all rows of the run."""
-        if self.workdir is None:
-            return self.rows
-        extra = {"batch_loss": batch_loss} if status == "diverged" else {}
-        records.write_status(self.workdir, status, step, **extra)
-        return records.read_metrics(self.workdir)
-
-
 def _stop(c: ml_collections.ConfigDict, step: int, evaluation: Mapping[str, float] | None):
     """The status the run stops with at ``step`` (None: it goes on)."""
     if evaluation:
@@ -450,7 +327,7 @@ def _diverged(c: ml_collections.ConfigDict, loss: float) -> bool:
     return not math.isfinite(loss) or (c.loss_limit is not None and loss > c.loss_limit)
 
 
-def _visit(st: _Setup, rec: _Records, scheduled: bool, step, params, opt_state):
+def _visit(st: _Setup, rec: RunRecords, scheduled: bool, step, params, opt_state):
     """Goals, measurements and checkpoint of ``step``; the status the run stops with."""
     c = st.config
     evaluation = None
@@ -465,7 +342,7 @@ def _visit(st: _Setup, rec: _Records, scheduled: bool, step, params, opt_state):
     return status
 
 
-def _loop(st: _Setup, rec: _Records, step: int, params, opt_state, restored_meta):
+def _loop(st: _Setup, rec: RunRecords, step: int, params, opt_state, restored_meta):
     """Steps until the run stops; ``(status, step, params, opt_state, batch_loss)``."""
     c = st.config
     limit = jnp.asarray(math.inf if c.loss_limit is None else c.loss_limit, c.dtype)
@@ -540,7 +417,7 @@ def train(
     checks.check_finite(params, names=("initial params",))
     opt_state = st.placement.params(tx.init(params))
     traces_before = Counter(programs.traces)
-    rec = _Records(st, None if workdir is None else workdir)
+    rec = RunRecords(st, workdir, functools.partial(_measure_row, st))
     step, params, opt_state, meta = rec.resume(params, opt_state, force)
     resumed_from = None if meta is None else step
     try:
