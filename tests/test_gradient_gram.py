@@ -132,3 +132,33 @@ def test_bad_arguments_are_refused():
         gradient_gram.gradient_gram(o, p, b, method="fast")
     with pytest.raises(ValueError, match="k must be"):
         gradient_gram.covariance_spectrum(o, p, b, k=prob.n + 1)
+
+
+@pytest.mark.parametrize("method", ["factored", "per_example"])
+def test_mean_dominated_float32_matches_the_float64_per_example_route(method):
+    """Inputs shifted by 10 and all labels equal: ‖ḡ‖² / tr(C) = ρ ≈ 3·10⁸.
+
+    Any float32 route starts from per-example gradients with rounding eps·‖g_p‖ ≈ eps·‖ḡ‖, so
+    tr(C) = (1/n)Σ‖ĝ_p‖² carries a first-order error of about 2 eps·‖ḡ‖·‖ĝ‖, a relative
+    eps·√ρ (≈ 1e-3 here; 4× that as the bound, for the sums over layers and examples). Centring
+    the float32 Gram of the raw gradients instead cancels ‖ḡ‖²-sized entries: relative error
+    eps·ρ ≫ 1, which the last assertion checks so that the bound is known to discriminate.
+    """
+    prob = mlp_problem("tanh", "cross_entropy", n=16, d=4, widths=(6, 3))
+    o = prob.objective
+    x = 0.01 * prob.batch.inputs + 10.0
+    y = jnp.zeros((16,), jnp.int32)
+    b64, b32 = sj.Batch(x, y), sj.Batch(x.astype(jnp.float32), y)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), prob.params)
+    ref = float(noise.gradient_covariance_trace(o, prob.params, b64))
+    g_bar = sj.gradient(o, prob.params, b64)
+    rho = float(sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g_bar))) / ref
+    assert rho > 1e8
+    bound = 4 * float(jnp.finfo(jnp.float32).eps) * np.sqrt(rho)
+    res = gradient_gram.exact_covariance_moments(o, p32, b32, method=method)
+    assert res.trace.dtype == jnp.float32
+    assert abs(float(res.trace) - ref) < bound * ref
+    c_ref = gradient_gram.exact_covariance_moments(o, prob.params, b64, method="per_example")
+    assert abs(float(res.eigenvalues[0]) - float(c_ref.eigenvalues[0])) < bound * ref
+    naive = jnp.trace(gradient_gram._centre(gradient_gram.gradient_gram(o, p32, b32)))
+    assert abs(float(naive) - ref) > 100 * bound * ref
