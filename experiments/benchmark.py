@@ -37,7 +37,16 @@ from absl import flags
 
 import sharpness_jax as sj
 from experiments import cli
-from sharpness_jax import data, models, noise, records, second_moment, sharpness, training
+from sharpness_jax import (
+    data,
+    gradient_gram,
+    models,
+    noise,
+    records,
+    second_moment,
+    sharpness,
+    training,
+)
 from sharpness_jax.config import default_config
 from sharpness_jax.programs import CompileCache
 
@@ -58,6 +67,7 @@ TARGETS = {
     "lambda_max_warm_grad_equivalents": (25.0, "gradients"),
     "lambda_max_warm_rel_error": (1e-3, "relative"),
     "batch_sharpness_grad_equivalents": (60.0, "gradients"),
+    "exact_spectrum_c_gram_grad_equivalents": (50.0, "gradients"),
     "w3_exact_h2_diagonal_s": (600.0, "s"),
     "eager_lanczos_x_matvecs": (1.5, "× its matvecs"),
     "eager_lanczos_compile_s": (20.0, "s"),
@@ -228,6 +238,14 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
         lambda p, b: noise.gradient_covariance_top_k(objective, p, b, k=1, chunk_size=chunk)
     )
     out["exact_lambda_max_c_s"] = timeit(top_c, params, batch, repeats=max(1, repeats // 2))
+    # tr(C), ‖C‖_F² and every eigenvalue of C at once, from the centred n × n Gram matrix
+    # (factored over the Dense layers, no per-example gradient formed).
+    spectrum = jax.jit(
+        lambda p, b: gradient_gram.exact_covariance_moments(objective, p, b, chunk_size=chunk)
+    )
+    out["exact_spectrum_c_gram_s"], out["exact_spectrum_c_gram_grad_equivalents"] = paired(
+        spectrum, (params, batch), gradient, repeats=max(1, repeats // 2)
+    )
     n = batch.targets.shape[0]
 
     bs = jax.jit(

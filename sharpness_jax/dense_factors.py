@@ -49,7 +49,13 @@ from sharpness_jax.per_example import sum_over_chunks
 
 PyTree = Any
 
-__all__ = ["DenseLayout", "dense_call_vjp", "dense_layout", "second_moment_matvec"]
+__all__ = [
+    "DenseLayout",
+    "dense_call_vjp",
+    "dense_layout",
+    "layer_signals",
+    "second_moment_matvec",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +232,43 @@ def dense_call_vjp(
     return f, inputs, lambda u: [g["e"] for g in vjp(u)[0]]
 
 
+def _masked_loss_sum(
+    objective: Objective, params: PyTree, chunk: Batch, mask: jax.Array, perts: list, record: bool
+) -> tuple[jax.Array, list[jax.Array] | None]:
+    """Σ_p ℓ_p over the real examples of a chunk under per-example Dense perturbations."""
+    inputs, targets = chunk
+    outputs, seen = _outputs(objective, params, inputs, perts, record)
+    losses = jax.vmap(objective.loss)(outputs, targets)
+    return jnp.sum(jnp.where(mask, losses, 0)), seen
+
+
+def layer_signals(
+    objective: Objective, params: PyTree, chunk: Batch, mask: jax.Array, layout: DenseLayout
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Every Dense call's inputs a and output-gradients δ = ∂ℓ_p/∂z for a chunk of examples.
+
+    One batched backward pass with a zero perturbation added to every Dense output: its
+    gradient is every example's δ, and the interception records the inputs on the way.
+
+    Args:
+      objective, params: the model (already validated and restricted).
+      chunk: a :class:`Batch` of c examples.
+      mask: ``(c,)`` bool, False on padding (whose δ is then zero; its a is not masked).
+      layout: an applicable :class:`DenseLayout` of ``objective`` and ``params``.
+
+    Returns:
+      ``(acts, deltas)`` in call order: ``acts[l]`` of shape ``(c, *input_shape)`` and
+      ``deltas[l]`` of shape ``(c, *output_shape)``.
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    size = mask.shape[0]
+    zeros = [{"e": jnp.zeros((size, *c.output_shape), dtype)} for c in layout.calls]
+    grad_e, seen = jax.grad(
+        lambda perts: _masked_loss_sum(objective, params, chunk, mask, perts, True), has_aux=True
+    )(zeros)
+    return seen, [g["e"] for g in grad_e]
+
+
 def second_moment_matvec(
     objective: Objective,
     params: PyTree,
@@ -249,23 +292,15 @@ def second_moment_matvec(
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
 
     def loss_sum(theta, chunk, mask, perts, record):
-        inputs, targets = chunk
-        outputs, seen = _outputs(objective, theta, inputs, perts, record)
-        losses = jax.vmap(objective.loss)(outputs, targets)
-        return jnp.sum(jnp.where(mask, losses, 0)), seen
+        return _masked_loss_sum(objective, theta, chunk, mask, perts, record)
 
     def matvec(v):
         def chunk_fn(chunk, mask, index):
             del index
             size = mask.shape[0]
-            zeros = [{"e": jnp.zeros((size, *c.output_shape), dtype)} for c in calls]
 
             def signals(theta):
-                # δ = ∂ℓ_p/∂z for every call and example; the recorded inputs a ride along.
-                grad_e, seen = jax.grad(
-                    lambda perts: loss_sum(theta, chunk, mask, perts, True), has_aux=True
-                )(zeros)
-                return seen, [g["e"] for g in grad_e]
+                return layer_signals(objective, theta, chunk, mask, layout)
 
             (acts, deltas), (acts_dot, deltas_dot) = jax.jvp(signals, (params,), (v,))
 

@@ -37,7 +37,15 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import batch_moments, checks, linalg, minibatch, operators, subsets
+from sharpness_jax import (
+    batch_moments,
+    checks,
+    gradient_gram,
+    linalg,
+    minibatch,
+    operators,
+    subsets,
+)
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import sum_over_chunks
 
@@ -72,10 +80,7 @@ def _flat(tree: PyTree) -> jax.Array:
 
 def _centred_grads(objective, params, g_bar_flat, chunk, mask) -> jax.Array:
     """Rows ĝ_p = g_p − ḡ of the chunk as a ``(c, P)`` array; zero on padding."""
-    grad = jax.grad(objective.example_loss)
-    x, y = chunk
-    g = jax.vmap(lambda xp, yp: _flat(grad(params, xp, yp)))(x, y)
-    return jnp.where(mask[:, None], g - g_bar_flat[None, :], 0)
+    return gradient_gram.flat_example_grads(objective, params, chunk, mask, g_bar_flat)
 
 
 def _prepare_covariance(objective, params, batch, chunk_size, subset):
@@ -164,23 +169,14 @@ def gradient_covariance_gram(
         cheaper="use a smaller chunk_size, or the matrix-free route "
         "(gradient_covariance_top_k(method='lanczos'))",
     )
-    if chunk_size is None or chunk_size >= n:
-        g = _centred_grads(objective, params, g_bar, batch, jnp.ones((n,), bool))
-        return _matmul(g, g.T) / n
-
-    def row_fn(rows, row_mask, row_index):
-        g_rows = _centred_grads(objective, params, g_bar, rows, row_mask)
-
-        def col_fn(cols, col_mask, col_index):
-            g_cols = _centred_grads(objective, params, g_bar, cols, col_mask)
-            block = _matmul(g_rows, g_cols.T)
-            strip = jnp.zeros((g_rows.shape[0], n), dtype)
-            return strip.at[:, col_index].set(block, mode="drop")
-
-        strip = sum_over_chunks(col_fn, batch, chunk_size=chunk_size)
-        return jnp.zeros((n, n), dtype).at[row_index].set(strip, mode="drop")
-
-    return sum_over_chunks(row_fn, batch, chunk_size=chunk_size) / n
+    gram = gradient_gram.blocked_gram(
+        lambda chunk, mask: _centred_grads(objective, params, g_bar, chunk, mask),
+        lambda g_rows, g_cols: _matmul(g_rows, g_cols.T),
+        batch,
+        chunk_size=chunk_size,
+        dtype=dtype,
+    )
+    return gram / n
 
 
 def gradient_covariance_frobenius_squared(

@@ -1,0 +1,442 @@
+"""The n × n Gram matrix of per-example gradients, and the exact spectrum of C from it.
+
+Notation as in :mod:`sharpness_jax.noise`: g_p = ∇ℓ_p, ḡ = (1/n) Σ_p g_p, ĝ_p = g_p − ḡ,
+C = (1/n) Σ_p ĝ_p ĝ_pᵀ. The (uncentred) Gram matrix is K_pq = g_p·g_q, and the centred one
+
+    K_c = (I − 11ᵀ/n) K (I − 11ᵀ/n) / n,     (K_c)_pq = ĝ_p·ĝ_q / n,
+
+has the nonzero eigenvalues of C: tr(C) = tr(K_c), ‖C‖_F² = ‖K_c‖_F², and K_c u = λu (λ > 0)
+gives the unit eigenvector v = Ĝᵀu / √(nλ) of C, with Ĝᵀu = Σ_p u_p g_p (1ᵀu = 0) one
+vector-Jacobian product of the weighted summed loss.
+
+Two routes build the Gram matrix, block by block over chunks of rows and columns (memory
+n² plus what one pair of chunks needs; about n / chunk_size passes over the batch):
+
+* ``"factored"``, when every free parameter leaf is the kernel or bias of one flax
+  ``nn.Dense`` call (:func:`sharpness_jax.dense_factors.dense_layout`). A Dense layer applied
+  at T positions has per-example kernel gradient Σ_t a_pt δ_ptᵀ (inputs a, output-gradients
+  δ), so its share of K is Σ_{t,s} (a_pt·a_qs)(δ_pt·δ_qs): Hadamard products of the
+  activation and back-propagated Grams, and Σ_{t,s} δ_pt·δ_qs for the bias. No per-example
+  gradient is formed. Where T²(d + m) > d·m (many positions, narrow layers) the layer's
+  gradient Σ_t a_pt δ_ptᵀ (d × m) is formed per example of a chunk instead, which is cheaper.
+* ``"per_example"``: flat per-example gradients of a chunk, G_r G_cᵀ per block.
+
+Numerics when tr(C) ≪ ‖ḡ‖². Centring K after the fact cancels ‖ḡ‖²-sized entries: in
+float32 it leaves errors of order eps·‖ḡ‖² on a signal of order tr(C)/n. C is invariant under
+subtracting any fixed vector r from every g_p, so the covariance routes build the Gram of
+g_p − r with r close to ḡ, where the cancellation happens on the factors, not on their
+products. The per-example route takes r = ḡ (one gradient first). The factored route takes,
+per layer, r = Σ_t ā_t δ̄_tᵀ (ā_t, δ̄_t the means over examples at position t) and writes
+
+    g_p − r = Σ_t (a_pt − ā_t) δ_ptᵀ + ā_t (δ_pt − δ̄_t)ᵀ,
+
+a sum of products with one small factor each, whose inner products have no catastrophic
+cancellation. What is left of the mean, ḡ − r, is of the order of the fluctuations, and the
+final centring of that Gram is benign: the error is of order eps·‖ḡ‖·‖ĝ‖, as for centred
+per-example gradients, instead of eps·‖ḡ‖².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from sharpness_jax import checks, dense_factors, operators, subsets
+from sharpness_jax.objective import Batch, Objective
+from sharpness_jax.per_example import sum_over_chunks
+
+PyTree = Any
+
+__all__ = [
+    "METHODS",
+    "CovarianceSpectrum",
+    "blocked_gram",
+    "covariance_spectrum",
+    "exact_covariance_moments",
+    "flat_example_grads",
+    "gradient_gram",
+    "gram_method",
+]
+
+METHODS = ("auto", "factored", "per_example")
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class CovarianceSpectrum(NamedTuple):
+    """Exact moments and spectrum of C from the centred Gram matrix K_c.
+
+    Attributes:
+      trace: tr(C) = tr(K_c).
+      frobenius_squared: ‖C‖_F² = ‖K_c‖_F².
+      eigenvalues: the n eigenvalues of K_c, descending: every nonzero eigenvalue of C, then
+        zeros at rounding level (rank C ≤ n − 1).
+      method: the route that built the Gram matrix, ``"factored"`` or ``"per_example"``
+        (static: not a leaf of the pytree).
+      vectors: the top-k unit eigenvectors of C, params' structure with a leading axis k
+        (zero where λ is at rounding level), or None when none were asked for.
+    """
+
+    trace: jax.Array
+    frobenius_squared: jax.Array
+    eigenvalues: jax.Array
+    method: str
+    vectors: PyTree | None = None
+
+
+jax.tree_util.register_pytree_node(
+    CovarianceSpectrum,
+    lambda s: ((s.trace, s.frobenius_squared, s.eigenvalues, s.vectors), s.method),
+    lambda method, leaves: CovarianceSpectrum(*leaves[:3], method, leaves[3]),
+)
+
+
+# ------------------------------------------------------------------------- shared pieces
+
+
+def flat_example_grads(
+    objective: Objective,
+    params: PyTree,
+    chunk: Batch,
+    mask: jax.Array,
+    reference: jax.Array | None = None,
+) -> jax.Array:
+    """Rows g_p − reference of a chunk as a ``(c, P)`` array (flat ``ravel_pytree`` basis).
+
+    Args:
+      objective, params: the (restricted) objective and its free parameters.
+      chunk: c examples; mask: ``(c,)`` bool, False on padding (rows there are zero).
+      reference: a flat P-vector subtracted from every row (None: nothing).
+    """
+    grad = jax.grad(objective.example_loss)
+    x, y = chunk
+    g = jax.vmap(lambda xp, yp: ravel_pytree(grad(params, xp, yp))[0])(x, y)
+    if reference is not None:
+        g = g - reference[None, :]
+    return jnp.where(mask[:, None], g, 0)
+
+
+def blocked_gram(
+    features: Callable[[Batch, jax.Array], PyTree],
+    block: Callable[[PyTree, PyTree], jax.Array],
+    batch: Batch,
+    *,
+    chunk_size: int | None,
+    dtype: Any,
+) -> jax.Array:
+    """The n × n matrix M_pq = ⟨φ_p, φ_q⟩ assembled from chunk-by-chunk blocks.
+
+    For each chunk of rows, the features of every chunk of columns are recomputed, so memory
+    is n² plus the features of two chunks; ``chunk_size=None`` makes one block.
+
+    Args:
+      features: ``(chunk, mask) -> φ`` for the examples of one chunk.
+      block: ``(φ_rows, φ_cols) -> (c_rows, c_cols)`` block of M.
+      batch: the examples; chunk_size: examples per chunk; dtype: of M.
+    """
+    n = checks.num_examples(batch)
+    if chunk_size is None or chunk_size >= n:
+        f = features(batch, jnp.ones((n,), bool))
+        return block(f, f)
+
+    def row_fn(rows, row_mask, row_index):
+        f_rows = features(rows, row_mask)
+
+        def col_fn(cols, col_mask, col_index):
+            tile = block(f_rows, features(cols, col_mask))
+            strip = jnp.zeros((row_mask.shape[0], n), dtype)
+            return strip.at[:, col_index].set(tile, mode="drop")
+
+        strip = sum_over_chunks(col_fn, batch, chunk_size=chunk_size)
+        return jnp.zeros((n, n), dtype).at[row_index].set(strip, mode="drop")
+
+    return sum_over_chunks(row_fn, batch, chunk_size=chunk_size)
+
+
+def _resolve(objective, params, batch, method):
+    """(method, layout) with ``"auto"`` resolved; the layout is None on the generic route."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "per_example":
+        return method, None
+    example = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
+    layout = dense_factors.dense_layout(objective, params, example)
+    if layout.applicable:
+        return "factored", layout
+    if method == "factored":
+        raise ValueError(f"the factored Gram route does not apply: {layout.reason}")
+    return "per_example", None
+
+
+def gram_method(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    subset: subsets.Selector | None = None,
+    method: str = "auto",
+) -> str:
+    """The route :func:`gradient_gram` takes: ``"factored"`` or ``"per_example"``.
+
+    Raises:
+      ValueError: on an unknown method, or ``"factored"`` where it does not apply.
+    """
+    objective, params, _ = operators.prepare(
+        objective, params, batch, chunk_size=None, subset=subset
+    )
+    return _resolve(objective, params, Batch(*batch), method)[0]
+
+
+def _dtype(params):
+    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+
+
+def _check_gram_memory(n, dtype):
+    checks.check_memory(
+        3.0 * n * n * jnp.dtype(dtype).itemsize,
+        max_bytes=None,
+        what=f"the {n:,} × {n:,} Gram matrix",
+        cheaper="use noise.gradient_covariance_top_k(method='lanczos') or a smaller batch",
+    )
+
+
+# ------------------------------------------------------------------------- factored route
+
+
+def _einsum(spec, *arrays):
+    return jnp.einsum(spec, *arrays, precision=_HIGHEST)
+
+
+def _hadamard(call) -> bool:
+    """Whether call's kernel Gram is cheaper as Σ_{t,s}(a·a)(δ·δ) than via its gradient."""
+    t, d, m = call.positions, call.input_shape[-1], call.output_shape[-1]
+    return t * t * (d + m) <= d * m
+
+
+def _factor_means(objective, params, batch, layout, chunk_size):
+    """Per call, (ā, δ̄): the means over examples at each position, shapes (T, d), (T, m)."""
+    n = checks.num_examples(batch)
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        acts, deltas = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+        out = []
+        for c, a, d in zip(layout.calls, acts, deltas, strict=True):
+            a = jnp.where(mask[:, None, None], a.reshape(mask.shape[0], c.positions, -1), 0)
+            out.append((jnp.sum(a, 0), jnp.sum(d.reshape(mask.shape[0], c.positions, -1), 0)))
+        return out
+
+    total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    return [(a / n, d / n) for a, d in total]
+
+
+def _layer_factors(objective, params, chunk, mask, layout, means):
+    """Per call, the factors of g_p − r on a chunk (r = 0 when ``means`` is None)."""
+    acts, deltas = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+    size = mask.shape[0]
+    keep = mask[:, None, None]
+    out = []
+    for k, (c, a, d) in enumerate(zip(layout.calls, acts, deltas, strict=True)):
+        a = a.reshape(size, c.positions, -1)
+        d = d.reshape(size, c.positions, -1)
+        f = {"D": d}
+        if means is None:
+            f["E"] = jnp.where(keep, a, 0)
+            h = d
+        else:
+            a_bar, d_bar = means[k]
+            f["E"] = jnp.where(keep, a - a_bar[None], 0)
+            f["a_bar"] = a_bar
+            h = f["H"] = jnp.where(keep, d - d_bar[None], 0)
+        if c.bias is not None:
+            f["bias"] = jnp.sum(h, axis=1)
+        if c.kernel is not None and not _hadamard(c):
+            w = _einsum("ptd,ptm->pdm", f["E"], d)
+            if "a_bar" in f:
+                w = w + _einsum("td,ptm->pdm", f["a_bar"], f["H"])
+            f["W"] = w
+        out.append(f)
+    return out
+
+
+def _kernel_block(f1, f2):
+    """Σ_{t,s} ⟨ε_pt δ_ptᵀ + ā_t η_ptᵀ, ε_qs δ_qsᵀ + ā_s η_qsᵀ⟩ for one Hadamard call."""
+    block = jnp.sum(
+        _einsum("ptd,qsd->pqts", f1["E"], f2["E"]) * _einsum("ptm,qsm->pqts", f1["D"], f2["D"]),
+        axis=(2, 3),
+    )
+    if "a_bar" not in f1:
+        return block
+    a_bar = f1["a_bar"]
+    ea1 = _einsum("ptd,sd->pts", f1["E"], a_bar)  # ε_pt·ā_s
+    ea2 = _einsum("qsd,td->qst", f2["E"], a_bar)  # ε_qs·ā_t
+    aa = _einsum("td,sd->ts", a_bar, a_bar)
+    block = block + _einsum("pts,pqts->pq", ea1, _einsum("ptm,qsm->pqts", f1["D"], f2["H"]))
+    block = block + _einsum("qst,pqts->pq", ea2, _einsum("ptm,qsm->pqts", f1["H"], f2["D"]))
+    return block + _einsum("ts,pqts->pq", aa, _einsum("ptm,qsm->pqts", f1["H"], f2["H"]))
+
+
+def _factored_block(calls):
+    def block(rows, cols):
+        total = 0
+        for c, f1, f2 in zip(calls, rows, cols, strict=True):
+            if "bias" in f1:
+                total = total + _einsum("pm,qm->pq", f1["bias"], f2["bias"])
+            if "W" in f1:
+                total = total + _einsum("pdm,qdm->pq", f1["W"], f2["W"])
+            elif c.kernel is not None:
+                total = total + _kernel_block(f1, f2)
+        return total
+
+    return block
+
+
+def _gram(objective, params, batch, method, layout, chunk_size, centred):
+    """The Gram of g_p − r (r = 0, or close to ḡ when ``centred``) on the chosen route."""
+    dtype = _dtype(params)
+    if method == "per_example":
+        reference = None
+        if centred:
+            g_bar = operators.gradient(objective, params, batch, chunk_size=chunk_size)
+            reference = ravel_pytree(g_bar)[0]
+
+        def features(chunk, mask):
+            return flat_example_grads(objective, params, chunk, mask, reference)
+
+        def block(g1, g2):
+            return jnp.matmul(g1, g2.T, precision=_HIGHEST)
+
+    else:
+        means = _factor_means(objective, params, batch, layout, chunk_size) if centred else None
+
+        def features(chunk, mask):
+            return _layer_factors(objective, params, chunk, mask, layout, means)
+
+        block = _factored_block(layout.calls)
+    return blocked_gram(features, block, batch, chunk_size=chunk_size, dtype=dtype)
+
+
+# ------------------------------------------------------------------------- public routes
+
+
+def gradient_gram(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+    method: str = "auto",
+) -> jax.Array:
+    """The n × n Gram matrix K_pq = g_p·g_q of the (uncentred) per-example gradients.
+
+    Args:
+      objective, params, batch: the objective (per-example model and loss) and its batch.
+      chunk_size: examples per chunk (``None``: one block).
+      subset: restrict to a parameter subset (g_p is then the subset's gradient).
+      method: ``"factored"``, ``"per_example"`` or ``"auto"`` (factored where it applies;
+        :func:`gram_method` says which).
+
+    Returns:
+      ``(n, n)`` array, rows in batch order.
+
+    Raises:
+      ValueError: on an unknown method, or ``"factored"`` where it does not apply.
+      MemoryError: if the n × n matrix exceeds ``checks.MEMORY_LIMIT_BYTES``.
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    batch = Batch(*batch)
+    method, layout = _resolve(objective, params, batch, method)
+    _check_gram_memory(n, _dtype(params))
+    return _gram(objective, params, batch, method, layout, chunk_size, centred=False)
+
+
+def _centre(gram: jax.Array) -> jax.Array:
+    """(I − 11ᵀ/n) M (I − 11ᵀ/n) / n."""
+    n = gram.shape[0]
+    rows = jnp.mean(gram, axis=1)
+    return (gram - rows[:, None] - rows[None, :] + jnp.mean(rows)) / n
+
+
+def _top_vectors(objective, params, batch, vals, vecs, chunk_size):
+    """v_i = Ĝᵀu_i / √(nλ_i) = Σ_p u_ip g_p / √(nλ_i) (u_i centred), one VJP per chunk."""
+    n = vecs.shape[0]
+    u = vecs - jnp.mean(vecs, axis=0, keepdims=True)  # 1ᵀu = 0, so Ĝᵀu = Gᵀu
+
+    def chunk_fn(chunk, mask, index):
+        weights = jnp.where(mask[:, None], jnp.take(u, index, axis=0, mode="clip"), 0)
+        _, vjp = jax.vjp(lambda p: objective.batch_losses(p, chunk), params)
+        return jax.vmap(lambda w: vjp(w)[0])(weights.T)
+
+    gt_u = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    lam = jnp.maximum(vals, 0)
+    floor = n * jnp.finfo(vals.dtype).eps * jnp.maximum(lam[0], jnp.finfo(vals.dtype).tiny)
+    positive = lam > floor
+    scale = jnp.where(positive, 1 / jnp.sqrt(n * jnp.where(positive, lam, 1)), 0)
+    return jax.tree_util.tree_map(
+        lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), gt_u
+    )
+
+
+def covariance_spectrum(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    k: int = 0,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+    method: str = "auto",
+) -> CovarianceSpectrum:
+    """tr(C), ‖C‖_F², every nonzero eigenvalue of C and optionally its top-k eigenvectors.
+
+    All from the centred Gram matrix K_c (eigh, n × n), built stably when the mean gradient
+    dominates (see the module docstring). Eigenvectors v_i = Ĝᵀu_i / √(nλ_i) come from one
+    more pass: a vector-Jacobian product of Σ_p u_ip ℓ_p per chunk for all k at once.
+
+    Args:
+      objective, params, batch, chunk_size, subset, method: as in :func:`gradient_gram`.
+      k: number of eigenvectors (0 ≤ k ≤ n).
+
+    Returns:
+      :class:`CovarianceSpectrum`.
+
+    Raises:
+      ValueError: on a bad method or k.
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    batch = Batch(*batch)
+    if not (isinstance(k, int) and 0 <= k <= n):
+        raise ValueError(f"k must be an integer in [0, n={n}], got {k!r}")
+    method, layout = _resolve(objective, params, batch, method)
+    _check_gram_memory(n, _dtype(params))
+    gram = _centre(_gram(objective, params, batch, method, layout, chunk_size, centred=True))
+    vals, vecs = jnp.linalg.eigh(gram)
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    vectors = None
+    if k:
+        vectors = _top_vectors(objective, params, batch, vals[:k], vecs[:, :k], chunk_size)
+    return CovarianceSpectrum(jnp.trace(gram), jnp.sum(jnp.square(gram)), vals, method, vectors)
+
+
+def exact_covariance_moments(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+    method: str = "auto",
+) -> CovarianceSpectrum:
+    """tr(C), ‖C‖_F² and the eigenvalues of C, exactly: :func:`covariance_spectrum` with k = 0."""
+    return covariance_spectrum(
+        objective, params, batch, chunk_size=chunk_size, subset=subset, method=method
+    )
