@@ -14,8 +14,7 @@ influence                       (H + λI)⁻¹ g_p for chosen examples p (or giv
 trace_of_inverse_product        tr((A + λI)⁻¹ B), Hutchinson with one solve per probe
 takeuchi_information_criterion  tr((H + λI)⁻¹ C), C the centred gradient covariance
 riemannian_trace_full           tr((F + λI)⁻¹ H), the full-network Riemannian trace
-riemannian_top_k_full           top generalised eigenpairs H u = θ (F + λI) u
-riemannian_lambda_max           λ_max((F + λI)⁻¹ H)
+riemannian_lambda_max           λ_max((F + λI)⁻¹ H) (and the next generalised eigenpairs)
 ==============================  ============================================================
 
 Methods (``SOLVE_METHODS``): ``"cg"`` (lineax CG, for positive definite A + λI: GGN,
@@ -69,7 +68,6 @@ __all__ = [
     "influence",
     "natural_gradient",
     "riemannian_lambda_max",
-    "riemannian_top_k_full",
     "riemannian_trace_full",
     "solve",
     "takeuchi_information_criterion",
@@ -372,19 +370,32 @@ def trace_of_inverse_product(
     s = _settings(method, tol, max_iters, restart)
     _check_template(template)
     pre = _unwrap_preconditioner(preconditioner)
+    damping = _damping(damping, template)
     value, sem = _dispatch(
         _inverse_trace,
         a,
         b,
         template,
         key,
-        _damping(damping, template),
+        damping,
         pre,
         s=s,
         num_probes=num_probes,
         probe_chunk=probe_chunk,
     )
     return Estimate(value, sem, num_probes)
+
+
+def _curvature_trace(inverted, other, objective, params, batch, *, chunk_size, subset, **kw):
+    """tr((A + λI)⁻¹ B) for A = ``inverted(...)`` and B = ``other(...)`` of the objective."""
+    _, template, _ = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    a, b = (
+        build(objective, params, batch, chunk_size=chunk_size, subset=subset)
+        for build in (inverted, other)
+    )
+    return trace_of_inverse_product(a, b, template, **kw)
 
 
 def takeuchi_information_criterion(
@@ -409,17 +420,14 @@ def takeuchi_information_criterion(
     ((1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ, exact); by :func:`trace_of_inverse_product`. GMRES by
     default, as the damped Hessian away from a minimum may be indefinite.
     """
-    _, template, _ = operators.prepare(
-        objective, params, batch, chunk_size=chunk_size, subset=subset
-    )
-    hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    cvp = operators.gradient_covariance(
-        objective, params, batch, chunk_size=chunk_size, subset=subset
-    )
-    return trace_of_inverse_product(
-        hvp,
-        cvp,
-        template,
+    return _curvature_trace(
+        operators.hessian,
+        operators.gradient_covariance,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
         damping=damping,
         key=key,
         num_probes=num_probes,
@@ -451,20 +459,18 @@ def riemannian_trace_full(
     one CG solve with F + λI per probe (:func:`trace_of_inverse_product`). Needs λ > 0 when F
     is singular (always, for homogeneous hidden units; see :mod:`sharpness_jax.riemannian`).
     """
-    _, template, _ = operators.prepare(
-        objective, params, batch, chunk_size=chunk_size, subset=subset
-    )
-    fvp = operators.fisher(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    return trace_of_inverse_product(
-        fvp,
-        hvp,
-        template,
+    return _curvature_trace(
+        operators.fisher,
+        operators.hessian,
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        subset=subset,
         damping=damping,
         key=key,
         num_probes=num_probes,
         probe_chunk=probe_chunk,
-        method="cg",
         tol=tol,
         max_iters=max_iters,
     )
@@ -524,7 +530,7 @@ def _metric_lanczos(h, m, template, key, damping, *, num_iters, s):
 
 
 @compiled(static=("k", "num_iters", "s"))
-def _riemannian_top_k(h, m, template, key, damping, *, k, num_iters, s):
+def _riemannian_lambda_max(h, m, template, key, damping, *, k, num_iters, s):
     q_rows, hq_rows, mq_rows, used, _, ok = _metric_lanczos(
         h, m, template, key, damping, num_iters=num_iters, s=s
     )
@@ -543,7 +549,7 @@ def _riemannian_top_k(h, m, template, key, damping, *, k, num_iters, s):
     return GeneralisedEigen(values, jax.vmap(unravel)(vectors), residuals, used, ok)
 
 
-def riemannian_top_k_full(
+def riemannian_lambda_max(
     objective: Objective,
     params: PyTree,
     batch: Batch,
@@ -557,7 +563,7 @@ def riemannian_top_k_full(
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
 ) -> GeneralisedEigen:
-    """Top-k generalised eigenpairs H u = θ (F + λI) u, i.e. of (F + λI)⁻¹ H, matrix-free.
+    """λ_max((F + λI)⁻¹ H), with the next k − 1 generalised eigenpairs H u = θ (F + λI) u.
 
     (F + λI)⁻¹ H is self-adjoint in the inner product ⟨u, v⟩ = uᵀ (F + λI) v, so Lanczos in
     that inner product (equivalently, Lanczos on the symmetric (F + λI)^{-1/2} H
@@ -586,35 +592,6 @@ def riemannian_top_k_full(
         raise ValueError(f"k={k} exceeds the Lanczos steps {num_iters}")
     hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=subset)
     fvp = operators.fisher(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    return _riemannian_top_k(
+    return _riemannian_lambda_max(
         hvp, fvp, template, key, _damping(damping, template), k=k, num_iters=num_iters, s=s
-    )
-
-
-def riemannian_lambda_max(
-    objective: Objective,
-    params: PyTree,
-    batch: Batch,
-    *,
-    damping: float,
-    key: jax.Array,
-    num_iters: int = 32,
-    tol: float = 1e-10,
-    max_iters: int | None = None,
-    chunk_size: int | None = None,
-    subset: subsets.Selector | None = None,
-) -> GeneralisedEigen:
-    """λ_max((F + λI)⁻¹ H): :func:`riemannian_top_k_full` with k = 1."""
-    return riemannian_top_k_full(
-        objective,
-        params,
-        batch,
-        damping=damping,
-        key=key,
-        k=1,
-        num_iters=num_iters,
-        tol=tol,
-        max_iters=max_iters,
-        chunk_size=chunk_size,
-        subset=subset,
     )
