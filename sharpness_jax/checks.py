@@ -1,12 +1,18 @@
 """Input checks that run before any heavy computation.
 
 Shape, structure and dtype checks read only static information, so they work on tracers and
-raise at trace time, before XLA compiles or runs anything. :func:`check_finite` looks at
-values, so it runs eagerly; the experiment layer calls it before measuring.
+raise at trace time, before XLA compiles or runs anything. :func:`check_values` and
+:func:`check_finite` look at values: one small jitted reduction over the concrete leaves
+(tracers are skipped, so building an operator inside ``jax.jit`` still works). Every operator
+constructor and measure runs :func:`check_values` on its params and batch when it is built;
+``with checks.validation(False):`` turns that off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -25,12 +31,15 @@ __all__ = [
     "check_params",
     "check_positive_int",
     "check_positive_scalar",
+    "check_values",
     "check_vector",
     "concrete_value",
     "is_int",
     "is_number",
     "num_examples",
     "require",
+    "validation",
+    "validation_enabled",
 ]
 
 
@@ -201,10 +210,140 @@ def check_memory(num_bytes: float, *, max_bytes: float | None, what: str, cheape
         )
 
 
+_VALIDATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sharpness_jax_validation", default=True
+)
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Turns the value checks of operators and measures on or off inside a ``with`` block.
+
+    When an operator or measure is built, :func:`check_values` checks that params, inputs and
+    targets hold no NaN or Inf and that integer class labels lie in [0, K). It costs one
+    reduction over the data. To skip it (data validated already, or NaNs wanted)::
+
+        with sj.checks.validation(False):
+            H = sj.hessian(objective, params, batch)
+
+    The setting is a context variable (per thread and per asyncio task) and is restored when
+    the block exits. Only the value checks are affected: shape, structure and dtype checks
+    always run. An operator is checked when built, so one built inside the block stays
+    unchecked when used after it.
+
+    Args:
+      enabled: whether value checks run inside the block.
+    """
+    token = _VALIDATION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALIDATION.reset(token)
+
+
+def validation_enabled() -> bool:
+    """Whether value checks run here (False inside ``validation(False)``)."""
+    return _VALIDATION.get()
+
+
+@jax.jit
+def _value_summary(floats: list, labels: list) -> tuple[list, list]:
+    """Non-finite counts of ``floats`` and (min, max) of ``labels``, in one program."""
+    counts = [jnp.sum(~jnp.isfinite(a)) for a in floats]
+    ranges = [(jnp.min(a), jnp.max(a)) for a in labels]
+    return counts, ranges
+
+
+def _summarise(floats: list, labels: list) -> tuple[list, list]:
+    """:func:`_value_summary` of the named leaves, run now even while a jit traces."""
+    with jax.ensure_compile_time_eval():
+        summary = _value_summary([a for _, a in floats], [a for _, a in labels])
+    return jax.device_get(summary)
+
+
+def _concrete_leaves(named: Iterable[tuple[str, PyTree]], keep: Callable[[Any], bool]) -> list:
+    """``(name + path, leaf)`` for the leaves, not tracers, of dtype ``keep``; none empty."""
+    out = []
+    for tree_name, tree in named:
+        for path, leaf in _leaves_with_paths(tree):
+            if isinstance(leaf, jax.core.Tracer) or not keep(jnp.result_type(leaf)):
+                continue
+            if np.size(leaf):
+                out.append((f"{tree_name}{path}", leaf))
+    return out
+
+
+def _is_inexact(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _is_integer(dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer)
+
+
+def _raise_nonfinite(floats: list, counts: list, hint: str = "") -> None:
+    for (name, leaf), count in zip(floats, counts, strict=True):
+        if int(count):
+            raise ValueError(
+                f"{name} holds {int(count)} non-finite value(s) (NaN or Inf) out of "
+                f"{np.size(leaf)}{hint}"
+            )
+
+
+_OPT_OUT = "; with sharpness_jax.checks.validation(False) this check is skipped"
+
+
+def check_values(
+    params: PyTree,
+    inputs: PyTree,
+    targets: PyTree,
+    *,
+    num_classes: Callable[[], int | None] | None = None,
+) -> None:
+    """Refuses non-finite params, inputs or targets, and class labels outside [0, K).
+
+    One small jitted reduction over the floating-point leaves (NaN/Inf counts) and the integer
+    target leaves (min and max). Leaves that are tracers are skipped: under ``jax.jit`` values
+    are unknown at trace time, so an operator built inside a compiled program is not checked.
+    Nothing runs inside ``validation(False)``.
+
+    Args:
+      params, inputs, targets: the arrays to check.
+      num_classes: returns K when integer targets are class indices into the outputs' last
+        axis, None when they are not; called only when there are concrete integer targets.
+        None: integer targets are not checked.
+
+    Raises:
+      ValueError: naming the leaf and how many values are non-finite, or the offending label,
+        how many labels are out of range, and K.
+    """
+    if not validation_enabled():
+        return
+    named = (("params", params), ("inputs", inputs), ("targets", targets))
+    floats = _concrete_leaves(named, _is_inexact)
+    labels = _concrete_leaves(named[2:], _is_integer) if num_classes else []
+    k = num_classes() if labels else None
+    labels = labels if k is not None else []
+    if not floats and not labels:
+        return
+    counts, ranges = _summarise(floats, labels)
+    _raise_nonfinite(floats, counts, _OPT_OUT)
+    for (name, leaf), (low, high) in zip(labels, ranges, strict=True):
+        if low < 0 or high >= k:
+            values = np.asarray(leaf)
+            bad = int(np.count_nonzero((values < 0) | (values >= k)))
+            raise ValueError(
+                f"{name} holds {bad} class label(s) outside [0, {k}), e.g. "
+                f"{int(low) if low < 0 else int(high)}; K = {k} is the size of the last axis of "
+                f"the model's outputs{_OPT_OUT}"
+            )
+
+
 def check_finite(*trees: PyTree, names: tuple[str, ...] | None = None) -> None:
     """Raises if any floating-point leaf of the given pytrees holds NaN or Inf.
 
-    Runs eagerly (it reads values); call it before a long measurement.
+    Reads values (one jitted reduction) and skips tracers; call it before a long measurement.
+    Unlike :func:`check_values` it runs inside ``validation(False)`` too.
 
     Args:
       *trees: pytrees of arrays (params, a batch, ...).
@@ -214,17 +353,9 @@ def check_finite(*trees: PyTree, names: tuple[str, ...] | None = None) -> None:
       ValueError: naming the first offending leaf and how many entries are non-finite.
     """
     names = names or tuple(f"tree{i}" for i in range(len(trees)))
-    for tree_name, tree in zip(names, trees, strict=True):
-        for path, leaf in _leaves_with_paths(tree):
-            arr = np.asarray(leaf)
-            if not np.issubdtype(arr.dtype, np.inexact):
-                continue
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-            if bad:
-                raise ValueError(
-                    f"{tree_name}{path} holds {bad} non-finite value(s) (NaN or Inf) out of "
-                    f"{arr.size}"
-                )
+    floats = _concrete_leaves(zip(names, trees, strict=True), _is_inexact)
+    if floats:
+        _raise_nonfinite(floats, _summarise(floats, [])[0])
 
 
 def require(condition: bool, message: str) -> None:

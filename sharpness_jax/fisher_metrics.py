@@ -61,7 +61,9 @@ def _squared_fisher_columns(objective: Objective, params: PyTree, example) -> Py
     """Σ_k (J_pᵀ B_p e_k)² over the K columns of the output Fisher factor B_p."""
     x, _ = example
     f, vjp = jax.vjp(lambda p: objective.predict(p, x), params)
-    columns = jax.vmap(lambda u: vjp(u)[0])(objective.loss.output_fisher_factor(f).T)
+    columns = jax.vmap(lambda u: vjp(u)[0])(
+        objective.predictive("output_fisher_factor", "the Fisher diagonal")(f).T
+    )
     return jax.tree_util.tree_map(lambda c: jnp.sum(jnp.square(c), axis=0), columns)
 
 

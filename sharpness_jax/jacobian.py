@@ -414,7 +414,7 @@ def curvature_terms(
     errors clipped), κ_p = λ_max(Λ_p^{1/2} S_p Λ_p^{1/2}) and ‖J_p‖₂² = λ_max(S_p).
 
     Args:
-      objective: the model and a loss with ``output_hessian`` (``objective.LOSSES``).
+      objective: the model and its loss (Λ in closed form, or by autodiff).
       params: the parameters.
       batch: the examples (floating-point inputs).
       chunk_size: examples per chunk (memory ``chunk_size · K · D``).
@@ -436,7 +436,7 @@ def curvature_terms(
 
         f = g(flat_x)
         jac = (jax.jacfwd if flat_x.size <= f.size else jax.jacrev)(g)(flat_x)
-        lam = objective.loss.output_hessian(f, y)
+        lam = objective.output_hessian(f, y)
         w, v = jnp.linalg.eigh(0.5 * (lam + lam.T))
         root = (v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]) @ v.T
         s = jac @ jac.T

@@ -130,7 +130,7 @@ def kfac_factors(
     inputs, _ = batch
     layout, names = _layers(objective, params, inputs)
     leaves = jax.tree_util.tree_leaves(params)
-    factor = objective.loss.output_fisher_factor
+    factor = objective.predictive("output_fisher_factor", "K-FAC")
 
     def one(x):
         f, layer_inputs, vjp = dense_factors.dense_call_vjp(objective, params, x, layout)

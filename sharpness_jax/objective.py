@@ -19,6 +19,13 @@ Every loss also knows, in closed form,
 
 For softmax cross-entropy on logits and for squared error, F_out = Λ, so the true Fisher
 equals the Gauss–Newton matrix (a test checks this).
+
+Any other loss works too: a plain callable ``(outputs, y) -> scalar`` (or
+:func:`loss_from_function`) gets Λ by autodiff, applied as a Hessian-vector product in
+output space, so the Hessian, the GGN, the empirical Fisher and C all work. The true and the
+Monte-Carlo Fisher need a predictive distribution p(y | f); asking for them on such a loss is
+a ``ValueError`` that says how to give one (a :class:`Loss` with ``output_fisher_factor`` and
+``sample_output_grad``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ __all__ = [
     "Loss",
     "Objective",
     "get_loss",
+    "loss_from_function",
     "output_inner",
     "softmax_cross_entropy",
     "softmax_squared_error",
@@ -62,25 +70,76 @@ class Batch(NamedTuple):
 class Loss:
     """A per-example loss ``value(f, y) -> scalar`` with its closed-form curvature.
 
+    Only ``name`` and ``value`` are required. Without ``output_hessian``, Λ comes from
+    autodiff (as Hessian-vector products in output space) and the outputs may have any
+    shape; without ``output_fisher_factor`` / ``sample_output_grad`` the loss has no
+    predictive distribution and the true / Monte-Carlo Fisher refuse it.
+
     Attributes:
       name: a name that says which loss and which normalisation.
       value: ``(outputs (K,), target) -> scalar``.
-      output_hessian: ``(outputs, target) -> (K, K)``, Λ = ∇²_f value(f, y).
+      output_hessian: ``(outputs, target) -> (K, K)``, Λ = ∇²_f value(f, y), or None.
       output_fisher_factor: ``outputs -> (K, K)`` matrix B with F_out(f) = B Bᵀ, the Fisher
-        information of the predictive distribution p(y | f) in output space.
+        information of the predictive distribution p(y | f) in output space, or None.
       sample_output_grad: ``(key, outputs) -> (K,)``, the gradient ∇_f(−log p(ŷ | f)) at a
-        target ŷ drawn from p(· | f). Its second moment is F_out.
+        target ŷ drawn from p(· | f) (its second moment is F_out), or None.
+      class_labels: whether integer targets are class indices into the outputs' last axis
+        (then they are checked to lie in [0, K) when an operator is built).
     """
 
     name: str
     value: Callable[[jax.Array, jax.Array], jax.Array]
-    output_hessian: Callable[[jax.Array, jax.Array], jax.Array]
-    output_fisher_factor: Callable[[jax.Array], jax.Array]
-    sample_output_grad: Callable[[jax.Array, jax.Array], jax.Array]
+    output_hessian: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    output_fisher_factor: Callable[[jax.Array], jax.Array] | None = None
+    sample_output_grad: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    class_labels: bool = True
 
     def __call__(self, outputs: jax.Array, target: jax.Array) -> jax.Array:
-        _check_outputs(outputs, self.name)
+        if self.output_hessian is not None:
+            _check_outputs(outputs, self.name)
         return self.value(outputs, target)
+
+
+def loss_from_function(
+    fn: Callable[[jax.Array, Any], jax.Array],
+    name: str | None = None,
+    *,
+    class_labels: bool = False,
+) -> Loss:
+    """A :class:`Loss` from a plain ``(outputs, y) -> scalar``: Λ by autodiff, no Fisher.
+
+    The GGN applies Λ = ∇²_f fn(f, y) as a Hessian-vector product (``jax.jvp`` of
+    ``jax.grad(fn)``), never forming it; the outputs may have any shape. The true and the
+    Monte-Carlo Fisher raise a ``ValueError`` that says how to supply a predictive
+    distribution. An :class:`Objective` accepts ``fn`` itself just as well; this adds a name
+    and the label check.
+
+    Args:
+      fn: the per-example loss.
+      name: its name (default: ``fn.__name__``).
+      class_labels: whether integer targets are class indices to check against K.
+
+    Returns:
+      The :class:`Loss`.
+    """
+    return Loss(name or getattr(fn, "__name__", "custom"), fn, class_labels=class_labels)
+
+
+def _loss_name(loss: Any) -> str:
+    return loss.name if isinstance(loss, Loss) else getattr(loss, "__name__", repr(loss))
+
+
+def _no_predictive(loss: Any, part: str, what: str) -> ValueError:
+    kind = "a Loss without it" if isinstance(loss, Loss) else "a plain (f, y) -> scalar callable"
+    return ValueError(
+        f"{what} needs the predictive distribution p(y | f) of the loss, but loss "
+        f"{_loss_name(loss)!r} ({kind}) has no {part}; its Hessian, GGN, empirical Fisher and "
+        "C work without one. To supply it, construct the loss as sj.Loss(name, value, "
+        "output_fisher_factor=B, sample_output_grad=sample) with B(f) B(f)ᵀ = F_out(f), the "
+        "Fisher information of p(y | f) in output space (for the true Fisher), and "
+        "sample(key, f) = ∇_f(−log p(ŷ | f)) at a target ŷ drawn from p(· | f) (for the "
+        "Monte-Carlo Fisher); sj.softmax_cross_entropy and sj.squared_error carry both."
+    )
 
 
 def _check_outputs(outputs: jax.Array, name: str) -> None:
@@ -254,11 +313,13 @@ class Objective:
 
     Attributes:
       predict: per-example model ``(params, x) -> outputs`` of shape ``(K,)``.
-      loss: a :class:`Loss` (or any callable ``(outputs, y) -> scalar`` for value-only use).
+      loss: a :class:`Loss`, or any callable ``(outputs, y) -> scalar`` (Λ then comes from
+        autodiff; the true and Monte-Carlo Fisher need a :class:`Loss` with a predictive
+        distribution).
     """
 
     predict: Callable[[PyTree, PyTree], jax.Array]
-    loss: Loss
+    loss: Loss | Callable[[jax.Array, Any], jax.Array]
 
     def example_loss(self, params: PyTree, x: PyTree, y: PyTree) -> jax.Array:
         """ℓ(θ; x, y) for one example."""
@@ -279,18 +340,70 @@ class Objective:
     def output_hessian_products(
         self, outputs: jax.Array, targets: PyTree, tangents: jax.Array
     ) -> jax.Array:
-        """Λ_p t_p for a batch: outputs, tangents ``(n, K)`` -> ``(n, K)``."""
-        lam = jax.vmap(self.loss.output_hessian)(outputs, targets)
-        return jnp.einsum("pkl,pl->pk", lam, tangents)
+        """Λ_p t_p for a batch: outputs, tangents ``(n, K)`` -> ``(n, K)``.
+
+        Closed form when the loss has ``output_hessian``; otherwise one forward-over-reverse
+        product per example, ``jax.jvp(jax.grad(loss))``, without forming Λ_p.
+        """
+        closed_form = getattr(self.loss, "output_hessian", None)
+        if closed_form is not None:
+            lam = jax.vmap(closed_form)(outputs, targets)
+            return jnp.einsum("pkl,pl->pk", lam, tangents)
+        grad = jax.grad(self.loss)
+
+        def one(f, y, t):
+            return jax.jvp(lambda g: grad(g, y), (f,), (t,))[1]
+
+        return jax.vmap(one)(outputs, targets, tangents)
+
+    def output_hessian(self, outputs: jax.Array, target: PyTree) -> jax.Array:
+        """Λ = ∇²_f loss(f, y) for one example, ``(K, K)``: closed form, else autodiff."""
+        closed_form = getattr(self.loss, "output_hessian", None)
+        return (closed_form or jax.hessian(self.loss))(outputs, target)
+
+    def predictive(self, part: str, what: str) -> Callable:
+        """The loss's ``output_fisher_factor`` or ``sample_output_grad`` (``part``).
+
+        Args:
+          part: which part of the predictive distribution.
+          what: the quantity that needs it, for the message.
+
+        Raises:
+          ValueError: when the loss has none, saying how to supply one.
+        """
+        found = getattr(self.loss, part, None) if isinstance(self.loss, Loss) else None
+        if found is None:
+            raise _no_predictive(self.loss, part, what)
+        return found
+
+    def label_classes(self, params: PyTree, inputs: PyTree) -> int | None:
+        """K when integer targets are class labels: the size of the outputs' last axis.
+
+        Read from ``jax.eval_shape`` of one example (nothing runs). None when the loss does
+        not take integer targets as class labels (plain callables, ``class_labels=False``).
+        """
+        if not getattr(self.loss, "class_labels", False):
+            return None
+
+        def spec(a, drop):
+            return jax.ShapeDtypeStruct(jnp.shape(a)[drop:], jnp.result_type(a))
+
+        example = jax.tree_util.tree_map(lambda a: spec(a, 1), inputs)
+        shapes = jax.tree_util.tree_map(lambda a: spec(a, 0), params)
+        out = jax.eval_shape(self.predict, shapes, example)
+        shape = getattr(out, "shape", ())
+        return int(shape[-1]) if shape else None
 
     def output_fisher_products(self, outputs: jax.Array, tangents: jax.Array) -> jax.Array:
         """F_out(f_p) t_p = B_p B_pᵀ t_p for a batch: ``(n, K)`` -> ``(n, K)``."""
-        b = jax.vmap(self.loss.output_fisher_factor)(outputs)
+        factor = self.predictive("output_fisher_factor", "the true Fisher")
+        b = jax.vmap(factor)(outputs)
         return jnp.einsum("pkl,pml,pm->pk", b, b, tangents)
 
     def sampled_output_grads(self, keys: jax.Array, outputs: jax.Array) -> jax.Array:
         """r̂_s = ∇_f(−log p(ŷ_s | f)) for ONE example's outputs and S keys: ``(S, K)``."""
-        return jax.vmap(self.loss.sample_output_grad, in_axes=(0, None))(keys, outputs)
+        sample = self.predictive("sample_output_grad", "the Monte-Carlo Fisher")
+        return jax.vmap(sample, in_axes=(0, None))(keys, outputs)
 
 
 def output_inner(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -75,20 +75,23 @@ def prepare(
 ) -> tuple[Objective, PyTree, int]:
     """Validates the inputs and applies the subset restriction.
 
+    Besides shapes and dtypes, the values are checked (:func:`checks.check_values`: no NaN or
+    Inf in params, inputs or targets; class labels in [0, K)) unless they are tracers or the
+    call runs inside ``checks.validation(False)``.
+
     Returns:
       ``(objective, params, n)`` where objective/params are restricted when ``subset`` is set.
 
     Raises:
-      ValueError / TypeError: on a malformed batch, non-float params or a bad chunk size.
+      ValueError / TypeError: on a malformed batch, non-float params, a bad chunk size,
+        non-finite values or out-of-range labels.
     """
-    if not isinstance(batch, Batch):
-        if isinstance(batch, tuple) and len(batch) == 2:
-            batch = Batch(*batch)
-        else:
-            raise TypeError(f"batch must be a Batch(inputs, targets), got {type(batch).__name__}")
+    batch = _as_batch(batch)
     checks.check_params(params)
     checks.check_chunk_size(chunk_size)
     n = checks.num_examples(batch)
+    classes = functools.partial(objective.label_classes, params, batch.inputs)
+    checks.check_values(params, batch.inputs, batch.targets, num_classes=classes)
     if subset is not None:
         objective, params = subsets.restrict(objective, params, subset)
     return objective, params, n
@@ -359,8 +362,9 @@ def fisher(
 
     F_out(f) = E_{ŷ∼p(·|f)}[∇_f log p(ŷ|f) ∇_f log p(ŷ|f)ᵀ] = B(f) B(f)ᵀ is applied through
     the loss's closed-form factor B; no targets are sampled. Equals the GGN for softmax
-    cross-entropy and squared error.
+    cross-entropy and squared error. A loss without ``output_fisher_factor`` is refused.
     """
+    objective.predictive("output_fisher_factor", "the true Fisher (sj.fisher)")
     return _build(_fisher_product, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
 
@@ -386,6 +390,7 @@ def fisher_monte_carlo(
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    objective.predictive("sample_output_grad", "the Monte-Carlo Fisher (sj.fisher_monte_carlo)")
     return _build(
         _fisher_monte_carlo_product,
         objective,

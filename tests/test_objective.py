@@ -106,3 +106,52 @@ def test_softmax_squared_error_value_and_fisher():
     # Unlike the other losses, Λ is indefinite for a misclassified example, so GGN ≠ Fisher.
     lam = np.linalg.eigvalsh(np.asarray(loss.output_hessian(f, jnp.int32(0))))
     assert lam.min() < -1e-3
+
+
+def test_autodiff_output_hessian_products_match_closed_form():
+    """A plain callable's Λ t (jvp of grad, per example) equals the closed-form Λ t."""
+    key = jax.random.PRNGKey(3)
+    f = jax.random.normal(key, (5, 4))
+    t = jax.random.normal(jax.random.fold_in(key, 1), (5, 4))
+    y = jnp.array([0, 3, 1, 2, 3], jnp.int32)
+    for name in ALL_LOSS_NAMES:
+        loss = sj.get_loss(name)
+        want = sj.Objective(None, loss).output_hessian_products(f, y, t)
+        for plain in (loss.value, sj.loss_from_function(loss.value)):
+            got = sj.Objective(None, plain).output_hessian_products(f, y, t)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14, err_msg=name)
+            np.testing.assert_allclose(
+                sj.Objective(None, plain).output_hessian(f[0], y[0]),
+                loss.output_hessian(f[0], y[0]),
+                atol=1e-14,
+            )
+
+
+def test_loss_from_function():
+    def log_cosh(f, y):
+        return jnp.sum(jnp.log(jnp.cosh(f - y)))
+
+    loss = sj.loss_from_function(log_cosh)
+    assert loss.name == "log_cosh" and not loss.class_labels
+    assert loss.output_hessian is None and loss.output_fisher_factor is None
+    # Without a closed-form Λ the outputs may have any shape, e.g. (T, V) per example.
+    f = jnp.arange(6.0).reshape(2, 3) / 6
+    np.testing.assert_allclose(loss(f, jnp.zeros((2, 3))), log_cosh(f, jnp.zeros((2, 3))))
+    objective = sj.Objective(None, loss)
+    with pytest.raises(ValueError, match=r"'log_cosh'.*no output_fisher_factor.*sj\.Loss"):
+        objective.output_fisher_products(f[None], f[None])
+    with pytest.raises(ValueError, match="no sample_output_grad"):
+        objective.sampled_output_grads(jax.random.split(jax.random.PRNGKey(0), 2), f)
+    # The built-in losses carry their predictive distribution.
+    assert sj.Objective(None, sj.squared_error()).predictive("sample_output_grad", "x")
+
+
+def test_label_classes_from_the_output_shape():
+    def predict(p, x):
+        return x @ p
+
+    params = jnp.ones((3, 4))
+    inputs = jnp.ones((5, 3))
+    assert sj.Objective(predict, sj.softmax_cross_entropy()).label_classes(params, inputs) == 4
+    assert sj.Objective(predict, sj.squared_error()).label_classes(params, inputs) == 4
+    assert sj.Objective(predict, lambda f, y: jnp.sum(f)).label_classes(params, inputs) is None
