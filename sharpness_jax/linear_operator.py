@@ -74,9 +74,12 @@ class Static:
         return f"Static({self.value!r})"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Operator:
     """``v -> A v`` as a pytree: ``rule(operands, v)`` with ``operands`` the leaves.
+
+    Hashed and compared by identity, like the plain functions it stands for (``lax.switch``
+    and ``lax.cond`` hash their branches); ``jax.jit`` keys its cache on the rule and shapes.
 
     Attributes:
       rule: static, hashable ``(operands, v) -> A v``.

@@ -139,3 +139,15 @@ def test_static_compares_by_value_or_identity():
     assert linear_operator.Static(a) == linear_operator.Static(a)
     assert linear_operator.Static(a) != linear_operator.Static(b)
     assert hash(linear_operator.Static(a)) == hash(linear_operator.Static(a))
+
+
+def test_operators_serve_as_switch_branches(mlp):
+    objective, params, batch = mlp
+    ops = [operators.hessian(objective, params, batch), operators.ggn(objective, params, batch)]
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    for i, op in enumerate(ops):
+        got = jax.jit(lambda i, v: jax.lax.switch(i, ops, v))(i, v)
+        np.testing.assert_allclose(
+            jax.flatten_util.ravel_pytree(got)[0], jax.flatten_util.ravel_pytree(op(v))[0]
+        )
+    assert len({ops[0], ops[1]}) == 2
