@@ -88,6 +88,7 @@ from sharpness_jax.objective import (
     softmax_cross_entropy,
     softmax_squared_error,
     squared_error,
+    token_cross_entropy,
 )
 from sharpness_jax.operators import (
     empirical_fisher,
@@ -222,6 +223,7 @@ __all__ = [
     "sum_examples",
     "sum_over_chunks",
     "symmetries",
+    "token_cross_entropy",
     "trace_exact",
     "train",
     "training",

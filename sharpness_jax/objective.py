@@ -51,6 +51,7 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_squared_error",
     "squared_error",
+    "token_cross_entropy",
 ]
 
 
@@ -85,14 +86,24 @@ class Loss:
         target ŷ drawn from p(· | f) (its second moment is F_out), or None.
       class_labels: whether integer targets are class indices into the outputs' last axis
         (then they are checked to lie in [0, K) when an operator is built).
+      output_hessian_product: ``(outputs, target, t) -> Λ t`` for outputs of any shape (e.g.
+        per position of a sequence), used instead of ``output_hessian`` when given.
+      output_fisher_product: ``(outputs, target, t) -> F_out t``, used instead of
+        ``output_fisher_factor`` when given. It takes the target for its weights (a padding
+        mask, the normalisation over positions), never for its labels.
+      predictive_takes_target: ``sample_output_grad`` is ``(key, outputs, target)`` (the
+        target again for its weights only).
     """
 
     name: str
     value: Callable[[jax.Array, jax.Array], jax.Array]
     output_hessian: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     output_fisher_factor: Callable[[jax.Array], jax.Array] | None = None
-    sample_output_grad: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    sample_output_grad: Callable[..., jax.Array] | None = None
     class_labels: bool = True
+    output_hessian_product: Callable[[jax.Array, Any, jax.Array], jax.Array] | None = None
+    output_fisher_product: Callable[[jax.Array, Any, jax.Array], jax.Array] | None = None
+    predictive_takes_target: bool = False
 
     def __call__(self, outputs: jax.Array, target: jax.Array) -> jax.Array:
         if self.output_hessian is not None:
@@ -284,6 +295,63 @@ def softmax_squared_error() -> Loss:
     )
 
 
+def token_cross_entropy(normalisation: str = "mean") -> Loss:
+    """Softmax cross-entropy over the last axis of a sequence of logits ``(T, V)``.
+
+    The target is the tokens ``(T,)`` (integers in [0, V)), or a pair ``(tokens, mask)`` with
+    a padding mask ``(T,)`` (bool or float weights; padded positions count zero). With
+    w_t = mask_t / Σ_s mask_s (``"mean"``: the mean over the unpadded tokens) or w_t = mask_t
+    (``"sum"``), ℓ(f, y) = Σ_t w_t (−log softmax(f_t)[y_t]). Per position Λ_t = w_t (diag p_t −
+    p_t p_tᵀ) = F_out,t: the GGN equals the Fisher, both applied per position without forming
+    a (T·V)² matrix. The Monte-Carlo Fisher draws ŷ_t ∼ p_t independently at every position
+    (r̂_t = √w_t (p_t − e_ŷ_t), so E r̂ r̂ᵀ = F_out).
+
+    Raises:
+      ValueError: for an unknown normalisation.
+    """
+    if normalisation not in ("mean", "sum"):
+        raise ValueError(f"normalisation must be 'mean' or 'sum', got {normalisation!r}")
+
+    def weights(f, y):
+        tokens, mask = y if isinstance(y, tuple | list) else (y, None)
+        tokens = jnp.asarray(tokens)
+        if tokens.shape != f.shape[:-1]:
+            raise ValueError(
+                f"token targets must have the outputs' leading shape {f.shape[:-1]}, got "
+                f"{tokens.shape}"
+            )
+        w = jnp.ones(f.shape[:-1], f.dtype) if mask is None else jnp.asarray(mask).astype(f.dtype)
+        if normalisation == "mean":
+            w = w / jnp.maximum(jnp.sum(w), 1)
+        return tokens, w
+
+    def value(f, y):
+        tokens, w = weights(f, y)
+        logp = jax.nn.log_softmax(f, axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+        return jnp.sum(w * nll)
+
+    def curvature_product(f, y, t):
+        _, w = weights(f, y)
+        p = jax.nn.softmax(f, axis=-1)
+        return w[..., None] * (p * t - p * jnp.sum(p * t, axis=-1, keepdims=True))
+
+    def sample_output_grad(key, f, y):
+        _, w = weights(f, y)
+        p = jax.nn.softmax(f, axis=-1)
+        draw = jax.random.categorical(key, f, axis=-1)
+        return jnp.sqrt(w)[..., None] * (p - jax.nn.one_hot(draw, f.shape[-1], dtype=f.dtype))
+
+    return Loss(
+        f"token_cross_entropy({normalisation})",
+        value,
+        sample_output_grad=sample_output_grad,
+        output_hessian_product=curvature_product,
+        output_fisher_product=curvature_product,
+        predictive_takes_target=True,
+    )
+
+
 LOSSES: dict[str, Callable[[], Loss]] = {
     "cross_entropy": softmax_cross_entropy,
     "squared_error_half": lambda: squared_error(0.5),
@@ -345,6 +413,9 @@ class Objective:
         Closed form when the loss has ``output_hessian``; otherwise one forward-over-reverse
         product per example, ``jax.jvp(jax.grad(loss))``, without forming Λ_p.
         """
+        product = getattr(self.loss, "output_hessian_product", None)
+        if product is not None:
+            return jax.vmap(product)(outputs, targets, tangents)
         closed_form = getattr(self.loss, "output_hessian", None)
         if closed_form is not None:
             lam = jax.vmap(closed_form)(outputs, targets)
@@ -394,15 +465,28 @@ class Objective:
         shape = getattr(out, "shape", ())
         return int(shape[-1]) if shape else None
 
-    def output_fisher_products(self, outputs: jax.Array, tangents: jax.Array) -> jax.Array:
-        """F_out(f_p) t_p = B_p B_pᵀ t_p for a batch: ``(n, K)`` -> ``(n, K)``."""
+    def output_fisher_products(
+        self, outputs: jax.Array, tangents: jax.Array, targets: PyTree = None
+    ) -> jax.Array:
+        """F_out(f_p) t_p = B_p B_pᵀ t_p for a batch: ``(n, K)`` -> ``(n, K)`` (or the loss's
+        ``output_fisher_product`` for outputs of any shape, which needs the ``targets``)."""
+        product = getattr(self.loss, "output_fisher_product", None)
+        if product is not None:
+            if targets is None:
+                raise ValueError(f"the Fisher of loss {self.loss.name!r} needs the targets")
+            return jax.vmap(product)(outputs, targets, tangents)
         factor = self.predictive("output_fisher_factor", "the true Fisher")
         b = jax.vmap(factor)(outputs)
         return jnp.einsum("pkl,pml,pm->pk", b, b, tangents)
 
-    def sampled_output_grads(self, keys: jax.Array, outputs: jax.Array) -> jax.Array:
-        """r̂_s = ∇_f(−log p(ŷ_s | f)) for ONE example's outputs and S keys: ``(S, K)``."""
+    def sampled_output_grads(
+        self, keys: jax.Array, outputs: jax.Array, target: PyTree = None
+    ) -> jax.Array:
+        """r̂_s = ∇_f(−log p(ŷ_s | f)) for ONE example's outputs and S keys: ``(S, *f.shape)``
+        (the target is passed on for its weights when the loss's predictive takes it)."""
         sample = self.predictive("sample_output_grad", "the Monte-Carlo Fisher")
+        if getattr(self.loss, "predictive_takes_target", False):
+            return jax.vmap(sample, in_axes=(0, None, None))(keys, outputs, target)
         return jax.vmap(sample, in_axes=(0, None))(keys, outputs)
 
 

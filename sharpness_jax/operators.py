@@ -309,22 +309,20 @@ def _ggn_product(objective, params, batch, v, *, chunk_size):
 
 def _fisher_product(objective, params, batch, v, *, chunk_size):
     def middle(outputs, targets, jv, index):
-        del targets, index
-        return objective.output_fisher_products(outputs, jv)
+        del index
+        return objective.output_fisher_products(outputs, jv, targets)
 
     return _sandwich(objective, params, batch, v, chunk_size, middle)
 
 
 def _fisher_monte_carlo_product(objective, params, batch, v, key, *, chunk_size, num_samples):
     def middle(outputs, targets, jv, index):
-        del targets
-
-        def per_example(f, t, i):
+        def per_example(f, y, t, i):
             keys = jax.random.split(jax.random.fold_in(key, i), num_samples)
-            r = objective.sampled_output_grads(keys, f)  # (S, *f.shape)
+            r = objective.sampled_output_grads(keys, f, y)  # (S, *f.shape)
             return jnp.tensordot(output_inner(r, t[None]), r, axes=1) / num_samples
 
-        return jax.vmap(per_example)(outputs, jv, index)
+        return jax.vmap(per_example)(outputs, targets, jv, index)
 
     return _sandwich(objective, params, batch, v, chunk_size, middle)
 
@@ -364,7 +362,8 @@ def fisher(
     the loss's closed-form factor B; no targets are sampled. Equals the GGN for softmax
     cross-entropy and squared error. A loss without ``output_fisher_factor`` is refused.
     """
-    objective.predictive("output_fisher_factor", "the true Fisher (sj.fisher)")
+    if getattr(objective.loss, "output_fisher_product", None) is None:
+        objective.predictive("output_fisher_factor", "the true Fisher (sj.fisher)")
     return _build(_fisher_product, objective, params, batch, chunk_size=chunk_size, subset=subset)
 
 
