@@ -127,11 +127,12 @@ def _scale(params: PyTree, adaptive: bool, xi: float) -> PyTree:
     return jax.tree_util.tree_map(jnp.ones_like, params)
 
 
-def _check(objective, params, batch, rho, num_steps, step_size, chunk_size, xi):
+def _check(objective, params, batch, *, chunk_size, xi, positive, num_steps=0):
+    """Validates the inputs (``positive``: name → value of the settings that must be > 0)."""
     batch = operators._as_batch(batch)
     operators.prepare(objective, params, batch, chunk_size=chunk_size)
-    checks.check_positive_scalar("rho", rho)
-    checks.check_positive_scalar("step_size", step_size)
+    for name, value in positive.items():
+        checks.check_positive_scalar(name, value)
     checks.check_nonnegative_scalar("xi", xi)
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
@@ -160,7 +161,15 @@ def worst_case_sharpness(
       adaptive: c = |θ| + ξ (adaptive sharpness); otherwise c = 1.
       xi: ξ ≥ 0, keeps zero parameters perturbable in the adaptive form (Kwon et al. use 0.01).
     """
-    batch = _check(objective, params, batch, rho, num_steps, step_size, chunk_size, xi)
+    batch = _check(
+        objective,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        xi=xi,
+        num_steps=num_steps,
+        positive={"rho": rho, "step_size": step_size},
+    )
     scale = _scale(params, adaptive, xi)
     sharp, base, eps, norm = _ascent_jit(
         Static(objective),
@@ -209,7 +218,15 @@ def m_sharpness(
     """(1/(n/m)) Σ_batches S_ρ(batch): the worst-case sharpness of each of the n/m disjoint
     batches of m consecutive examples (shuffle first for random batches), averaged; n must be
     a multiple of m. The batches run vmapped in one program."""
-    batch = _check(objective, params, batch, rho, num_steps, step_size, None, xi)
+    batch = _check(
+        objective,
+        params,
+        batch,
+        chunk_size=None,
+        xi=xi,
+        num_steps=num_steps,
+        positive={"rho": rho, "step_size": step_size},
+    )
     n = checks.num_examples(batch)
     checks.check_positive_int("m", m)
     if n % m:
@@ -261,7 +278,9 @@ def average_sharpness(
 ) -> Estimate:
     """E_ε[L(θ + ε)] − L(θ), ε ∼ N(0, σ² diag(c²)) (c = |θ| + ξ when ``adaptive``, else 1):
     a Monte-Carlo estimate over ``num_samples`` draws with its standard error."""
-    batch = _check(objective, params, batch, sigma, 0, 1.0, chunk_size, xi)
+    batch = _check(
+        objective, params, batch, chunk_size=chunk_size, xi=xi, positive={"sigma": sigma}
+    )
     checks.check_positive_int("num_samples", num_samples)
     if num_samples < 2:
         raise ValueError("num_samples must be >= 2 for a standard error")

@@ -189,6 +189,10 @@ def test_bad_settings_are_refused(quadratic):
         worst_case.worst_case_sharpness(objective, params, batch, rho=0.0)
     with pytest.raises(ValueError, match="num_steps"):
         worst_case.worst_case_sharpness(objective, params, batch, rho=0.1, num_steps=-1)
+    with pytest.raises(ValueError, match="sigma"):
+        worst_case.average_sharpness(
+            objective, params, batch, sigma=0.0, key=jax.random.PRNGKey(0), num_samples=4
+        )
     with pytest.raises(ValueError, match="num_samples"):
         worst_case.average_sharpness(
             objective, params, batch, sigma=0.1, key=jax.random.PRNGKey(0), num_samples=1
