@@ -216,6 +216,7 @@ def test_benchmark_small_runs_every_measurement():
         "lambda_max_rel_gap",
         "batch_sharpness_grad_equivalents",
         "exact_spectrum_c_gram_grad_equivalents",
+        "exact_trace_c_factored_grad_equivalents",
         "c_matvec_temp_mib_4n",
         "measure_lambda_max_x_step",
         "eager_lanczos_x_matvecs",
