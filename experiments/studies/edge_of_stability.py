@@ -84,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
         name, entry, adam_checks, curve = _adam_run(config, workdir, float(lr), mesh, cache)
         results[name], adam_curves[f"Adam η={lr:g}"] = entry, curve
         checks += adam_checks
-    figures = [_figure(workdir, curves, adam_curves, config.preset)]
+    figures = [_figure(workdir, curves, adam_curves, config.preset, config.adam_b1)]
     return checks, results, figures
 
 
@@ -224,7 +224,7 @@ def _loss_panel(ax, curves, title: str) -> None:
         ax.set_ylim(kept.min() / 1.5, kept.max() * 1.5)
 
 
-def _figure(workdir: Path, curves, adam_curves, preset: str) -> str:
+def _figure(workdir: Path, curves, adam_curves, preset: str, b1: float) -> str:
     import matplotlib.pyplot as plt
 
     rows = 2 if adam_curves else 1
@@ -249,7 +249,7 @@ def _figure(workdir: Path, curves, adam_curves, preset: str) -> str:
             hlines={f"(2+2β₁)/((1−β₁)η) ({n})": c[3] for n, c in adam_curves.items()},
             ylabel="λ_max(P⁻¹H)",
             logy=True,
-            title="Adam: preconditioned sharpness against (2+2β₁)/((1−β₁)η) (dashed)",
+            title=f"Adam (β₁={b1:g}): λ_max(P⁻¹H) against its threshold (dashed)",
             ax=axes[1, 1],
         )
     return common.figure(workdir, "lambda_max", fig)
