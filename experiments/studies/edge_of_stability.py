@@ -16,13 +16,16 @@ of stability" (ICLR 2021), §3 and Fig. 1 (fc-tanh on 5k CIFAR-10: λ_max rises,
 hovers just above it; the loss falls non-monotonically over long timescales); PAPERS.md §5,
 "Full-batch reference".
 
-Adam arm (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability", §3 and
-Fig. 1; PAPERS.md "Beyond the five papers"): under full-batch Adam with β₁ the preconditioned
-sharpness λ_max(P⁻¹H), P = diag(√ν̂ + ε) of the optimiser's state, rises to the adaptive
-stability threshold (2 + 2β₁)/((1 − β₁)η) (38/η for β₁ = 0.9) and hovers at or just above it.
-Checks: it reaches 0.9 of the threshold, and the late ratio λ_max(P⁻¹H)/threshold has its
-median in ``median_band`` and all values in ``band`` (the GD bands: the paper describes the
-same equilibrium as for GD).
+Adam arm (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability", abstract
+and Fig. 1: full-batch Adam on a fully-connected network on CIFAR-10; PAPERS.md "Beyond the
+five papers"): under full-batch Adam with β₁ the preconditioned sharpness λ_max(P⁻¹H),
+P = diag(√ν̂ + ε) of the optimiser's state, rises to the adaptive stability threshold
+(2 + 2β₁)/((1 − β₁)η) (38/η for β₁ = 0.9) and equilibrates there. Checks: it reaches 0.9 of
+the threshold, and the late ratio λ_max(P⁻¹H)/threshold has its median in ``median_band``
+and all values in ``band`` (the GD bands: the paper describes the same equilibrium at the
+threshold of the corresponding non-adaptive method as the GD edge of stability, so the
+tolerance is the same). λ_max(P⁻¹H) at step 0 is not defined (no second-moment estimate yet)
+and is recorded as NaN.
 """
 
 from __future__ import annotations

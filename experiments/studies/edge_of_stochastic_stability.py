@@ -18,6 +18,12 @@ is the last ``late_fraction`` of each run's measurements. Checks:
   λ_max over the SGD runs is at least ``min_rank_correlation``;
 * full-batch GD on the same data reaches the edge of stability: its late median
   λ_max/(2/η) lies in ``gd_band``.
+
+Sources: the first three checks are the claims of Andreyev & Beneventano 2024 (arXiv
+2412.20553), abstract and Definition 3 (batch sharpness as the expectation of the ratio), as
+summarised in PAPERS.md §5 ("under SGD it settles at 2/η, while λ_max(H) stays below and rises
+with the batch size"); the last is Cohen et al. 2021, §3 and Fig. 1 (PAPERS.md §5,
+"Full-batch reference").
 """
 
 from __future__ import annotations
