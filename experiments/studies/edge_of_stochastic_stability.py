@@ -251,7 +251,7 @@ def _trajectories_figure(workdir: Path, curves, sgd, lr: float, threshold: float
         ax.axhline(threshold, ls="--", lw=1.0, color="k", label="2/η")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, framealpha=0.8)  # over the curves it may cover
     for ax in axes[:, 0]:
         ax.set_ylabel("curvature")
     for ax in axes.flat[len(panels) :]:
