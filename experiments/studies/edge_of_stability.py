@@ -252,7 +252,7 @@ def _figure(workdir: Path, curves, adam_curves, preset: str, b1: float) -> str:
             hlines={f"(2+2β₁)/((1−β₁)η) ({n})": c[3] for n, c in adam_curves.items()},
             ylabel="λ_max(P⁻¹H)",
             logy=True,
-            title=f"Adam (β₁={b1:g}): λ_max(P⁻¹H) against its threshold (dashed)",
+            title=f"Adam (β₁={b1:g}): λ_max(P⁻¹H), threshold dashed",
             ax=axes[1, 1],
         )
     return common.figure(workdir, "lambda_max", fig)
