@@ -38,12 +38,12 @@ def reference():
     obj, params, batch = _problem(jnp.float64)
     H = sj.hessian(obj, params, batch)
     dense = np.asarray(sj.dense(H, params))
-    density = sj.spectral_density(H, params, key=jax.random.PRNGKey(4), num_probes=4, num_iters=20)
+    density = sj.spectral_density(H, params, key=jax.random.PRNGKey(4), num_probes=4, num_iters=10)
     return {
         "eigs": np.sort(np.linalg.eigvalsh(dense))[::-1],
         "trH": np.trace(dense),
         "hutchinson": float(
-            sj.hutchinson_trace(H, params, key=jax.random.PRNGKey(3), num_probes=16).value
+            sj.hutchinson_trace(H, params, key=jax.random.PRNGKey(3), num_probes=8).value
         ),
         "slq_mean": float(np.trapezoid(density.grid * density.density, density.grid)),
         "trC": float(sj.trace_exact(sj.gradient_covariance(obj, params, batch), params)),
@@ -55,8 +55,10 @@ def _close(value, expected, dtype):
     np.testing.assert_allclose(float(value), expected, rtol=_tol(dtype))
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("reorthogonalisation", ["partial", "full"])
+@pytest.mark.parametrize(
+    ("dtype", "reorthogonalisation"),
+    [(jnp.bfloat16, "partial"), (jnp.float16, "partial"), (jnp.bfloat16, "full")],
+)
 def test_lanczos_top_two(reference, dtype, reorthogonalisation):
     obj, params, batch = _problem(dtype)
     H = sj.hessian(obj, params, batch)
@@ -68,11 +70,11 @@ def test_lanczos_top_two(reference, dtype, reorthogonalisation):
         _close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-def test_traces_and_density(reference, dtype):
+def test_traces_and_density(reference):
+    dtype = jnp.bfloat16
     obj, params, batch = _problem(dtype)
     H = sj.hessian(obj, params, batch)
-    hutch = sj.hutchinson_trace(H, params, key=jax.random.PRNGKey(3), num_probes=16)
+    hutch = sj.hutchinson_trace(H, params, key=jax.random.PRNGKey(3), num_probes=8)
     assert hutch.value.dtype == jnp.float32
     _close(hutch.value, reference["hutchinson"], dtype)
     _close(sj.trace_exact(H, params), reference["trH"], dtype)
@@ -81,7 +83,7 @@ def test_traces_and_density(reference, dtype):
     gram = gradient_gram.exact_covariance_moments(obj, params, batch)
     assert gram.trace.dtype == jnp.float32
     _close(gram.trace, reference["trC"], dtype)
-    density = sj.spectral_density(H, params, key=jax.random.PRNGKey(4), num_probes=4, num_iters=20)
+    density = sj.spectral_density(H, params, key=jax.random.PRNGKey(4), num_probes=4, num_iters=10)
     assert np.all(np.isfinite(np.asarray(density.density)))
     mean = float(np.trapezoid(density.grid * density.density, density.grid))
     _close(mean, reference["slq_mean"], dtype)
@@ -108,7 +110,7 @@ def _dot_dtypes(fn, *args):
 def test_products_stay_in_model_dtype(name):
     obj, params, batch = _problem(jnp.bfloat16)
     matvec = getattr(sj, name)(obj, params, batch, chunk_size=8)
-    out = matvec(params)
+    out = jax.eval_shape(matvec, params)
     assert {a.dtype for a in jax.tree_util.tree_leaves(out)} == {jnp.dtype(jnp.bfloat16)}
     assert _dot_dtypes(matvec, params) == {"bfloat16"}
 
