@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks, dense_factors, operators, subsets
+from sharpness_jax.linalg.exact import working_dtype
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import sum_over_chunks
 
@@ -193,7 +194,8 @@ def gram_method(
 
 
 def _dtype(params):
-    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+    """The dtype of the Gram matrices: float32 for half-precision parameters."""
+    return working_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
 
 
 def _check_gram_memory(n, dtype):
@@ -209,7 +211,9 @@ def _check_gram_memory(n, dtype):
 
 
 def _einsum(spec, *arrays):
-    return jnp.einsum(spec, *arrays, precision=_HIGHEST)
+    # Gram sums of half-precision factors accumulate in float32.
+    wide = working_dtype(jnp.result_type(*arrays))
+    return jnp.einsum(spec, *(a.astype(wide) for a in arrays), precision=_HIGHEST)
 
 
 def _hadamard(call) -> bool:
@@ -309,7 +313,7 @@ def _gram(objective, params, batch, method, layout, chunk_size, centred):
             return flat_example_grads(objective, params, chunk, mask, reference)
 
         def block(g1, g2):
-            return jnp.matmul(g1, g2.T, precision=_HIGHEST)
+            return jnp.matmul(g1, g2.T, precision=_HIGHEST, preferred_element_type=dtype)
 
     else:
         means = _factor_means(objective, params, batch, layout, chunk_size) if centred else None
