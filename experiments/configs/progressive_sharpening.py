@@ -29,11 +29,17 @@ def _variants(
     large_batch: int | None = None,
     small_lr: float | None = None,
     large_lr: float | None = None,
+    sam_rho: float = 0.05,
 ) -> ml_collections.ConfigDict:
     """The variants, name -> overrides of the base config (nested like the config):
-    "baseline" and "label_smoothing" (ε = 0.1), then one for each value given: weight decay,
-    a larger batch size, a smaller and a larger learning rate."""
-    variants = {"baseline": {}, "label_smoothing": {"loss": {"label_smoothing": 0.1}}}
+    "baseline", "label_smoothing" (ε = 0.1) and "sam" (SAM with ρ = ``sam_rho``; 0.05 is the
+    standard value of Foret et al. 2021), then one for each value given: weight decay, a
+    larger batch size, a smaller and a larger learning rate."""
+    variants = {
+        "baseline": {},
+        "label_smoothing": {"loss": {"label_smoothing": 0.1}},
+        "sam": {"optimizer": {"sam_rho": sam_rho}},
+    }
     if weight_decay is not None:
         variants["weight_decay"] = {"optimizer": {"weight_decay": weight_decay}}
     if large_batch is not None:
