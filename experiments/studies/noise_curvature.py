@@ -389,7 +389,7 @@ def _power_law_figure(workdir, config, analyses, basis: str) -> str:
             x, y = x[:n], y[:n]
             label = f"fitted: top N = {n} of {p} eigenpairs"
             xlabel, ylabel = "Hessian eigenvalue λ_i", "v_iᵀ C v_i"
-            title = f"{_panel_label(loss, layer)}: fit over top N = {n} λ_i"
+            title = f"{_panel_label(loss, layer)}: fit on top N = {n}"
         else:
             x, y = np.asarray(an["h_diag"]), np.asarray(an["c_diag"])
             label, xlabel, ylabel = "coordinates", "H_ii", "C_ii"
