@@ -17,13 +17,20 @@ from sharpness_jax.config import validate_config
 
 def _expected_claims():
     m = study.MEASURES
-    claims = [f"{m[k]} is invariant under function-preserving rescaling" for k in study.INVARIANT]
+    claims = [
+        f"{m[k]} is invariant under function-preserving rescaling"
+        + (" (Kwon et al. 2021)" if k == "adaptive_sharpness" else " (PAPERS.md §1)")
+        for k in study.INVARIANT
+    ]
     claims.append("the rescaled nets compute the same function")
-    claims += [f"{m[k]} changes under rescaling by a large factor" for k in study.EUCLIDEAN]
+    claims += [
+        f"{m[k]} changes under rescaling by a large factor (Dinh et al. 2017)"
+        for k in study.EUCLIDEAN
+    ]
     for k in ("riemannian_sharpness", "riemannian_sharpness_damped"):
         claims += [
-            f"{m[k]} rises with the temperature η/B",
-            f"{m[k]} tracks the loss gap better than λ_max(H) and tr(H)",
+            f"{m[k]} falls as the temperature η/B rises",
+            f"{m[k]} tracks the loss gap better than λ_max(H) and tr(H) (abstract, PAPERS.md §1)",
         ]
     return claims
 
@@ -143,3 +150,41 @@ def test_grid_and_correlations():
     assert corr["lambda_max"]["gap_loss"] == pytest.approx(-1.0)
     assert corr["riemannian_sharpness"]["temperature"] == pytest.approx(1.0)  # SGD rows only
     assert math.isnan(corr["pac_bayes_bound"]["gap_loss"])  # constant
+
+
+def test_temperature_check_wants_a_negative_rank_correlation():
+    config = study_config.get_config("smoke")
+    rows = [
+        {"optimizer": "sgd", "temperature": t, "riemannian_sharpness": s, "status": "goal_reached"}
+        for t, s in ((0.1, 1.0), (0.2, 3.0), (0.3, 2.0), (0.4, 4.0))
+    ]
+    rising = study._temperature_check(config, rows, "riemannian_sharpness", "")
+    for r in rows:
+        r["riemannian_sharpness"] = -r["riemannian_sharpness"]
+    falling = study._temperature_check(config, rows, "riemannian_sharpness", "")
+    assert rising.passed is False and falling.passed is True
+    assert falling.value == pytest.approx(-0.8)
+    assert "bootstrap CI" in falling.detail and "4 of 4 reached" in falling.detail
+    low, high = study.bootstrap_rank_correlation(
+        [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], num_resamples=20, seed=0
+    )
+    assert low == pytest.approx(-1.0) and high == pytest.approx(-1.0)
+
+
+def test_rescaling_figure_labels_runs_with_eta_and_b(monkeypatch, tmp_path):
+    rows = [
+        {"optimizer": "sgd", "learning_rate": 0.1, "batch_size": 16},
+        {"optimizer": "adam", "learning_rate": 0.001, "batch_size": 16},
+    ]
+    changes = [{m: 1e-9 for m in study.MEASURES} for _ in rows]
+    figs = []
+    monkeypatch.setattr(
+        study.fisher_sharpness_figures.common,
+        "figure",
+        lambda workdir, name, fig: figs.append(fig) or name,
+    )
+    study.fisher_sharpness_figures._rescaling_figure(
+        tmp_path, rows, changes, study.MEASURES, 1e-6, ""
+    )
+    texts = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert "SGD η=0.1, B=16" in texts and "Adam η=0.001, B=16" in texts

@@ -79,7 +79,12 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     c.pac_bayes_delta = 0.05
     c.pac_bayes_rhos = tuple(10.0**k for k in range(-14, 1))
     c.pac_bayes_prior_variances = tuple(10.0**k for k in range(-3, 3))
+    # Adaptive sharpness (Kwon et al. 2021) with ξ = 0, the exactly invariant form: radius ρ
+    # of the |θ|-scaled ball and projected ascent steps.
+    c.adaptive_rho = 0.05
+    c.adaptive_steps = 10
     # Checks.
+    c.num_resamples = 1000  # bootstrap resamples of the η/B rank correlation
     c.invariance_tol = 1e-6  # max relative change of the Riemannian measures
     c.euclidean_change_factor = 2.0  # min over nets of max(after/before, before/after)
 
@@ -97,6 +102,8 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         c.num_probes = 20
         c.probe_chunk = 10
         c.lanczos_iters = 20
+        c.adaptive_steps = 2
+        c.num_resamples = 50
     elif preset == "quick":
         c.setups = ml_collections.ConfigDict(
             {
@@ -107,8 +114,9 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
             }
         )
         base.max_steps = 20000
-        c.learning_rates = (0.03, 0.1, 0.3)
-        c.batch_sizes = (8, 32, 128)
+        # The paper's kind of grid, every net trained to the same train loss (the stop rule).
+        c.learning_rates = (0.01, 0.03, 0.1)
+        c.batch_sizes = (32, 128, 512)
         c.num_probes = 64  # XTrace costs O(m³ P): the largest share of the analysis
     elif preset == "paper":
         c.setups = ml_collections.ConfigDict(

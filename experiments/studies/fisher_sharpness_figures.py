@@ -33,8 +33,9 @@ def figures(
 
 
 def _short(row: Mapping[str, Any]) -> str:
-    opt = "A" if row["optimizer"] == "adam" else ""
-    return f"{opt}{row['learning_rate']:g}/{row['batch_size']}"
+    """A run's label: its optimiser, learning rate and batch size (e.g. "SGD η=0.1, B=16")."""
+    opt = "Adam" if row["optimizer"] == "adam" else "SGD"
+    return f"{opt} η={row['learning_rate']:g}, B={row['batch_size']}"
 
 
 def _gap_figure(workdir: Path, rows, corr, labels, tag: str) -> str:
