@@ -256,6 +256,8 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
     changed = reproduce.study_config("edge_of_stability", "smoke")
     changed.learning_rates = (0.3,)
     records.write_config(tmp_path / "eos", changed)
+    (tmp_path / "eos" / "runs" / "gd_lr0.1").mkdir(parents=True)  # a result of that config
+    records.write_json(tmp_path / "eos" / "runs" / "gd_lr0.1" / "analysis.json", {"x": 1})
     mismatch = _run(*study)
     assert mismatch.returncode == cli.EXIT_ERROR and "Traceback" not in mismatch.stderr
     line = _last_line(mismatch)
