@@ -9,7 +9,7 @@ line, interrupts as one line.
 * an expected error — a bad flag or config value (``ValueError``, ``KeyError``, a typo in a
   ``--config.<field>`` override), a missing file or dataset (``FileNotFoundError``), a workdir
   holding a run with another config (``records.ConfigMismatchError``) — is reported as one
-  line on stderr, ``error: <what is wrong and how to fix it>``, with exit status 1;
+  line on stderr, ``error: <what is wrong and how to fix it>``, with exit status 2;
 * Ctrl-C (``KeyboardInterrupt``) is reported as one line, e.g. ``interrupted at step 40; last
   checkpoint at step 30; rerun the same command to resume``, with exit status 130;
 * anything else (a bug) keeps its traceback.
@@ -36,7 +36,7 @@ from sharpness_jax import data, records, training
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "TRACEBACK_ENV", "error_line", "run", "run_program"]
 
 TRACEBACK_ENV = "SHARPNESS_JAX_TRACEBACK"
-EXIT_ERROR = 1
+EXIT_ERROR = 2  # a usage error, as absl reports a bad flag and most Unix tools a bad argument
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 # The errors the library and the binaries raise for a user's mistake, each with its own message.
@@ -79,7 +79,11 @@ def error_line(error: BaseException) -> str:
         )
     text = _one_line(_text(error))
     if isinstance(error, data.DatasetNotFoundError):
-        text += " Or set TFDS_DATA_DIR to the directory that holds it."
+        text += (
+            " Or point the run at the directory that holds it: --config.base.dataset.data_dir=DIR"
+            " (--config.dataset.data_dir=DIR for a single run) or the environment variable"
+            " TFDS_DATA_DIR."
+        )
     if isinstance(error, _FlagError):
         text = f"bad flag value: {text}"
     return text

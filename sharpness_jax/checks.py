@@ -97,8 +97,9 @@ def check_params(params: PyTree) -> None:
             )
 
 
-def check_vector(v: PyTree, params: PyTree, *, name: str = "vector") -> None:
-    """``v`` must have the tree structure, shapes and dtypes of ``params``.
+def check_vector(v: PyTree, params: PyTree, *, name: str = "vector", hint: str = "") -> None:
+    """``v`` must have the tree structure, shapes and dtypes of ``params`` (``hint``, the fix,
+    ends the message of a structure mismatch).
 
     Raises:
       ValueError: on a different structure or shape; TypeError on a different dtype.
@@ -107,7 +108,7 @@ def check_vector(v: PyTree, params: PyTree, *, name: str = "vector") -> None:
     p_struct = jax.tree_util.tree_structure(params)
     if v_struct != p_struct:
         raise ValueError(
-            f"{name} has tree structure {v_struct}, but the parameters have {p_struct}"
+            f"{name} has tree structure {v_struct}, but the parameters have {p_struct}{hint}"
         )
     for (path, a), (_, b) in zip(_leaves_with_paths(v), _leaves_with_paths(params), strict=True):
         if jnp.shape(a) != jnp.shape(b):

@@ -10,6 +10,9 @@ The fields:
 ``dataset``: ``name`` (one of ``data.DATASETS``, "mnist5k") plus any keyword option of
   ``data.load_dataset`` (``num_train``, ``num_test``, ``standardize``, ``seed`` (the
   data split's seed), ``flatten``, ...). ``dtype`` is set from the top-level ``dtype``.
+  ``data_dir`` (None: ``$TFDS_DATA_DIR``, else TFDS's default) is the root of the prepared TFDS
+  data, e.g. ``--config.dataset.data_dir=/data/tfds``; it changes no result, so a resumed run
+  may change it.
 ``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
   ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
   set from the top-level ``dtype``.
@@ -112,6 +115,7 @@ DTYPES = ("float32", "float64")
 # change when a run is resumed. Every other field changes results and must match.
 RESUMABLE_FIELDS = (
     "max_steps",
+    "dataset.data_dir",
     "train_accuracy_goal",
     "train_loss_goal",
     "goal_every",
@@ -127,7 +131,9 @@ RESUMABLE_FIELDS = (
 def default_config() -> ml_collections.ConfigDict:
     """The default config; every field is documented in the module docstring."""
     c = ml_collections.ConfigDict()
-    c.dataset = ml_collections.ConfigDict({"name": "mnist5k"})
+    c.dataset = ml_collections.ConfigDict(
+        {"name": "mnist5k", "data_dir": config_dict.placeholder(str)}
+    )
     c.model = ml_collections.ConfigDict({"name": "mlp"})
     c.loss = ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.0})
     c.optimizer = ml_collections.ConfigDict(
@@ -217,6 +223,8 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
     for section in ("dataset", "model"):  # options of one name do not carry to another
         if section in given and "name" in given[section]:
             base[section] = {"name": given[section]["name"]}
+            if section == "dataset":  # where the data lie is no option of one dataset
+                base[section]["data_dir"] = None
     merged = _merge(base, given)
     opt, meas = merged["optimizer"], merged["measure"]
     if opt.get("decay_steps") is None and opt.get("schedule") != "constant":

@@ -142,7 +142,8 @@ class _Product:
     def __call__(self, operands, v):
         params, batch, extra = operands
         objective, params = self.restricted(params)
-        checks.check_vector(v, params)
+        fix = f"; pass the template sj.subsets.select(params, {self.subset!r}), not params"
+        checks.check_vector(v, params, hint="" if self.subset is None else fix)
         return self.product(
             objective, params, batch, v, *extra, chunk_size=self.chunk_size, **dict(self.settings)
         )

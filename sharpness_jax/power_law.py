@@ -235,7 +235,8 @@ def eigenbasis_power_law(
     noise–curvature code (per layer: the top eigendirections of one layer's Hessian block).
 
     The eigenpairs are ``eigen`` if given (eigenpairs of the Hessian of the objective
-    restricted to ``subset``, vectors shaped like the sub-params), else the top ``num_eigen`` by
+    restricted to ``subset``, vectors shaped like the sub-params: computed with the template
+    ``subsets.select(params, subset)``), else the top ``num_eigen`` by
     :func:`linalg.lanczos_top_k` on the exact Hessian (``num_iters`` default
     min(P, 2·num_eigen + 20)). v_iᵀ C v_i is :func:`noise.gradient_covariance_quadratic_forms`, or
     v_iᵀ E_p[h_p²] v_i (:func:`second_moment.hessian_second_moment_quadratic_forms`) with

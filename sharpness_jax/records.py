@@ -61,6 +61,7 @@ __all__ = [
     "config_to_dict",
     "decode_value",
     "encode_value",
+    "holds_results",
     "init_workdir",
     "latest_checkpoint_step",
     "load_arrays",
@@ -85,6 +86,7 @@ STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 ARRAYS_DIR = "arrays"
 FIGURES_DIR = "figures"
+_BOOKKEEPING = (CONFIG_FILE, STATUS_FILE)  # files that record no result
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -270,35 +272,30 @@ def read_config(workdir: PathLike) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
+def holds_results(workdir: PathLike) -> bool:
+    """Whether ``workdir`` holds anything computed: a non-empty file but a config or status."""
+    files = (p for p in pathlib.Path(workdir).rglob("*") if p.name not in _BOOKKEEPING)
+    return any(p.is_file() and p.stat().st_size > 0 for p in files)
+
+
 def write_config(
     workdir: PathLike, config: Any, *, ignore: Iterable[str] = (), force: bool = False
 ) -> dict[str, Any]:
-    """Writes ``config.json``, or checks the new config against the stored one.
+    """Writes ``config.json`` of ``workdir``, or checks ``config`` against the stored one;
+    returns the config as stored (a plain dict).
 
-    A new run writes the file. A rerun (the file exists) compares the two configs: if they
-    differ in a field outside ``ignore`` — a field that changes results — it refuses with a
-    :class:`ConfigMismatchError` listing the differences, unless ``force`` is set (then it
-    logs a warning and stores the new config). Differences in ignored fields (e.g. the step
-    budget) are allowed and the stored file is updated to the new config.
-
-    Args:
-      workdir: the run directory.
-      config: the run's config.
-      ignore: dotted paths of fields that may change between a run and its resumption.
-      force: overwrite a conflicting stored config instead of refusing.
-
-    Returns:
-      The config as stored (a plain dict).
-
-    Raises:
-      ConfigMismatchError: on a result-changing difference without ``force``.
+    A rerun (the file exists) compares the two configs: if they differ in a field outside
+    ``ignore`` (dotted paths of fields that may change on resumption, e.g. the step budget)
+    it raises :class:`ConfigMismatchError` listing the differences, unless ``force`` is set
+    (then it logs a warning) or the workdir holds no results (:func:`holds_results`: a run
+    that failed before its first step). Otherwise the new config is stored.
     """
     path = init_workdir(workdir) / CONFIG_FILE
     new = config_to_dict(config)
     if path.exists():
         stored = read_json(path)
         diffs = config_differences(stored, new, ignore=ignore)
-        if diffs and not force:
+        if diffs and not force and holds_results(workdir):
             raise ConfigMismatchError(path, diffs)
         if diffs:
             logging.warning("overriding the stored config of %s:\n  %s", path, "\n  ".join(diffs))

@@ -66,7 +66,9 @@ def _predicate(selector: Selector) -> Callable[[str], bool]:
 
 
 def select(params: PyTree, selector: Selector) -> dict[str, jax.Array]:
-    """The selected leaves as a ``{path: leaf}`` dict.
+    """The selected leaves as a ``{path: leaf}`` dict: also the template of the vectors of an
+    operator built with ``subset=selector``, e.g. ``sj.lanczos_top_k(sj.hessian(objective,
+    params, batch, subset="params/Dense_1"), sj.subsets.select(params, "params/Dense_1"))``.
 
     Raises:
       ValueError: if nothing is selected (the message lists the available paths).

@@ -249,18 +249,22 @@ def test_study_help_lists_its_own_flags():
     assert "--jax_" not in proc.stdout  # only --helpfull lists every module's flags
 
 
-def test_user_errors_are_one_line_with_exit_status_1(tmp_path):
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
     smoke = "--config=experiments/configs/edge_of_stability.py:smoke"
     study = ["-m", "experiments.edge_of_stability", f"--workdir={tmp_path / 'eos'}", smoke]
     typo = _run(*study, "--config.base.max_stpes=3")
-    assert typo.returncode == 1 and "Traceback" not in typo.stderr, typo.stderr[-3000:]
+    assert typo.returncode == cli.EXIT_ERROR == 2 and "Traceback" not in typo.stderr, typo.stderr[
+        -3000:
+    ]
     assert "--config.base.max_stpes" in _last_line(typo) and "max_steps" in _last_line(typo)
 
     changed = reproduce.study_config("edge_of_stability", "smoke")
     changed.learning_rates = (0.3,)
     records.write_config(tmp_path / "eos", changed)
+    (tmp_path / "eos" / "runs" / "gd_lr0.1").mkdir(parents=True)  # a result of that config
+    records.write_json(tmp_path / "eos" / "runs" / "gd_lr0.1" / "analysis.json", {"x": 1})
     mismatch = _run(*study)
-    assert mismatch.returncode == 1 and "Traceback" not in mismatch.stderr
+    assert mismatch.returncode == cli.EXIT_ERROR and "Traceback" not in mismatch.stderr
     line = _last_line(mismatch)
     assert line.startswith("error: ") and "learning_rates" in line
     assert "--force" in line and "force=True" not in line
@@ -269,7 +273,7 @@ def test_user_errors_are_one_line_with_exit_status_1(tmp_path):
     (tmp_path / "eos" / "runs" / "gd_lr0.1" / records.CHECKPOINT_DIR / "3").mkdir(parents=True)
     measure = ["-m", "experiments.measure", f"--run={tmp_path / 'eos'}", "--mesh=none"]
     proc = _run(*measure)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == cli.EXIT_ERROR and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "holds no complete checkpoint" in _last_line(proc)
     assert "runs/gd_lr0.1" in _last_line(proc)
 
@@ -284,7 +288,7 @@ def test_run_reports_expected_errors_and_keeps_tracebacks_of_bugs(capsys, monkey
     for error in (ValueError("bad value"), FileNotFoundError("no file"), KeyError("no key")):
         with pytest.raises(SystemExit) as exit_:
             cli.run(fails(error), argv=["prog"])
-        assert exit_.value.code == 1
+        assert exit_.value.code == cli.EXIT_ERROR == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {cli.error_line(error)} (")
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
@@ -303,8 +307,9 @@ def test_error_lines_name_the_problem_and_the_fix():
     assert "\n" not in line and "(seed: 0 -> 1, lr: 1 -> 2)" in line and "--force" in line
     missing = data.DatasetNotFoundError("dataset 'cifar10' is not prepared.\n    tfds build x")
     assert cli.error_line(missing) == (
-        "dataset 'cifar10' is not prepared. tfds build x Or set TFDS_DATA_DIR to the directory "
-        "that holds it."
+        "dataset 'cifar10' is not prepared. tfds build x Or point the run at the directory that "
+        "holds it: --config.base.dataset.data_dir=DIR (--config.dataset.data_dir=DIR for a "
+        "single run) or the environment variable TFDS_DATA_DIR."
     )
     assert cli.error_line(KeyError("no field 'x'")) == "no field 'x'"
 
@@ -335,3 +340,37 @@ def test_ctrl_c_is_one_line_records_the_status_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary == {"status": "completed", "step": 10, "resumed_from": 5}
+
+
+def test_data_dir_is_a_config_field_reaching_tfds(tmp_path):
+    from ml_collections.config_flags import config_path
+
+    from sharpness_jax.config import RESUMABLE_FIELDS, resolve_config
+    from sharpness_jax.problem import problem_from_config
+
+    assert default_config().dataset.data_dir is None  # $TFDS_DATA_DIR, else TFDS's default
+    for name in STUDIES:  # what --config.base.dataset.data_dir=DIR sets
+        study = reproduce.study_config(name, "smoke")
+        config_path.set_value("base.dataset.data_dir", study, str(tmp_path))
+        assert study.base.dataset.data_dir == str(tmp_path), name
+    config = resolve_config({"dataset": {"name": "cifar10", "data_dir": str(tmp_path)}})
+    with pytest.raises(data.DatasetNotFoundError, match=f"data_dir='{tmp_path}'"):
+        problem_from_config(config)
+    moved = resolve_config({"dataset": {"name": "cifar10", "data_dir": "/elsewhere"}})
+    assert records.config_differences(config, moved, ignore=RESUMABLE_FIELDS) == []
+
+
+def test_a_finished_study_may_run_longer_but_not_otherwise_change(tmp_path):
+    def run(config, workdir, *, mesh, cache):
+        return [], {}, []
+
+    study = reproduce.study_config("edge_of_stability", "smoke")
+    common.run_study("edge_of_stability", run, study, tmp_path)
+    (tmp_path / "runs").mkdir()
+    records.write_json(tmp_path / "runs" / "result.json", {"x": 1})  # a result of the study
+    study.base.max_steps = int(study.base.max_steps) + 10
+    common.run_study("edge_of_stability", run, study, tmp_path)
+    assert records.read_config(tmp_path)["base"]["max_steps"] == study.base.max_steps
+    study.learning_rates = (0.3,)
+    with pytest.raises(records.ConfigMismatchError, match="learning_rates"):
+        common.run_study("edge_of_stability", run, study, tmp_path)

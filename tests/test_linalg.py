@@ -246,3 +246,20 @@ def test_bad_arguments():
         sj.lanczos_top_k(mv, template, reorthogonalisation="none")
     with pytest.raises(ValueError, match="reorthogonalisation"):
         sj.spectral_density(mv, template, key=jax.random.PRNGKey(0), reorthogonalisation="")
+
+
+def test_results_print_their_numbers_not_their_vectors():
+    from sharpness_jax.linalg.estimators import Estimate
+    from sharpness_jax.linalg.lanczos import Eigen
+
+    vectors = {"a": jnp.ones((2, 500), jnp.float32), "b": jnp.ones((2, 3, 3), jnp.float32)}
+    eigen = Eigen(jnp.array([3.0, 1.0]), vectors, jnp.array([1e-7, 2e-6]), jnp.array(40))
+    assert repr(eigen) == (
+        "Eigen(values=[3., 1.], vectors={a: float32[2, 500], b: float32[2, 3, 3]}, "
+        "residuals=[1.e-07, 2.e-06], num_matvecs=40)"
+    )
+    assert repr(Estimate(jnp.array(2.5), jnp.array(0.125), 10)) == (
+        "Estimate(2.5 ± 0.125, num_probes=10)"
+    )
+    diagonal = Estimate({"w": jnp.ones(3, jnp.float32)}, {"w": jnp.ones(3, jnp.float32)}, 4)
+    assert repr(diagonal) == "Estimate(value={w: float32[3]}, stderr={w: float32[3]}, num_probes=4)"

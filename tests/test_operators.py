@@ -1,6 +1,7 @@
 """Every exact operator against a dense reference, column by column, in float64."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -288,3 +289,14 @@ def test_softmax_squared_error_operators_match_dense_references():
     mats = all_dense(p, b)
     for name, want in expected.items():
         assert rel_err(mats[name], want) < 1e-8, name
+
+
+def test_a_layer_operator_given_the_full_params_names_the_subset_template():
+    prob = mlp_problem()
+    selector = "params/Dense_1"
+    h = sj.hessian(prob.objective, prob.params, prob.batch, subset=selector)
+    fix = "sj.subsets.select(params, 'params/Dense_1')"
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        sj.lanczos_top_k(h, prob.params, k=1)
+    eigen = sj.lanczos_top_k(h, sj.subsets.select(prob.params, selector), k=1)
+    assert set(eigen.vectors) == {"params/Dense_1/bias", "params/Dense_1/kernel"}

@@ -46,6 +46,14 @@ def test_config_mismatch_is_refused(tmp_path):
     records.write_config(tmp_path, _config())
     changed = _config()
     changed.optimizer.learning_rate = 0.2
+    # A workdir without results (a run that failed before its first step) takes a new config.
+    records.write_status(tmp_path, "failed", step=0)
+    assert not records.holds_results(tmp_path)
+    records.write_config(tmp_path, changed)
+    assert records.read_config(tmp_path)["optimizer"]["learning_rate"] == 0.2
+    records.write_config(tmp_path, _config())
+    records.append_metrics(tmp_path, {"step": 0, "loss": 1.0})
+    assert records.holds_results(tmp_path)
     with pytest.raises(records.ConfigMismatchError, match=r"optimizer.learning_rate: 0.1 -> 0.2"):
         records.write_config(tmp_path, changed)
     added = _config()

@@ -30,6 +30,7 @@ from absl import logging
 
 from experiments import configs
 from sharpness_jax import plots, records, training
+from sharpness_jax.config import RESUMABLE_FIELDS
 from sharpness_jax.programs import CompileCache
 
 __all__ = [
@@ -243,7 +244,10 @@ def run_study(
     """
     configs.check_preset(config.preset)
     workdir = records.init_workdir(workdir)
-    records.write_config(workdir, config, force=force)
+    # The base run's step budget (and how it reports) may change, e.g. a finished study run
+    # longer; each run checks its own resolved config (where a schedule follows max_steps).
+    ignore = tuple(f"base.{field}" for field in RESUMABLE_FIELDS)
+    records.write_config(workdir, config, ignore=ignore, force=force)
     start = time.time()
     logging.info("study %s (%s) in %s", study, config.preset, workdir)
     checks, results, figures = run(config, workdir, mesh=mesh, cache=CompileCache())

@@ -24,7 +24,9 @@ from sharpness_jax.linalg.exact import (
 from sharpness_jax.linalg.lanczos import (
     _check_reorthogonalisation,
     _lanczos,
+    _numbers,
     _ritz,
+    _shapes,
     _template_dtype,
 )
 from sharpness_jax.linear_operator import compiled
@@ -52,6 +54,14 @@ class Estimate(NamedTuple):
     value: Any
     stderr: Any
     num_probes: int
+
+    def __repr__(self) -> str:  # value ± stderr; a pytree (a diagonal) by its shapes
+        leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(self.value))
+        if leaf and jnp.ndim(self.value) == 0 and not isinstance(self.value, jax.core.Tracer):
+            text = f"{_numbers(self.value)} ± {_numbers(self.stderr)}"
+        else:
+            text = f"value={_shapes(self.value)}, stderr={_shapes(self.stderr)}"
+        return f"Estimate({text}, num_probes={self.num_probes})"
 
 
 class SpectralDensity(NamedTuple):

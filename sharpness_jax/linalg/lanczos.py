@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks
@@ -50,6 +51,26 @@ class Eigen(NamedTuple):
     vectors: PyTree
     residuals: jax.Array
     num_matvecs: jax.Array
+
+    def __repr__(self) -> str:  # the numbers, and only the shapes of the vectors
+        return (
+            f"Eigen(values={_numbers(self.values)}, vectors={_shapes(self.vectors)}, "
+            f"residuals={_numbers(self.residuals)}, num_matvecs={_numbers(self.num_matvecs)})"
+        )
+
+
+def _numbers(x: Any) -> str:
+    """A short text of an array's numbers (a traced one shows its shape and dtype)."""
+    if isinstance(x, jax.core.Tracer):
+        return repr(x)
+    array = np.asarray(x)
+    return np.array2string(array, precision=6, separator=", ") if array.ndim else f"{array:.6g}"
+
+
+def _shapes(tree: PyTree) -> str:
+    """``dtype[shape]`` of each leaf of ``tree``, in its structure."""
+    texts = jax.tree.map(lambda v: f"{jnp.result_type(v)}{list(jnp.shape(v))}", tree)
+    return texts if isinstance(texts, str) else repr(texts).replace("'", "")
 
 
 def flatten_vectors(vectors: PyTree, template: PyTree) -> tuple[jax.Array, int]:
