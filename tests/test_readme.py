@@ -16,11 +16,10 @@ def _section_code(title: str) -> str:
     return "\n".join(blocks)
 
 
-def test_your_own_model_example_runs():
-    code = _section_code("Your own model")
+def _run_section(title: str) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", _section_code(title)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -28,4 +27,19 @@ def test_your_own_model_example_runs():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"\[\s*[0-9.e+-]+\s*\]", proc.stdout), proc.stdout
+    return proc.stdout
+
+
+def test_your_own_model_example_runs():
+    out = _run_section("Your own model")
+    assert re.search(r"\[\s*[0-9.e+-]+\s*\]", out), out
+
+
+def test_the_notebook_snippet_prints_what_it_computes():
+    lines = _run_section("In a notebook").strip().splitlines()
+    assert len(lines) == 4, lines
+    assert len(lines[0].strip("[]").split()) == 3  # three eigenvalues
+    assert len([float(v) for v in lines[1].split()]) == 3  # tr(H), its SE, tr(C)
+    assert lines[2].startswith("Eigen(values=[") and "float32[3, 784, 100]" in lines[2]
+    assert len(lines[2]) < 600  # shapes, not the eigenvectors
+    assert float(lines[3].strip("[]")) > 0  # the layer's λ_max
