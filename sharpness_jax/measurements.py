@@ -65,6 +65,11 @@ name                                     row keys and quantity
                                          ε ∼ N(0, σ² diag c²), Monte Carlo
 ``loss_slice``                           arrays ``loss_slice_alphas``, ``loss_slice_values``:
                                          L(θ+αu) along a filter-normalised direction u
+``takeuchi_information_criterion``       ``takeuchi_information_criterion`` (± ``_stderr``):
+                                         tr((H + λI)⁻¹ C), Hutchinson with GMRES solves
+``full_riemannian_sharpness``            ``riemannian_trace_full`` (± ``_stderr``),
+                                         ``riemannian_lambda_max_full``: tr and λ_max of
+                                         (F + λI)⁻¹H, F the true Fisher, through CG solves
 ======================================== =========================================================
 
 Registering a measurement (a function of a :class:`MeasureContext` returning a dict)::
@@ -360,6 +365,25 @@ BUILTIN_MEASUREMENTS: tuple[Measurement, ...] = (
         perturbation.measure_loss_slice,
         {"radius": 1.0, "num_points": 21},
         perturbation.check_loss_slice,
+    ),
+    Measurement(
+        "takeuchi_information_criterion",
+        perturbation.measure_takeuchi_information_criterion,
+        {
+            "damping": 1e-3,
+            "num_probes": 10,
+            "method": "gmres",
+            "tol": 1e-6,
+            "max_iters": 200,
+            "restart": 20,
+        },
+        perturbation.check_takeuchi_information_criterion,
+    ),
+    Measurement(
+        "full_riemannian_sharpness",
+        perturbation.measure_full_riemannian_sharpness,
+        {"damping": 1e-3, "num_probes": 10, "num_iters": 20, "tol": 1e-6, "max_iters": 200},
+        perturbation.check_full_riemannian_sharpness,
     ),
 )
 

@@ -1,10 +1,12 @@
-"""Built-in measurements of the perturbation and preconditioned measures (the second half of
+"""Built-in measurements of the perturbation, preconditioned and inverse-curvature measures
+(the second half of
 :mod:`sharpness_jax.builtin_measurements`, listed in the same table of
 :mod:`sharpness_jax.measurements`).
 
 Each is ``fn(ctx: MeasureContext) -> {key: value}`` with an option check
 ``(options, info) -> None``; the math is in :mod:`sharpness_jax.worst_case`,
-:mod:`sharpness_jax.preconditioned` and :mod:`sharpness_jax.landscape`.
+:mod:`sharpness_jax.preconditioned`, :mod:`sharpness_jax.landscape` and
+:mod:`sharpness_jax.inverse`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from sharpness_jax import landscape, preconditioned, worst_case
+from sharpness_jax import inverse, landscape, preconditioned, worst_case
 from sharpness_jax.checks import is_int as _is_int
 from sharpness_jax.checks import is_number as _is_number
 from sharpness_jax.checks import require as _require
@@ -25,12 +27,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_average_sharpness",
+    "check_full_riemannian_sharpness",
     "check_loss_slice",
     "check_preconditioned_sharpness",
+    "check_takeuchi_information_criterion",
     "check_worst_case_sharpness",
     "measure_average_sharpness",
+    "measure_full_riemannian_sharpness",
     "measure_loss_slice",
     "measure_preconditioned_sharpness",
+    "measure_takeuchi_information_criterion",
     "measure_worst_case_sharpness",
 ]
 
@@ -159,6 +165,102 @@ def measure_loss_slice(ctx: MeasureContext) -> dict[str, Any]:
 
     values = ctx.jit(line)(ctx.params, ctx.batch, ctx.key, alphas.astype(_dtype(ctx.params)))
     return {"loss_slice_alphas": alphas, "loss_slice_values": values}
+
+
+def _check_solves(name: str, options: Mapping[str, Any]) -> None:
+    _positive(name, "damping", options["damping"])
+    _positive(name, "tol", options["tol"])
+    _count(name, "num_probes", options["num_probes"], 2)
+    max_iters = options["max_iters"]
+    _require(
+        max_iters is None or (_is_int(max_iters) and max_iters >= 1),
+        f"{name}: max_iters must be None or an int >= 1, got {max_iters!r}",
+    )
+
+
+def check_takeuchi_information_criterion(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _check_solves("takeuchi_information_criterion", options)
+    _require(
+        options["method"] in inverse.SOLVE_METHODS,
+        f"takeuchi_information_criterion: method must be one of {inverse.SOLVE_METHODS}, got "
+        f"{options['method']!r}",
+    )
+    _count("takeuchi_information_criterion", "restart", options["restart"], 1)
+
+
+def measure_takeuchi_information_criterion(ctx: MeasureContext) -> dict[str, Any]:
+    """tr((H + λI)⁻¹ C) with its standard error: Hutchinson, one solve per probe (GMRES by
+    default: H + λI is indefinite away from a minimum; a larger ``restart`` helps when it is
+    nearly singular), :func:`sharpness_jax.inverse.takeuchi_information_criterion`. NaN
+    when a solve did not converge."""
+    o = ctx.options
+
+    def tic(params, batch, key):
+        est = inverse.takeuchi_information_criterion(
+            ctx.objective,
+            params,
+            batch,
+            damping=o["damping"],
+            key=key,
+            num_probes=o["num_probes"],
+            method=o["method"],
+            tol=o["tol"],
+            max_iters=o["max_iters"],
+            restart=o["restart"],
+            chunk_size=ctx.chunk_size,
+        )
+        return est.value, est.stderr
+
+    value, stderr = ctx.jit(tic)(ctx.params, ctx.batch, ctx.key)
+    return {
+        "takeuchi_information_criterion": value,
+        "takeuchi_information_criterion_stderr": stderr,
+    }
+
+
+def check_full_riemannian_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _check_solves("full_riemannian_sharpness", options)
+    _count("full_riemannian_sharpness", "num_iters", options["num_iters"], 1)
+
+
+def measure_full_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
+    """Full-network Riemannian sharpness in the damped true Fisher metric F + λI, matrix-free:
+    tr((F + λI)⁻¹ H) ± SE (Hutchinson with CG solves) and λ_max((F + λI)⁻¹ H) (Lanczos in the
+    (F + λI)-inner product), :func:`sharpness_jax.inverse.riemannian_trace_full` and
+    :func:`sharpness_jax.inverse.riemannian_lambda_max`."""
+    o = ctx.options
+
+    def full(params, batch, key):
+        k_trace, k_top = jax.random.split(key)
+        common = dict(damping=o["damping"], tol=o["tol"], max_iters=o["max_iters"])
+        est = inverse.riemannian_trace_full(
+            ctx.objective,
+            params,
+            batch,
+            key=k_trace,
+            num_probes=o["num_probes"],
+            chunk_size=ctx.chunk_size,
+            **common,
+        )
+        top = inverse.riemannian_lambda_max(
+            ctx.objective,
+            params,
+            batch,
+            key=k_top,
+            num_iters=o["num_iters"],
+            chunk_size=ctx.chunk_size,
+            **common,
+        )
+        return est.value, est.stderr, top.values[0]
+
+    value, stderr, top = ctx.jit(full)(ctx.params, ctx.batch, ctx.key)
+    return {
+        "riemannian_trace_full": value,
+        "riemannian_trace_full_stderr": stderr,
+        "riemannian_lambda_max_full": top,
+    }
 
 
 def _dtype(params):

@@ -42,6 +42,8 @@ STUDY_MEASUREMENTS = (
     "worst_case_sharpness",
     "average_sharpness",
     "loss_slice",
+    "takeuchi_information_criterion",
+    "full_riemannian_sharpness",
 )
 
 
