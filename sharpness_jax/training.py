@@ -363,6 +363,7 @@ def _loop(st: _Setup, rec: RunRecords, step: int, params, opt_state, restored_me
         idx = _batch_indices(st.sampler, step)
         params, opt_state, loss = step_fn(params, opt_state, st.train, idx, limit)
         batch_loss = float(loss)
+        rec.record_loss(step, batch_loss)
         if _diverged(c, batch_loss):
             status = "diverged"
             logging.warning("diverged at step %d: mini-batch loss %s", step, batch_loss)
