@@ -1,9 +1,21 @@
 """A training run's records in its workdir: the stored config, resume from the latest
 checkpoint, metrics rows and arrays, checkpoints with the measurements' warm-start states, and
 ``status.json`` ("running" with the last checkpoint's step at every checkpoint; "interrupted" or
-"failed" when the loop stops on Ctrl-C or an error; the final status). Without a workdir the
-rows are held in memory. Used by :func:`sharpness_jax.training.train`; the file formats and
-the resume protocol are :mod:`sharpness_jax.records`'.
+"failed" when the loop stops on Ctrl-C or an error; the final status), and the mini-batch loss
+L_B(θ_t) of every training step t in ``train_loss.npz`` (:func:`read_train_losses`; held in
+memory and written before every checkpoint and at the end). Without a workdir the rows are
+held in memory.
+
+What a rerun may change (``force`` aside): the ``RESUMABLE_FIELDS``, with ``max_steps`` not
+lowered below the checkpoint the run resumes from (a finished run is extended by raising it);
+the measurement schedule (``measure.every``, ``steps``, ``num_log_steps``, ``log_max_step``)
+when the old and the new one agree on every step up to that checkpoint, e.g. a new window
+after it; and anything while the workdir holds no checkpoint yet (a run that failed before its
+first one, e.g. on a missing dataset, is no record to protect). Rows stay in step order and
+equal those of an uninterrupted run with the new config.
+
+Used by :func:`sharpness_jax.training.train`; the file formats and the resume protocol are
+:mod:`sharpness_jax.records`'.
 """
 
 from __future__ import annotations
@@ -16,11 +28,28 @@ import numpy as np
 from absl import logging
 
 from sharpness_jax import records
-from sharpness_jax.config import RESUMABLE_FIELDS
+from sharpness_jax.config import RESUMABLE_FIELDS, measurement_schedule, resolve_config
 
 PyTree = Any
 
-__all__ = ["RunRecords", "TrainingInterrupted", "no_checkpoint_message"]
+__all__ = [
+    "SCHEDULE_FIELDS",
+    "TRAIN_LOSS_FILE",
+    "RunRecords",
+    "TrainingInterrupted",
+    "no_checkpoint_message",
+    "read_train_losses",
+    "resumable_fields",
+]
+
+TRAIN_LOSS_FILE = "train_loss.npz"
+# The fields of the measurement schedule; see ``resumable_fields``.
+SCHEDULE_FIELDS = (
+    "measure.every",
+    "measure.steps",
+    "measure.num_log_steps",
+    "measure.log_max_step",
+)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -57,6 +86,29 @@ def no_checkpoint_message(workdir: str, shown: int = 6) -> str:
     return message
 
 
+def read_train_losses(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, losses)``: the mini-batch loss L_B(θ_t) of every training step t a run took
+    (as of its last checkpoint or its end), in step order; empty arrays if none is stored."""
+    path = pathlib.Path(workdir) / TRAIN_LOSS_FILE
+    if not path.exists():
+        return np.zeros(0, np.int64), np.zeros(0)
+    with np.load(path) as f:
+        return f["step"], f["batch_loss"]
+
+
+def resumable_fields(stored: Any, new: Any, step: int) -> tuple[str, ...]:
+    """The fields in which ``new`` may differ from a run's ``stored`` config when it resumes
+    from its checkpoint at ``step`` (see the module docstring)."""
+    old, c = resolve_config(stored), resolve_config(new)
+    fields = list(RESUMABLE_FIELDS)
+    if c.max_steps < step:
+        fields.remove("max_steps")
+    was, will = measurement_schedule(old), measurement_schedule(c)
+    if all(was(t) == will(t) for t in range(step + 1)):
+        fields += SCHEDULE_FIELDS
+    return tuple(fields)
+
+
 class RunRecords:
     """A run's records: rows and arrays (in the workdir or in memory), checkpoints and the
     measurements' warm-start states."""
@@ -72,6 +124,8 @@ class RunRecords:
         self.last_row: dict[str, Any] = {}
         self.step = 0  # the step the loop is at
         self.checkpoint_step: int | None = None  # the last complete checkpoint
+        self.loss_steps: list[int] = []  # every training step's mini-batch loss
+        self.losses: list[float] = []
 
     def resume(self, params: PyTree, opt_state: PyTree, force: bool):
         """Stores or checks the config; ``(step, params, opt_state, meta)`` of the latest
@@ -80,8 +134,12 @@ class RunRecords:
         if workdir is None:
             return 0, params, opt_state, None
         records.init_workdir(workdir)
-        records.write_config(workdir, st.config, ignore=RESUMABLE_FIELDS, force=force)
         self.manager = records.checkpoint_manager(workdir, max_to_keep=st.config.keep_checkpoints)
+        latest, stored = records.latest_checkpoint_step(self.manager), records.read_config(workdir)
+        ignore = RESUMABLE_FIELDS
+        if latest is not None and stored is not None:
+            ignore = resumable_fields(stored, st.config, latest)
+        records.write_config(workdir, st.config, ignore=ignore, force=force or latest is None)
         ckpt = records.restore_checkpoint(self.manager, {"params": params, "opt_state": opt_state})
         step, meta = 0, None
         if ckpt is not None:
@@ -93,6 +151,8 @@ class RunRecords:
                     self.states[name] = st.placement.params(dict(state))
             logging.info("resuming %s from the checkpoint at step %d", workdir, step)
         records.truncate_metrics(workdir, max_step=None if ckpt is None else step)
+        steps, losses = read_train_losses(workdir)
+        self.loss_steps, self.losses = steps[steps < step].tolist(), losses[steps < step].tolist()
         self.step, self.checkpoint_step = step, None if ckpt is None else step
         records.write_status(workdir, "running", step, **self._checkpoint_field())
         previous = records.read_metrics(workdir)
@@ -113,9 +173,23 @@ class RunRecords:
             self.rows.append(row)
         self.last_row = row
 
+    def record_loss(self, step: int, loss: float) -> None:
+        """Holds the mini-batch loss of training step ``step``."""
+        self.loss_steps.append(step)
+        self.losses.append(loss)
+
+    def _write_losses(self) -> None:
+        """Writes the losses held (a rerun drops those past the checkpoint it resumes from)."""
+        steps = np.asarray(self.loss_steps, np.int64)
+        losses = np.asarray(self.losses, np.float64)
+        records.write_npz(
+            pathlib.Path(self.workdir) / TRAIN_LOSS_FILE, {"step": steps, "batch_loss": losses}
+        )
+
     def checkpoint(self, step, params, opt_state, evaluation) -> None:
         if self.manager is None:
             return
+        self._write_losses()  # first: a checkpoint never lacks the losses before it
         records.save_checkpoint(
             self.manager,
             step,
@@ -145,6 +219,7 @@ class RunRecords:
         """Writes the final status; all rows of the run."""
         if self.workdir is None:
             return self.rows
+        self._write_losses()
         extra = {"batch_loss": batch_loss} if status == "diverged" else {}
         records.write_status(self.workdir, status, step, **extra)
         return records.read_metrics(self.workdir)

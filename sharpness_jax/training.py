@@ -363,6 +363,7 @@ def _loop(st: _Setup, rec: RunRecords, step: int, params, opt_state, restored_me
         idx = _batch_indices(st.sampler, step)
         params, opt_state, loss = step_fn(params, opt_state, st.train, idx, limit)
         batch_loss = float(loss)
+        rec.record_loss(step, batch_loss)
         if _diverged(c, batch_loss):
             status = "diverged"
             logging.warning("diverged at step %d: mini-batch loss %s", step, batch_loss)
@@ -388,11 +389,15 @@ def train(
     the initial parameters and the data are checked to be finite.
 
     With a ``workdir``, the config is stored in ``config.json`` (a rerun refuses a config that
-    differs in a field outside ``RESUMABLE_FIELDS``, unless ``force``), rows are appended to
-    ``metrics.jsonl``, checkpoints written every ``checkpoint_every`` steps and at the end, and
-    ``status.json`` updated. Rerunning resumes from the latest complete checkpoint: the rows
-    after it are dropped, and the batches (a function of (seed, step)), measurement keys and
-    warm-start states are those of an uninterrupted run, so the rows come out identical.
+    differs in a field outside ``RESUMABLE_FIELDS``, unless ``force``; a larger ``max_steps``
+    and a measurement window after the checkpoint extend a run, and a workdir without a
+    checkpoint takes any config: :mod:`sharpness_jax.run_records`), rows are appended to
+    ``metrics.jsonl``, every step's mini-batch loss kept in ``train_loss.npz``
+    (``run_records.read_train_losses``), checkpoints written every ``checkpoint_every`` steps
+    and at the end, and ``status.json`` updated. Rerunning resumes from the latest complete
+    checkpoint: the rows (and losses) after it are dropped, and the batches (a function of
+    (seed, step)), measurement keys and warm-start states are those of an uninterrupted run,
+    so the rows come out identical.
 
     Args:
       config: a ConfigDict or nested mapping (missing fields: ``config.default_config``).

@@ -362,15 +362,17 @@ def test_data_dir_is_a_config_field_reaching_tfds(tmp_path):
 
 def test_a_finished_study_may_run_longer_but_not_otherwise_change(tmp_path):
     def run(config, workdir, *, mesh, cache):
-        return [], {}, []
+        steps = int(config.base.max_steps)
+        return [], common.cached(workdir, "analysis", lambda: {"max_steps": steps}), []
 
     study = reproduce.study_config("edge_of_stability", "smoke")
     common.run_study("edge_of_stability", run, study, tmp_path)
     (tmp_path / "runs").mkdir()
     records.write_json(tmp_path / "runs" / "result.json", {"x": 1})  # a result of the study
     study.base.max_steps = int(study.base.max_steps) + 10
-    common.run_study("edge_of_stability", run, study, tmp_path)
+    summary = common.run_study("edge_of_stability", run, study, tmp_path)
     assert records.read_config(tmp_path)["base"]["max_steps"] == study.base.max_steps
+    assert summary["results"] == {"max_steps": study.base.max_steps}  # not the cached analysis
     study.learning_rates = (0.3,)
     with pytest.raises(records.ConfigMismatchError, match="learning_rates"):
         common.run_study("edge_of_stability", run, study, tmp_path)

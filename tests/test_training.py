@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from training_configs import BASE, config, losses, train
 
-from sharpness_jax import data, records
+from sharpness_jax import data, records, run_records
 from sharpness_jax.config import resolve_config
 
 CHILD = pathlib.Path(__file__).with_name("training_child.py")
@@ -169,6 +169,72 @@ def test_rerun_resumes_refuses_conflicts_and_extends(tmp_path):
     assert records.read_config(tmp_path)["max_steps"] == 20
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_locks_no_config(tmp_path, monkeypatch):
+    from sharpness_jax import training
+
+    def broken(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(training, "_measure_row", broken)  # fails at step 0, before checkpoint 0
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(config(max_steps=10, optimizer={"learning_rate": 0.4}), tmp_path)
+    assert records.read_status(tmp_path)["status"] == "failed"
+    monkeypatch.undo()
+    # Nothing to protect: a corrected config starts afresh without force ...
+    result = train(config(max_steps=10), tmp_path)
+    assert result.resumed_from is None and result.status == "completed"
+    assert records.read_config(tmp_path)["optimizer"]["learning_rate"] == 0.5
+    # ... and once a checkpoint exists, a change is refused again.
+    with pytest.raises(records.ConfigMismatchError, match=r"optimizer\.learning_rate"):
+        train(config(max_steps=10, optimizer={"learning_rate": 0.4}), tmp_path)
+
+
+def test_a_finished_run_is_extended_with_a_new_measurement_window(tmp_path):
+    train(config(max_steps=10), tmp_path)
+    # Lowering max_steps below the checkpoint, or changing the schedule before it: refused.
+    with pytest.raises(records.ConfigMismatchError, match="max_steps: 10 -> 5"):
+        train(config(max_steps=5), tmp_path)
+    with pytest.raises(records.ConfigMismatchError, match=r"measure\.every: 5 -> 2"):
+        train(config(max_steps=20, measure={"every": 2}), tmp_path)
+    assert records.read_config(tmp_path)["max_steps"] == 10
+    # A longer budget with a dense window after the old end is an extension.
+    extended = config(max_steps=20, measure={"steps": (12, 13, 14)})
+    result = train(extended, tmp_path)
+    steps = [r["step"] for r in result.rows]
+    assert steps == [0, 5, 10, 12, 13, 14, 15, 20] and result.resumed_from == 10
+    assert result.rows == train(extended).rows  # as one uninterrupted run
+    assert records.read_config(tmp_path)["measure"]["steps"] == [12, 13, 14]
+
+
+def test_every_steps_batch_loss_is_recorded_once_across_a_failure(tmp_path, monkeypatch):
+    from sharpness_jax import run_records, training
+
+    c = config(max_steps=12, batch_size=16, optimizer={"name": "sgd", "learning_rate": 0.1})
+    batch_indices = training._batch_indices
+
+    def indices(sampler, step):
+        if step == 8:
+            raise RuntimeError("disk on fire")
+        return batch_indices(sampler, step)
+
+    monkeypatch.setattr(training, "_batch_indices", indices)
+    with pytest.raises(RuntimeError):
+        train(c, tmp_path / "resumed")
+    steps, _ = run_records.read_train_losses(tmp_path / "resumed")
+    np.testing.assert_array_equal(steps, np.arange(5))  # written with checkpoint 5
+    monkeypatch.undo()
+    train(c, tmp_path / "resumed")
+    train(c, tmp_path / "whole")
+    steps, resumed = run_records.read_train_losses(tmp_path / "resumed")
+    np.testing.assert_array_equal(steps, np.arange(12))
+    np.testing.assert_array_equal(resumed, run_records.read_train_losses(tmp_path / "whole")[1])
+    # Full-batch GD: the batch loss at step t is the measured training loss L(θ_t).
+    gd = train(config(max_steps=10), tmp_path / "gd")
+    _, gd_losses = run_records.read_train_losses(tmp_path / "gd")
+    measured = {r["step"]: r["train_loss"] for r in gd.rows if r["step"] < 10}
+    np.testing.assert_allclose([gd_losses[t] for t in measured], list(measured.values()), 1e-12)
+
+
 def test_regression_targets():
     c = {
         **BASE,
@@ -251,7 +317,9 @@ KILL_CONFIG = {
 
 
 def _run_child(workdir, cache, kill=None):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    # The child imports the code under test (this checkout), not an installed copy.
+    path = os.pathsep.join([str(CHILD.parent.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "PYTHONPATH": path}
     args = [sys.executable, str(CHILD), str(workdir), json.dumps(KILL_CONFIG)]
     return subprocess.run(
         args + ([kill] if kill else []), env=env, capture_output=True, text=True, timeout=300
@@ -290,4 +358,7 @@ def test_sigkill_then_resume_reproduces_the_metrics_exactly(kill, reference_run)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == {"status": "completed", "step": 30, "resumed_from": 10}
     assert (workdir / records.METRICS_FILE).read_bytes() == expected  # row for row, bit for bit
+    steps, losses = run_records.read_train_losses(workdir)  # every step's loss, once
+    np.testing.assert_array_equal(steps, np.arange(30))
+    np.testing.assert_array_equal(losses, run_records.read_train_losses(root / "reference")[1])
     assert records.read_status(workdir) == {"status": "completed", "step": 30}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from experiments import configs
-from sharpness_jax import plots, records, training
+from sharpness_jax import plots, records, run_records, training
 from sharpness_jax.config import RESUMABLE_FIELDS
 from sharpness_jax.programs import CompileCache
 
@@ -244,10 +245,15 @@ def run_study(
     """
     configs.check_preset(config.preset)
     workdir = records.init_workdir(workdir)
-    # The base run's step budget (and how it reports) may change, e.g. a finished study run
-    # longer; each run checks its own resolved config (where a schedule follows max_steps).
-    ignore = tuple(f"base.{field}" for field in RESUMABLE_FIELDS)
-    records.write_config(workdir, config, ignore=ignore, force=force)
+    # The base run's step budget (and how it reports) and its measurement schedule may
+    # change, e.g. a finished study run longer; each run checks its own resolved config
+    # (sharpness_jax.run_records). The analyses cached for the old config are then stale.
+    fields = (*RESUMABLE_FIELDS, *run_records.SCHEDULE_FIELDS)
+    stored = records.read_config(workdir)
+    records.write_config(workdir, config, ignore=[f"base.{f}" for f in fields], force=force)
+    if stored is not None and records.config_differences(stored, config):
+        logging.info("the config of %s changed: its analyses are recomputed", workdir)
+        shutil.rmtree(workdir / "analysis", ignore_errors=True)
     start = time.time()
     logging.info("study %s (%s) in %s", study, config.preset, workdir)
     checks, results, figures = run(config, workdir, mesh=mesh, cache=CompileCache())
