@@ -35,8 +35,11 @@ convolution:
 compiles in about the same time for any depth (one PRNG call per leaf would not).
 
 The shallow and quadratic nets use :func:`~sharpness_jax.shallow.init_shallow` (LeCun normal).
-Normalisation layers that mix examples (batch norm) are refused: curvature per example needs a
-model whose output for x depends on x alone. Layer norm (per example) is available.
+Batch norm is refused as a ``normalization`` of these models: in training mode it mixes
+examples, and curvature per example needs a model whose output for x depends on x alone. Layer
+norm (per example) is available. The CIFAR-style ResNet-18 with batch norm is
+:mod:`sharpness_jax.resnet18`: trainable params and running statistics kept apart, measured in
+eval mode (statistics frozen, per example).
 """
 
 from __future__ import annotations

@@ -13,22 +13,23 @@ from sharpness_jax.adapters import check_no_example_mixing
 from sharpness_jax.resnet18 import MOMENTUM, build_resnet18, with_state
 
 KEY = jax.random.PRNGKey(0)
-SHAPE = (8, 8, 3)
+SHAPE = (4, 4, 3)
 K = 3
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Widths (1, 2, 4, 8), float64, running statistics moved away from (0, 1) by two train
-    steps so that eval mode uses nontrivial frozen statistics."""
+    """Widths (1, 1, 2, 4) (835 parameters), float64, running statistics moved away from
+    (0, 1) by two train steps so that eval mode uses nontrivial frozen statistics."""
     model = build_resnet18(
-        input_shape=SHAPE, num_outputs=K, width_multiplier=1 / 64, param_dtype="float64"
+        input_shape=SHAPE, num_outputs=K, width_multiplier=1 / 128, param_dtype="float64"
     )
     params, state = model.init(KEY)
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, *SHAPE), jnp.float64) * 2.0 + 0.5
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, *SHAPE), jnp.float64) * 2.0 + 0.5
+    train_apply = jax.jit(model.train_apply)
     for _ in range(2):
-        _, state = model.train_apply(params, state, x)
-    y = jnp.array([0, 1, 2, 1], jnp.int32)
+        _, state = train_apply(params, state, x)
+    y = jnp.array([0, 1, 2], jnp.int32)
     return model, params, state, sj.Batch(x, y)
 
 
@@ -105,7 +106,7 @@ def test_bad_arguments_are_refused():
         build_resnet18(input_shape=(784,), num_outputs=10)
     with pytest.raises(ValueError, match="width_multiplier"):
         build_resnet18(input_shape=SHAPE, num_outputs=10, width_multiplier=0)
-    model = build_resnet18(input_shape=SHAPE, num_outputs=K, width_multiplier=1 / 64)
-    params, state = model.init(KEY)
+    model = build_resnet18(input_shape=SHAPE, num_outputs=K, width_multiplier=1 / 128)
+    params, state = jax.eval_shape(model.init, KEY)
     with pytest.raises(ValueError, match="ONE example"):
         model.eval_predict(params, state, jnp.zeros((2, *SHAPE), jnp.float32))
