@@ -68,6 +68,7 @@ TARGETS = {
     "lambda_max_warm_rel_error": (1e-3, "relative"),
     "batch_sharpness_grad_equivalents": (60.0, "gradients"),
     "exact_spectrum_c_gram_grad_equivalents": (50.0, "gradients"),
+    "exact_trace_c_factored_grad_equivalents": (5.0, "gradients"),
     "w3_exact_h2_diagonal_s": (600.0, "s"),
     "eager_lanczos_x_matvecs": (1.5, "× its matvecs"),
     "eager_lanczos_compile_s": (20.0, "s"),
@@ -234,6 +235,13 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
     out["hutchinson_trace_h_100_probes_s"] = timeit(hutch, params, batch, repeats=1)
     tr_c = jax.jit(lambda p, b: noise.gradient_covariance_trace(objective, p, b, chunk_size=chunk))
     out["exact_trace_c_s"] = timeit(tr_c, params, batch, repeats=repeats)
+    # tr(C) alone from the layer factors (per-example squared norms, no per-example gradient).
+    tr_c_factored = jax.jit(
+        lambda p, b: gradient_gram.covariance_trace(objective, p, b, chunk_size=chunk)[0]
+    )
+    out["exact_trace_c_factored_s"], out["exact_trace_c_factored_grad_equivalents"] = paired(
+        tr_c_factored, (params, batch), gradient, repeats=repeats
+    )
     top_c = jax.jit(
         lambda p, b: noise.gradient_covariance_top_k(objective, p, b, k=1, chunk_size=chunk)
     )

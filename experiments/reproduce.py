@@ -86,6 +86,7 @@ def write_report(workdir: Path, summaries: list[dict], preset: str, *, elapsed: 
         f"Preset `{preset}`; {len(summaries)} studies in {elapsed / 60:.1f} min "
         "(resumed parts count only the time of this invocation).",
         "",
+        *([f"**{common.SMOKE_NOTE}.**", ""] if preset == "smoke" else []),
         "| study | checks passed | time (s) |",
         "|---|---|---|",
     ]

@@ -18,9 +18,9 @@ import optax
 
 from sharpness_jax import (
     batch_moments,
+    gradient_gram,
     jacobian,
     linalg,
-    noise,
     operators,
     quotient_summary,
     riemannian,
@@ -171,7 +171,8 @@ def check_trace_hessian(options: Mapping[str, Any], info: RunInfo) -> None:
 
 
 def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
-    """tr(C), C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ on the measurement batch."""
+    """tr(C), C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ on the measurement batch (``"exact"``: by
+    :func:`sharpness_jax.gradient_gram.covariance_trace`, factored where it applies)."""
     opts = ctx.options
     objective, chunk_size = ctx.objective, ctx.chunk_size
 
@@ -179,7 +180,9 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
 
         def trace(params, batch, key):
             del key
-            value = noise.gradient_covariance_trace(objective, params, batch, chunk_size=chunk_size)
+            value, _ = gradient_gram.covariance_trace(
+                objective, params, batch, chunk_size=chunk_size
+            )
             return value, jnp.zeros_like(value)
 
     else:

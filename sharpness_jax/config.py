@@ -29,6 +29,8 @@ The fields:
     (likewise, linear); each after a linear warmup from 0 over ``warmup_steps`` (0).
   ``decay_steps``: None → ``max_steps`` for a decaying schedule (resolved and stored;
     unused by "constant"). ``end_factor``: 0.0.
+  ``sam_rho``: ρ ≥ 0 of sharpness-aware minimisation (0.0: off). ρ > 0: the optimizer is
+    fed ∇L_B(θ + ρ g/‖g‖), g = ∇L_B(θ), both on the step's batch B (Foret et al. 2021).
 ``batch_size``: None (full batch) or B in [1, n].
 ``replace``: False: batches without replacement (epoch-wise permutations); True: i.i.d.
   uniform indices. See ``minibatch.Sampler``.
@@ -143,6 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
             "warmup_steps": 0,
             "decay_steps": config_dict.placeholder(int),
             "end_factor": 0.0,
+            "sam_rho": 0.0,
         }
     )
     c.batch_size = config_dict.placeholder(int)
@@ -318,6 +321,10 @@ def _validate_optimizer(o: ml_collections.ConfigDict) -> None:
     _require(
         _is_number(o.weight_decay) and o.weight_decay >= 0,
         f"optimizer.weight_decay must be >= 0, got {o.weight_decay!r}",
+    )
+    _require(
+        _is_number(o.sam_rho) and o.sam_rho >= 0,
+        f"optimizer.sam_rho must be >= 0 (0: no SAM), got {o.sam_rho!r}",
     )
     _require(
         o.weight_decay_type in WEIGHT_DECAY_TYPES,

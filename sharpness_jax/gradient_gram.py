@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sharpness_jax import checks, dense_factors, operators, subsets
+from sharpness_jax.linalg.exact import working_dtype
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import sum_over_chunks
 
@@ -56,6 +57,7 @@ __all__ = [
     "CovarianceSpectrum",
     "blocked_gram",
     "covariance_spectrum",
+    "covariance_trace",
     "exact_covariance_moments",
     "flat_example_grads",
     "gradient_gram",
@@ -192,7 +194,8 @@ def gram_method(
 
 
 def _dtype(params):
-    return jnp.result_type(*jax.tree_util.tree_leaves(params))
+    """The dtype of the Gram matrices: float32 for half-precision parameters."""
+    return working_dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
 
 
 def _check_gram_memory(n, dtype):
@@ -208,7 +211,9 @@ def _check_gram_memory(n, dtype):
 
 
 def _einsum(spec, *arrays):
-    return jnp.einsum(spec, *arrays, precision=_HIGHEST)
+    # Gram sums of half-precision factors accumulate in float32.
+    wide = working_dtype(jnp.result_type(*arrays))
+    return jnp.einsum(spec, *(a.astype(wide) for a in arrays), precision=_HIGHEST)
 
 
 def _hadamard(call) -> bool:
@@ -308,7 +313,7 @@ def _gram(objective, params, batch, method, layout, chunk_size, centred):
             return flat_example_grads(objective, params, chunk, mask, reference)
 
         def block(g1, g2):
-            return jnp.matmul(g1, g2.T, precision=_HIGHEST)
+            return jnp.matmul(g1, g2.T, precision=_HIGHEST, preferred_element_type=dtype)
 
     else:
         means = _factor_means(objective, params, batch, layout, chunk_size) if centred else None
@@ -440,3 +445,98 @@ def exact_covariance_moments(
     return covariance_spectrum(
         objective, params, batch, chunk_size=chunk_size, subset=subset, method=method
     )
+
+
+# ------------------------------------------------------------------------- exact tr(C)
+
+
+def _kernel_diagonal(f):
+    """‖Σ_t ε_pt δ_ptᵀ + ā_t η_ptᵀ‖² per example: the diagonal of :func:`_kernel_block`."""
+    a_bar = f["a_bar"]
+    block = jnp.sum(
+        _einsum("ptd,psd->pts", f["E"], f["E"]) * _einsum("ptm,psm->pts", f["D"], f["D"]),
+        axis=(1, 2),
+    )
+    ea = _einsum("ptd,sd->pts", f["E"], a_bar)  # ε_pt·ā_s
+    dh = _einsum("ptm,psm->pts", f["D"], f["H"])  # δ_pt·η_ps
+    hh = _einsum("ptm,psm->pts", f["H"], f["H"])
+    cross = 2 * jnp.sum(ea * dh, axis=(1, 2))  # the two cross terms are equal on the diagonal
+    return block + cross + _einsum("ts,pts->p", _einsum("td,sd->ts", a_bar, a_bar), hh)
+
+
+def _kernel_sum(f):
+    """Σ_p (g_p − r) of a Hadamard call's kernel on a chunk, (d, m)."""
+    total = _einsum("ptd,ptm->dm", f["E"], f["D"])
+    return total + _einsum("td,ptm->dm", f["a_bar"], f["H"])
+
+
+def _factored_trace(objective, params, batch, layout, chunk_size, n):
+    """tr(C) = (1/n) Σ_p ‖g_p − r‖² − ‖ḡ − r‖², both from the factors of g_p − r."""
+    means = _factor_means(objective, params, batch, layout, chunk_size)
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        squares, sums = 0, []
+        for c, f in zip(
+            layout.calls, _layer_factors(objective, params, chunk, mask, layout, means), strict=True
+        ):
+            layer = []
+            if "bias" in f:
+                squares = squares + jnp.sum(jnp.square(f["bias"]))
+                layer.append(jnp.sum(f["bias"], axis=0))
+            if "W" in f:
+                squares = squares + jnp.sum(jnp.square(f["W"]))
+                layer.append(jnp.sum(f["W"], axis=0))
+            elif c.kernel is not None:
+                squares = squares + jnp.sum(_kernel_diagonal(f))
+                layer.append(_kernel_sum(f))
+            sums.append(layer)
+        return squares, sums
+
+    squares, sums = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    offset = sum(jnp.sum(jnp.square(s / n)) for s in jax.tree_util.tree_leaves(sums))
+    return squares / n - offset
+
+
+def covariance_trace(
+    objective: Objective,
+    params: PyTree,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    subset: subsets.Selector | None = None,
+    method: str = "auto",
+) -> tuple[jax.Array, str]:
+    """tr(C) = (1/n) Σ_p ‖g_p − ḡ‖² exactly, in about three gradients on the factored route.
+
+    On the factored route (every free leaf the kernel or bias of a Dense call) the squared
+    norms come from the layer factors of g_p − r, r close to ḡ (module docstring), without
+    forming a per-example gradient: one pass for the factor means, one for the factors, each
+    about a gradient. tr(C) = (1/n) Σ_p ‖g_p − r‖² − ‖ḡ − r‖², where ḡ − r is the mean of the
+    same factors, of the order of the fluctuations, so the subtraction does not cancel
+    ‖ḡ‖²-sized terms. The per-example route sums ‖g_p − ḡ‖² over chunks of per-example
+    gradients (one gradient for ḡ first).
+
+    Args:
+      objective, params, batch, chunk_size, subset, method: as in :func:`gradient_gram`.
+
+    Returns:
+      ``(trace, route)``: a scalar and ``"factored"`` or ``"per_example"``.
+
+    Raises:
+      ValueError: on an unknown method, or ``"factored"`` where it does not apply.
+    """
+    objective, params, n = operators.prepare(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    batch = Batch(*batch)
+    method, layout = _resolve(objective, params, batch, method)
+    if method == "factored":
+        return _factored_trace(objective, params, batch, layout, chunk_size, n), method
+    g_bar = ravel_pytree(operators.gradient(objective, params, batch, chunk_size=chunk_size))[0]
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        return jnp.sum(jnp.square(flat_example_grads(objective, params, chunk, mask, g_bar)))
+
+    return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size) / n, method

@@ -53,7 +53,8 @@ def sum_over_chunks(
       chunk_size: examples per chunk; ``None`` evaluates the whole batch at once.
 
     Returns:
-      The sum of ``chunk_fn`` over all chunks.
+      The sum of ``chunk_fn`` over all chunks, in the dtypes of ``chunk_fn``'s outputs; the
+      running sum of half-precision (bfloat16, float16) outputs is kept in float32.
     """
     n = checks.num_examples(batch)
     checks.check_chunk_size(chunk_size)
@@ -88,9 +89,19 @@ def sum_over_chunks(
         return chunk_fn(gather(i), idx < n, idx)
 
     def body(i, acc):
-        return jax.tree_util.tree_map(jnp.add, acc, take(i))
+        return jax.tree_util.tree_map(lambda a, b: a + _widen(b), acc, take(i))
 
-    return jax.lax.fori_loop(1, num_chunks, body, take(0))
+    first = take(0)
+    total = jax.lax.fori_loop(1, num_chunks, body, jax.tree_util.tree_map(_widen, first))
+    return jax.tree_util.tree_map(lambda t, f: t.astype(f.dtype), total, first)
+
+
+def _widen(a: jax.Array) -> jax.Array:
+    """Half-precision floats in float32 (the running sum over chunks), others unchanged."""
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits < 32:
+        return a.astype(jnp.float32)
+    return a
 
 
 def sum_examples(

@@ -53,14 +53,37 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
-def _update_fn(objective: Objective, tx: optax.GradientTransformation, chunk_size: int | None):
+def _sam_gradient(objective, params, grads, batch, chunk_size, rho: float):
+    """SAM's gradient (Foret et al. 2021) ∇L_B(θ + ρ g/‖g‖), g = ∇L_B(θ), on the same batch B.
+
+    A small implementation inside the train step: ``optax.contrib.sam`` alternates the
+    ascent and descent steps over two calls of the optimizer (two batches, a step counter
+    the train loop would have to know of), while the train step here is one update per
+    batch. ‖g‖ is the Euclidean norm over all parameters (0/0 leaves θ unperturbed).
+    """
+    norm = optax.tree.norm(grads)
+    scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0).astype(norm.dtype)
+    perturbed = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+    return _loss_and_grad(objective, perturbed, batch, chunk_size)[1]
+
+
+def _update_fn(
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    chunk_size: int | None,
+    sam_rho: float = 0.0,
+):
     """(θ, opt_state, data, idx) -> (L_B(θ), ∇L_B(θ), update, opt_state'): one step's update,
-    B the rows ``idx`` of ``data`` (None: all of them)."""
+    B the rows ``idx`` of ``data`` (None: all of them). With ``sam_rho`` ρ > 0 the update is
+    that of SAM's gradient (:func:`_sam_gradient`); ρ = 0 is the plain step, unchanged."""
 
     def update(params, opt_state, batch_data, idx):
         batch = batch_data if idx is None else jax.tree.map(lambda a: a[idx], batch_data)
         loss, grads = _loss_and_grad(objective, params, batch, chunk_size)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        direction = grads
+        if sam_rho:
+            direction = _sam_gradient(objective, params, grads, batch, chunk_size, sam_rho)
+        updates, new_opt_state = tx.update(direction, opt_state, params)
         return loss, grads, updates, new_opt_state
 
     return update
@@ -111,7 +134,7 @@ class Programs:
     def train_step(self, c: ml_collections.ConfigDict) -> Callable:
         """(θ, opt_state, data, idx, limit) -> (θ', opt_state', L_B(θ)); θ' = θ if diverged."""
         key, tx = self.optimizer(c)
-        update = _update_fn(self.objective, tx, self.chunk_size)
+        update = _update_fn(self.objective, tx, self.chunk_size, float(c.optimizer.sam_rho))
 
         def train_step(params, opt_state, batch_data, idx, limit):
             loss, _, updates, new_opt_state = update(params, opt_state, batch_data, idx)
@@ -130,7 +153,7 @@ class Programs:
         """(θ, opt_state, data, idx) -> (L_B(θ), ∇L_B(θ), update): the update of the train
         step, without applying it (for measurements; nothing donated)."""
         key, tx = self.optimizer(c)
-        update = _update_fn(self.objective, tx, self.chunk_size)
+        update = _update_fn(self.objective, tx, self.chunk_size, float(c.optimizer.sam_rho))
 
         def step_update(params, opt_state, batch_data, idx):
             return update(params, opt_state, batch_data, idx)[:3]

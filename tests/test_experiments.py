@@ -167,6 +167,10 @@ def test_report_lists_every_check(tmp_path):
     text = reproduce.write_report(tmp_path, summaries, "smoke", elapsed=1.0).read_text()
     assert "| a | 1 | <= 2 | pass |" in text and "| b (x) | — | >= 1 | n/a |" in text
     assert "1/1" in text and "edge_of_stability/figures/lambda_max.png" in text
+    assert common.SMOKE_NOTE in text
+    summaries[0]["preset"] = "quick"
+    text = reproduce.write_report(tmp_path, summaries, "quick", elapsed=1.0).read_text()
+    assert common.SMOKE_NOTE not in text
 
 
 def test_mesh_flag_and_measure_arguments():
@@ -216,6 +220,7 @@ def test_benchmark_small_runs_every_measurement():
         "lambda_max_rel_gap",
         "batch_sharpness_grad_equivalents",
         "exact_spectrum_c_gram_grad_equivalents",
+        "exact_trace_c_factored_grad_equivalents",
         "c_matvec_temp_mib_4n",
         "measure_lambda_max_x_step",
         "eager_lanczos_x_matvecs",

@@ -162,3 +162,54 @@ def test_mean_dominated_float32_matches_the_float64_per_example_route(method):
     assert abs(float(res.eigenvalues[0]) - float(c_ref.eigenvalues[0])) < bound * ref
     naive = jnp.trace(gradient_gram._centre(gradient_gram.gradient_gram(o, p32, b32)))
     assert abs(float(naive) - ref) > 100 * bound * ref
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_covariance_trace_equals_the_stacked_gradients(name, chunk_size):
+    prob = PROBLEMS[name]()
+    g = stacked_gradients(prob)
+    ref = np.sum(np.square(g - g.mean(0))) / g.shape[0]
+    for method in ("factored", "per_example"):
+        value, route = gradient_gram.covariance_trace(
+            prob.objective, prob.params, prob.batch, chunk_size=chunk_size, method=method
+        )
+        assert route == method
+        assert rel_err(value, ref) < 1e-12, method
+    assert gradient_gram.covariance_trace(prob.objective, prob.params, prob.batch)[1] == "factored"
+
+
+def test_covariance_trace_of_a_cnn_and_a_subset():
+    prob = cnn_problem()
+    value, route = gradient_gram.covariance_trace(prob.objective, prob.params, prob.batch)
+    assert route == "per_example"  # convolutions have no dense factors
+    assert (
+        rel_err(value, noise.gradient_covariance_trace(prob.objective, prob.params, prob.batch))
+        < 1e-12
+    )
+    mlp = mlp_problem("tanh", "cross_entropy")
+    head = "params/Dense_1"
+    value, route = gradient_gram.covariance_trace(
+        mlp.objective, mlp.params, mlp.batch, subset=head, chunk_size=3
+    )
+    assert route == "factored"
+    assert rel_err(value, np.trace(dense_covariance(mlp, head))) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["factored", "per_example"])
+def test_covariance_trace_is_stable_when_the_mean_gradient_dominates(method):
+    """As test_mean_dominated_float32_matches_the_float64_per_example_route, for tr(C) alone:
+    the error bound eps·√ρ (relative), where the uncentred squared norms would give eps·ρ."""
+    prob = mlp_problem("tanh", "cross_entropy", n=16, d=4, widths=(6, 3))
+    o = prob.objective
+    x = 0.01 * prob.batch.inputs + 10.0
+    y = jnp.zeros((16,), jnp.int32)
+    b64, b32 = sj.Batch(x, y), sj.Batch(x.astype(jnp.float32), y)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), prob.params)
+    ref = float(noise.gradient_covariance_trace(o, prob.params, b64))
+    g_bar = sj.gradient(o, prob.params, b64)
+    rho = float(sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g_bar))) / ref
+    bound = 4 * float(jnp.finfo(jnp.float32).eps) * np.sqrt(rho)
+    value, _ = gradient_gram.covariance_trace(o, p32, b32, method=method, chunk_size=5)
+    assert value.dtype == jnp.float32
+    assert abs(float(value) - ref) < bound * ref

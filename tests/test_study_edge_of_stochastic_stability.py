@@ -141,3 +141,31 @@ def test_paper_preset_is_the_published_setup():
     assert min(c.batch_sizes) == 4 and max(c.batch_sizes) == 256
     with pytest.raises(ValueError, match="unknown preset"):
         study_config.get_config("huge")
+
+
+def test_sharpness_figure_holds_its_curves_names_its_bands_and_states_eta(smoke_study, monkeypatch):
+    workdir, _, _ = smoke_study
+    figures, save = {}, common.figure
+
+    def kept(workdir, name, fig):
+        figures[name] = fig
+        return save(workdir, name, fig)
+
+    monkeypatch.setattr(common, "figure", kept)
+    study.run(SMOKE, workdir)  # every run is read back: no training
+    fig = figures["sharpness_by_batch_size"]
+    assert f"η = {SMOKE.learning_rate:g}" in fig._suptitle.get_text()
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    low, high = visible[0].get_ylim()
+    for ax in visible:
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata(), float)
+            y = y[np.isfinite(y)]
+            assert y.size == 0 or (y.min() >= low and y.max() <= high), line.get_label()
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "2/η" in labels
+        assert len(labels) == len(ax.get_lines()) + len(ax.collections)
+    first = [t.get_text() for t in visible[0].get_legend().get_texts()]
+    assert "batch sharpness ± 1 SE (batches)" in first
+    for name in ("plateau_vs_batch_size", "loss"):
+        assert f"η = {SMOKE.learning_rate:g}" in figures[name].axes[0].get_title()

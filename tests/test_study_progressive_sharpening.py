@@ -17,10 +17,12 @@ from sharpness_jax.config import validate_config
 _CHECK_CLAIMS = (
     "progressive sharpening (baseline): λ_max rises during training",
     "baseline: the Jacobian norm (jacobian_spectral_max) rises during training",
-    "baseline: λ_max and the Jacobian norm (jacobian_spectral_max) rise together",
     "baseline: λ_max and the Jacobian norm (jacobian_spectral_max) rise together during sharpening",
-    "label smoothing lowers the final λ_max",
-    "label smoothing lowers the final Jacobian norm",
+    "baseline: λ_max co-moves with the Λ-weighted Jacobian term max_p ‖Λ_p^½ J_p‖₂² over the "
+    "whole run",
+    "label_smoothing (a regulariser) lowers the final Jacobian norm",
+    "sam (a regulariser) lowers the final Jacobian norm",
+    "SAM lowers the final λ_max",
     "the final Jacobian norm tracks the error gap (train − test accuracy) across runs",
     "the Jacobian norm tracks the error gap (train − test accuracy) at least as well as λ_max",
     "the final Jacobian norm tracks the loss gap (test − train unsmoothed loss) across runs",
@@ -45,6 +47,8 @@ def test_smoke_summary(smoke):
     for c in summary["checks"]:
         assert isinstance(c["value"], float) and math.isfinite(c["value"]), c
         assert c["passed"] in (True, False), c
+        assert "source: " in c["detail"], c
+    assert set(summary["results"]["regularisers"]) == {"label_smoothing", "sam"}
     runs = summary["results"]["runs"]
     assert set(runs) == {f"{v}_seed{s}" for v in config.variants for s in config.seeds}
     for entry in runs.values():
@@ -118,6 +122,14 @@ def test_configs_build():
     bad.jacobian_column = "jacobian_norm"
     with pytest.raises(ValueError, match="jacobian_column"):
         study.run(bad, None)
+    bad = study_config.get_config("smoke")
+    bad.regularisers = ("label_smoothing", "dropout")
+    with pytest.raises(ValueError, match=r"regularisers \['dropout'\] are not variants"):
+        study.run(bad, None)
+    for preset in ("smoke", "quick", "paper"):
+        config = study_config.get_config(preset)
+        assert config.variants.sam.optimizer.sam_rho == 0.05
+        assert "sam" in config.regularisers
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -125,3 +137,73 @@ def test_configs_build():
 
 def test_dotted_overrides():
     assert study._dotted({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+def _baseline(**overrides):
+    base = {
+        "lambda_max_growth": 3.0,
+        "jacobian_growth": 2.0,
+        "sharpening_correlation": 0.8,
+        "sharpening_points": 6,
+        "time_correlation": -0.9,  # whole run, unweighted: reported, never checked
+        "time_correlation_gauss_newton": 0.7,
+    }
+    return {**base, **overrides}
+
+
+def _passed(checks_):
+    return [c.passed for c in checks_]
+
+
+def test_baseline_checks_pass_and_fail():
+    kw = {"col": "jacobian_spectral_max", "growth_factor": 1.5, "correlation_min": 0.5}
+    good = study.baseline_checks(_baseline(), **kw)
+    assert _passed(good) == [True] * 4
+    assert [c.value for c in good] == [3.0, 2.0, 0.8, 0.7]
+    assert all("source: " in c.detail for c in good)
+    assert "Fig. 1" in good[2].detail and "ansatz" in good[3].detail
+    bad = study.baseline_checks(
+        _baseline(
+            lambda_max_growth=1.2,
+            jacobian_growth=1.4,
+            sharpening_correlation=0.4,
+            time_correlation_gauss_newton=-0.2,
+        ),
+        **kw,
+    )
+    assert _passed(bad) == [False] * 4
+
+
+def test_regulariser_checks_pass_and_fail():
+    ratios = {
+        "label_smoothing": {"jacobian_final": 0.6, "lambda_max_final": 7.6},  # λ_max not checked
+        "weight_decay": {"jacobian_final": 1.3, "lambda_max_final": 0.5},
+        "sam": {"jacobian_final": 0.8, "lambda_max_final": 0.7},
+    }
+    checks_ = study.regulariser_checks(tuple(ratios), ratios)
+    assert [c.claim for c in checks_] == [
+        "label_smoothing (a regulariser) lowers the final Jacobian norm",
+        "weight_decay (a regulariser) lowers the final Jacobian norm",
+        "sam (a regulariser) lowers the final Jacobian norm",
+        "SAM lowers the final λ_max",
+    ]
+    assert _passed(checks_) == [True, False, True, True]
+    assert all("Fig. 5" in c.detail for c in checks_)
+    ratios["sam"] = {"jacobian_final": math.nan, "lambda_max_final": 1.1}
+    assert _passed(study.regulariser_checks(("sam",), ratios)) == [None, False]
+    assert study.regulariser_checks(("label_smoothing",), ratios)[-1].claim.startswith("label")
+
+
+def test_gap_checks_pass_and_fail():
+    good = {g: {"jacobian_spectral_max": 0.8, "lambda_max": 0.3} for g in study.GAPS}
+    assert _passed(study.gap_checks("jacobian_spectral_max", good, 6)) == [True] * 4
+    bad = {
+        "error_gap": {"jacobian_spectral_max": -0.2, "lambda_max": -0.5},
+        "loss_gap": {"jacobian_spectral_max": 0.4, "lambda_max": 0.6},
+    }
+    checks_ = study.gap_checks("jacobian_spectral_max", bad, 6)
+    assert _passed(checks_) == [False, True, True, False]
+    np.testing.assert_allclose([c.value for c in checks_], [-0.2, 0.3, 0.4, -0.2])

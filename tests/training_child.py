@@ -10,8 +10,8 @@ JSON. KILL makes the process SIGKILL itself at one point of the run:
   ran and before the row is written (the ``kill_switch`` measurement, listed last);
 * ``checkpoint:K``: inside the checkpoint write of step K, when every file is written into
   the temporary directory and only the final rename is left;
-* ``interrupt:K``: SIGINT (Ctrl-C) instead of SIGKILL during the update of step K, with the
-  run under ``experiments.cli.run`` as a binary runs.
+* ``interrupt:K``: Ctrl-C (the KeyboardInterrupt of SIGINT) instead of SIGKILL during the
+  update of step K, with the run under ``experiments.cli.run`` as a binary runs.
 
 The ``kill_switch`` measurement (returns nothing) is registered in every run so that killed,
 resumed and reference runs share one config. ``JAX_COMPILATION_CACHE_DIR`` (set by the test)
@@ -52,11 +52,18 @@ def main(workdir: str, config: str, kill: str = "none:-1") -> None:
     register_measurement("kill_switch", kill_switch)
 
     if kind in ("step", "interrupt"):
+
+        def _ctrl_c():
+            # What Python's SIGINT handler does, run at this point of the step: a signal
+            # sent with os.kill is handled at a later bytecode boundary, which made the
+            # step it lands in depend on the machine's load.
+            signal.default_int_handler(signal.SIGINT, None)
+
         batch_indices = training._batch_indices
 
         def indices(sampler, step):
             if step == at:
-                _die() if kind == "step" else os.kill(os.getpid(), signal.SIGINT)
+                _die() if kind == "step" else _ctrl_c()
             return batch_indices(sampler, step)
 
         training._batch_indices = indices

@@ -1,4 +1,5 @@
-r"""Config of the edge-of-stability study (Cohen et al. 2021): full-batch GD at several η.
+r"""Config of the edge-of-stability study (Cohen et al. 2021): full-batch GD at several η, and
+an Adam arm (Cohen et al. 2022, adaptive edge of stability): full-batch Adam at several η.
 
 Presets: ``smoke`` (seconds, the tests), ``quick`` (about two minutes on a 2-core CPU, the
 offline MNIST subset), ``paper`` (the published setup: the first 5,000 CIFAR-10 training
@@ -40,6 +41,12 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
     # Progressive sharpening: λ_max grows by this factor before reaching 2/η (runs whose
     # 2/η lies above the initial λ_max).
     c.sharpening_factor = 1.2
+    # Adam arm (Cohen et al. 2022): full-batch Adam with β₁ = `adam_b1` at each η of
+    # `adam_learning_rates`; λ_max(P⁻¹H) against (2 + 2β₁)/((1 − β₁)η). The paper describes
+    # the same equilibrium as for GD ("at, or just above" the threshold), so the check uses the
+    # GD bands `median_band` and `band` over the same late phase.
+    c.adam_learning_rates = (1e-3, 3e-3)
+    c.adam_b1 = 0.9
 
     if preset == "smoke":
         base.dataset.update(
@@ -50,6 +57,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.measure.every = 10
         base.measure.options.lambda_max.num_iters = 20
         c.learning_rates = (0.1, 1.0)
+        c.adam_learning_rates = (0.01,)
         base.checkpoint_every = 20
     elif preset == "quick":
         base.dataset.update(name="mnist5k", num_train=1000, flatten=True, standardize="feature")
@@ -66,4 +74,5 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.measure.every = 100
         base.checkpoint_every = 1000
         c.learning_rates = (0.01, 0.02, 0.04)
+        c.adam_learning_rates = (1e-4, 2e-4)
     return c

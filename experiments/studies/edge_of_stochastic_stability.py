@@ -18,6 +18,12 @@ is the last ``late_fraction`` of each run's measurements. Checks:
   λ_max over the SGD runs is at least ``min_rank_correlation``;
 * full-batch GD on the same data reaches the edge of stability: its late median
   λ_max/(2/η) lies in ``gd_band``.
+
+Sources: the first three checks are the claims of Andreyev & Beneventano 2024 (arXiv
+2412.20553), abstract and Definition 3 (batch sharpness as the expectation of the ratio), as
+summarised in PAPERS.md §5 ("under SGD it settles at 2/η, while λ_max(H) stays below and rises
+with the batch size"); the last is Cohen et al. 2021, §3 and Fig. 1 (PAPERS.md §5,
+"Full-batch reference").
 """
 
 from __future__ import annotations
@@ -146,11 +152,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path, *, mesh=None, cache=No
     ]
     checks += _checks(config, results, sgd, trained, fraction)
     figures = [
-        _trajectories_figure(workdir, curves, sgd, threshold),
+        _trajectories_figure(workdir, curves, sgd, lr, threshold),
         _plateau_figure(
             workdir, results, sgd, threshold, fraction, config.base.dataset.get("num_train")
         ),
-        _loss_figure(workdir, curves, sgd),
+        _loss_figure(workdir, curves, sgd, lr),
     ]
     return checks, results, figures
 
@@ -207,8 +213,9 @@ def _checks(config, results: dict, sgd, trained: dict[str, bool], fraction: floa
     return checks
 
 
-def _trajectories_figure(workdir: Path, curves, sgd, threshold: float) -> str:
-    """Per batch size (and GD): batch sharpness ± SE, λ_max, GNI, E_B[λ_max(H_B)] against 2/η."""
+def _trajectories_figure(workdir: Path, curves, sgd, lr: float, threshold: float) -> str:
+    """Per batch size (and GD): batch sharpness ± SE, λ_max, GNI, E_B[λ_max(H_B)] against 2/η,
+    on a log axis spanning every plotted value (bands included) and 2/η."""
     import matplotlib.pyplot as plt
 
     panels = [(f"SGD, b = {b}", name) for b, name in sgd] + [("full-batch GD", GD_NAME)]
@@ -222,7 +229,8 @@ def _trajectories_figure(workdir: Path, curves, sgd, threshold: float) -> str:
         sharey=True,
         constrained_layout=True,
     )
-    top = threshold
+    fig.suptitle(f"curvature along training at η = {lr:g} (2/η = {threshold:.4g})")
+    shown = [threshold]
     for ax, (title, name) in zip(axes.flat, panels, strict=False):
         c = curves[name]
         for q, (label, color) in _CURVATURES.items():
@@ -232,20 +240,28 @@ def _trajectories_figure(workdir: Path, curves, sgd, threshold: float) -> str:
                 continue
             x = c["step"]
             ax.plot(x[ok], y[ok], color=color, lw=1.4, label=label)
+            shown.append(y[ok])
             se = c.get(f"{q}_stderr")
             if se is not None and np.isfinite(se[ok]).all():
-                ax.fill_between(x[ok], y[ok] - se[ok], y[ok] + se[ok], color=color, alpha=0.2, lw=0)
-            top = max(top, float(np.max(y[ok])))
+                band = (y[ok] - se[ok], y[ok] + se[ok])
+                ax.fill_between(
+                    x[ok], *band, color=color, alpha=0.2, lw=0, label=f"{label} ± 1 SE (batches)"
+                )
+                shown += list(band)
         ax.axhline(threshold, ls="--", lw=1.0, color="k", label="2/η")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, framealpha=0.8)  # over the curves it may cover
     for ax in axes[:, 0]:
         ax.set_ylabel("curvature")
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    # E_B[λ_max(H_B)] of small batches may lie far above 2/η; keep the threshold readable.
-    axes.flat[0].set_ylim(0, min(top, 3.0 * threshold) * 1.05)
+    # E_B[λ_max(H_B)] of small batches may lie far above 2/η: a log axis holds every curve
+    # and keeps the threshold readable.
+    values = np.concatenate([np.atleast_1d(np.asarray(v, float)) for v in shown])
+    values = values[np.isfinite(values) & (values > 0)]
+    axes.flat[0].set_yscale("log")
+    axes.flat[0].set_ylim(values.min() / 1.2, values.max() * 1.2)
     return common.figure(workdir, "sharpness_by_batch_size", fig)
 
 
@@ -279,18 +295,20 @@ def _plateau_figure(
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size b")
     ax.set_ylabel(f"late-phase median (last {fraction:.0%})")
-    ax.set_title("plateaus against the batch size", fontsize=10)
+    ax.set_title(
+        f"late plateaus against the batch size, SGD at η = {2.0 / threshold:.4g}", fontsize=10
+    )
     ax.legend(fontsize=7, frameon=False)
     return common.figure(workdir, "plateau_vs_batch_size", fig)
 
 
-def _loss_figure(workdir: Path, curves, sgd) -> str:
+def _loss_figure(workdir: Path, curves, sgd, lr: float) -> str:
     names = {f"b = {b}": name for b, name in sgd} | {"GD": GD_NAME}
     fig = plots.curves(
         {label: curves[name]["step"] for label, name in names.items()},
         {label: curves[name]["train_loss"] for label, name in names.items()},
         ylabel="train loss (1/n) Σ_p ‖f(x_p) − onehot(y_p)‖²",
         logy=True,
-        title="training loss",
+        title=f"training loss, SGD per batch size b and full-batch GD at η = {lr:g}",
     )
     return common.figure(workdir, "loss", fig)

@@ -29,6 +29,10 @@ are those of the training step, ``MeasureContext.update``). Checks, per model:
   non-negligible fraction of the step, so that the first check is not vacuous;
 * Q_i is conserved along GD: relative drift ≤ 1e-2 at the smallest η, and the drift over a
   fixed gradient-flow time shrinks like η (log-log slope in [0.5, 1.5]).
+
+Sources: Dong & Cheng 2026 (arXiv 2603.21502) via PAPERS.md §2: checks 1-2 "ambient flatness is
+representation-dependent; quotient curvature is not"; 3 "removes the false flat zero modes";
+4 "the vertical part is gauge"; 5 "a_i² − ‖w_i‖² − b_i² is conserved by gradient flow" (ReLU).
 """
 
 from __future__ import annotations

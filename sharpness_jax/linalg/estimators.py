@@ -19,8 +19,14 @@ from sharpness_jax.linalg.exact import (
     _check_template,
     flatten_operator,
     trace_exact,
+    widen_operator,
 )
-from sharpness_jax.linalg.lanczos import _check_reorthogonalisation, _lanczos, _ritz
+from sharpness_jax.linalg.lanczos import (
+    _check_reorthogonalisation,
+    _lanczos,
+    _ritz,
+    _template_dtype,
+)
 from sharpness_jax.linear_operator import compiled
 
 PyTree = Any
@@ -62,6 +68,7 @@ class SpectralDensity(NamedTuple):
 def _probe_values(integrand, matvec, template, key, num_probes, probe_chunk, sampler):
     """Per-probe integrand values, ``probe_chunk`` probes at a time; leading axis num_probes."""
     _check_template(template)
+    matvec, template = widen_operator(matvec, template)
     checks.check_positive_int("num_probes", num_probes)
     chunk = num_probes if probe_chunk is None else min(probe_chunk, num_probes)
     checks.check_positive_int("probe_chunk", chunk)
@@ -173,6 +180,7 @@ def _xtrace(matvec, template, key, *, num_probes):
     checks.check_positive_int("num_probes", num_probes)
     if num_probes > size:
         raise ValueError(f"xtrace needs num_probes <= P={size}, got {num_probes}")
+    matvec, template = widen_operator(matvec, template)
     estimate = stochtrace.estimator_leave_one_out_mean_and_sem(
         stochtrace.leave_one_out_xtrace(), stochtrace.sampler_sphere(template, num=num_probes)
     )
@@ -261,6 +269,7 @@ def _spectral_density(
             k=1,
             tol=None,
             reorthogonalisation=reorthogonalisation,
+            operator_dtype=_template_dtype(template),
         )
         vals, vecs, _ = _ritz(alpha, beta, used)
         weights = jnp.where(jnp.arange(num_iters, dtype=jnp.int32) < used, jnp.square(vecs[0]), 0)

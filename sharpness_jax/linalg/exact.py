@@ -27,15 +27,52 @@ __all__ = [
     "flatten_operator",
     "frobenius_squared_exact",
     "trace_exact",
+    "widen_operator",
+    "working_dtype",
 ]
 
 
+def working_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype the algorithms work in for operands of ``dtype``: float32 for half precision
+    (bfloat16, float16), else ``dtype`` itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _cast(tree: PyTree, dtype: Any) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(dtype), tree)
+
+
+def widen_operator(matvec: MatVec, template: PyTree) -> tuple[MatVec, PyTree]:
+    """``(wide_matvec, wide_template)``: the operator on vectors of :func:`working_dtype`.
+
+    For a half-precision template, ``wide_matvec`` casts its argument to the template's dtype,
+    applies ``matvec`` there (the products stay in the model's dtype) and returns the result
+    in float32, so that inner products, sums over probes and the small dense eigenproblems
+    are carried out in float32. Other dtypes pass through unchanged.
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(template))
+    wide = working_dtype(dtype)
+    if wide == dtype:
+        return matvec, template
+    return (lambda v: _cast(matvec(_cast(v, dtype)), wide)), _cast(template, wide)
+
+
 def flatten_operator(matvec: MatVec, template: PyTree):
-    """``(flat_matvec, flat_template, unravel)`` for a pytree operator."""
-    flat, unravel = ravel_pytree(template)
+    """``(flat_matvec, flat_template, unravel)`` for a pytree operator.
+
+    The flat vectors are in :func:`working_dtype` (see :func:`widen_operator`); ``unravel``
+    returns a pytree in the template's dtype.
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(template))
+    matvec, template = widen_operator(matvec, template)
+    flat, unravel_wide = ravel_pytree(template)
 
     def flat_matvec(x):
-        return ravel_pytree(matvec(unravel(x)))[0]
+        return ravel_pytree(matvec(unravel_wide(x)))[0]
+
+    def unravel(x):
+        return _cast(unravel_wide(x), dtype)
 
     return flat_matvec, flat, unravel
 
@@ -104,20 +141,24 @@ def dense(
 
 @compiled(static=("chunk_size",))
 def diagonal_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> PyTree:
-    """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template``."""
+    """diag(A) exactly, e_iᵀ A e_i for every basis vector; a pytree like ``template`` (in
+    float32 for a half-precision template, see :func:`working_dtype`)."""
+    return _diagonal(matvec, template, chunk_size)[1]
+
+
+def _diagonal(matvec, template, chunk_size):
+    """(flat diagonal, its pytree), both in :func:`working_dtype`."""
     size = _check_template(template)
+    matvec, template = widen_operator(matvec, template)
     mv, flat, unravel = flatten_operator(matvec, template)
     diag = basis_map(lambda i: mv(jax.nn.one_hot(i, size, dtype=flat.dtype))[i], size, chunk_size)
-    return unravel(diag)
+    return diag, unravel(diag)
 
 
 @compiled(static=("chunk_size",))
 def trace_exact(matvec: MatVec, template: PyTree, *, chunk_size: int | None = None) -> jax.Array:
-    """tr(A) = Σ_i e_iᵀ A e_i exactly (P matvecs)."""
-    return sum(
-        jnp.sum(d)
-        for d in jax.tree_util.tree_leaves(diagonal_exact(matvec, template, chunk_size=chunk_size))
-    )
+    """tr(A) = Σ_i e_iᵀ A e_i exactly (P matvecs), summed in :func:`working_dtype`."""
+    return jnp.sum(_diagonal(matvec, template, chunk_size)[0])
 
 
 @compiled(static=("chunk_size",))

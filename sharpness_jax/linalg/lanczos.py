@@ -89,6 +89,10 @@ def flatten_vectors(vectors: PyTree, template: PyTree) -> tuple[jax.Array, int]:
     return jax.vmap(lambda t: ravel_pytree(t)[0])(vectors), k.pop()
 
 
+def _template_dtype(template: PyTree) -> jnp.dtype:
+    return jnp.result_type(*jax.tree_util.tree_leaves(template))
+
+
 def _check_reorthogonalisation(value: Any) -> None:
     if value not in REORTHOGONALISATION:
         raise ValueError(f"reorthogonalisation must be one of {REORTHOGONALISATION}, got {value!r}")
@@ -189,9 +193,10 @@ class _Settings(NamedTuple):
     size: int
     dtype: Any
     eps: Any
+    omega_eps: Any  # the rounding error of one step, ε of the operator's products
     full: bool
     psi: jax.Array  # the local loss of orthogonality |q_{j+1}ᵀ q_j| after one step
-    threshold: jax.Array  # √ε, where partial reorthogonalisation steps in
+    threshold: jax.Array  # √omega_eps, where partial reorthogonalisation steps in
     index: jax.Array  # 0, 1, …, num_iters − 1
     k: int
     tol: float | None
@@ -209,7 +214,7 @@ def _step(state, *, mv, key, s: _Settings):
     w = w - a * q - b_prev * q_prev
     b0 = jnp.linalg.norm(w)
     alpha = alpha.at[j].set(a)
-    omega_next = _omega_step(omega, omega_prev, alpha, beta, a, b_prev, b0, j, s.eps)
+    omega_next = _omega_step(omega, omega_prev, alpha, beta, a, b_prev, b0, j, s.omega_eps)
     lost = (jnp.max(jnp.abs(omega_next)) > s.threshold) | (b0 <= 0)
     reorth = s.full | force | lost
     w = jax.lax.cond(reorth, lambda w: _orthogonalise(w, basis, j + 1), lambda w: w, w)
@@ -259,7 +264,17 @@ def _initial_state(v0, rows, num_iters):
 
 
 def _lanczos(
-    mv, v0, *, num_iters, key, k, tol, min_iters=1, reorthogonalisation="partial", num_vectors=0
+    mv,
+    v0,
+    *,
+    num_iters,
+    key,
+    k,
+    tol,
+    min_iters=1,
+    reorthogonalisation="partial",
+    num_vectors=0,
+    operator_dtype=None,
 ):
     """Lanczos on the three-term recurrence, kept orthogonal by ``reorthogonalisation``;
     restarts with a random orthogonal vector on breakdown (the Lanczos matrix then gets a zero
@@ -278,19 +293,25 @@ def _lanczos(
     costs a fault, which for a 64-vector basis of a 670k-parameter model takes about 50 ms,
     2.5 gradients); the operator is traced once per stage.
 
+    ``operator_dtype`` is the dtype of the operator's products when it is narrower than the
+    vectors' (a half-precision model with float32 Lanczos vectors): its ε, not the vectors',
+    is the rounding error per step that drives the ω recurrence and the √ε threshold.
+
     Returns ``(alpha, beta, used, num_reorthogonalisations, vectors)`` with the top
     ``num_vectors`` Ritz vectors as rows of ``vectors``.
     """
     size = v0.shape[0]
     dtype = v0.dtype
     eps = jnp.finfo(dtype).eps
+    omega_eps = float(max(eps, jnp.finfo(operator_dtype or dtype).eps))
     settings = _Settings(
         size=size,
         dtype=dtype,
         eps=eps,
+        omega_eps=omega_eps,
         full=reorthogonalisation == "full",
         psi=jnp.asarray(eps * max(size, 1) ** 0.5, dtype),
-        threshold=jnp.sqrt(eps),
+        threshold=jnp.sqrt(omega_eps),
         index=jnp.arange(num_iters, dtype=jnp.int32),
         k=k,
         tol=tol,
@@ -435,6 +456,7 @@ def lanczos_top_k(
         min_iters=min(min_iters, num_iters),
         reorthogonalisation=reorthogonalisation,
         num_vectors=k,
+        operator_dtype=_template_dtype(template),
     )
     vals, _, residuals = _ritz(alpha, beta, used)
     return Eigen(vals[:k], jax.vmap(unravel)(ritz_vectors), residuals[:k], used)
