@@ -10,7 +10,7 @@ The fields:
 ``dataset``: ``name`` (one of ``data.DATASETS``, "mnist5k") plus any keyword option of
   ``data.load_dataset`` (``num_train``, ``num_test``, ``standardize``, ``seed`` (the
   data split's seed), ``flatten``, ...). ``dtype`` is set from the top-level ``dtype``.
-``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
+``model``: ``name`` (one of ``models.MODELS``, "mlp", or "resnet18") plus any option of
   ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
   set from the top-level ``dtype``.
 ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
@@ -288,8 +288,8 @@ def _validate_problem(c: ml_collections.ConfigDict) -> None:
         f"unknown dataset {c.dataset.name!r}; choose one of {data.DATASETS}",
     )
     _require(
-        c.model.name in models.MODELS,
-        f"unknown model {c.model.name!r}; choose one of {models.MODELS}",
+        c.model.name in models.MODELS + models.STATEFUL_MODELS,
+        f"unknown model {c.model.name!r}; choose one of {models.MODELS + models.STATEFUL_MODELS}",
     )
     _require(c.loss.name in LOSSES, f"unknown loss {c.loss.name!r}; choose one of {sorted(LOSSES)}")
     get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)  # checks the smoothing
