@@ -316,6 +316,8 @@ class TrainResult(NamedTuple):
       traces: how often each jitted function was traced (``"train_step"``, ``"evaluate"``,
         one per measurement): a run compiles each at most once per input shape.
       workdir: the workdir, or None.
+      model_state: the final model state of a stateful model (``resnet18``: the batch-norm
+        running statistics); None otherwise.
     """
 
     params: PyTree
@@ -328,6 +330,7 @@ class TrainResult(NamedTuple):
     resumed_from: int | None
     traces: dict[str, int]
     workdir: str | None
+    model_state: PyTree = None
 
 
 def _stop(c: ml_collections.ConfigDict, step: int, evaluation: Mapping[str, float] | None):
@@ -463,4 +466,5 @@ def train(
         resumed_from=resumed_from,
         traces=dict(Counter(programs.traces) - traces_before),
         workdir=None if workdir is None else str(workdir),
+        model_state=st.runtime.model_state,
     )
