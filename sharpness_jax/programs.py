@@ -94,9 +94,9 @@ def _stateful_update_fn(model: StatefulModel, objective: Objective, tx, sam_rho:
     """(θ, opt_state, s, data, idx) -> (L_B(θ), ∇L_B(θ), update, opt_state', s') of a model
     with batch-norm state s: the loss of the batch in train mode (normalised by its own
     statistics, ``model.train_apply``), s' the updated running statistics. The batch is one
-    piece (batch statistics are of the whole batch; ``chunk_size`` does not apply)."""
-    if sam_rho:
-        raise ValueError("sam_rho > 0 is not supported for a model with batch-norm state")
+    piece (batch statistics are of the whole batch; ``chunk_size`` does not apply). With SAM
+    (ρ > 0) the direction is the train-mode gradient at θ + ρ g/‖g‖ on the same batch and
+    state; s' is that of the pass at θ."""
 
     def update(params, opt_state, model_state, batch_data, idx):
         batch = batch_data if idx is None else jax.tree.map(lambda a: a[idx], batch_data)
@@ -105,8 +105,16 @@ def _stateful_update_fn(model: StatefulModel, objective: Objective, tx, sam_rho:
             outputs, new_state = model.train_apply(p, model_state, batch.inputs)
             return jnp.mean(jax.vmap(objective.loss)(outputs, batch.targets)), new_state
 
-        (loss, new_model_state), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        loss_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+        (loss, new_model_state), grads = loss_and_grad(params)
+        direction = grads
+        if sam_rho:
+            norm = optax.tree.norm(grads)
+            scale = jnp.where(norm > 0, sam_rho / jnp.where(norm > 0, norm, 1), 0)
+            scale = scale.astype(norm.dtype)
+            perturbed = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+            direction = loss_and_grad(perturbed)[1]
+        updates, new_opt_state = tx.update(direction, opt_state, params)
         return loss, grads, updates, new_opt_state, new_model_state
 
     return update
@@ -201,7 +209,8 @@ class Programs:
         step, without applying it (for measurements; nothing donated)."""
         key, tx = self.optimizer(c)
         if self.stateful:  # (θ, opt_state, s, data, idx): the train-mode update at state s
-            update = _stateful_update_fn(self.model, self.objective, tx, c.optimizer.sam_rho)
+            rho = float(c.optimizer.sam_rho)
+            update = _stateful_update_fn(self.model, self.objective, tx, rho)
             return self.jit(key, "step_update", lambda *args: update(*args)[:3])
         update = _update_fn(self.objective, tx, self.chunk_size, float(c.optimizer.sam_rho))
 
