@@ -17,6 +17,9 @@ from sharpness_jax.config import resolve_config
 from sharpness_jax.problem import problem_from_config
 from sharpness_jax.resnet18 import with_state
 
+# ResNet-18's 20 convolutions take tens of seconds to compile even at widths (1, 1, 2, 4).
+pytestmark = pytest.mark.slow
+
 CONFIG = {
     "dataset": {
         "name": "gaussian_mixture",
@@ -130,3 +133,33 @@ def test_interrupted_run_resumes_with_the_checkpointed_state(reference, tmp_path
     assert (tmp_path / metrics).read_bytes() == (ref_dir / metrics).read_bytes()
     # A checkpoint of a stateful run loads (its template holds the model state too).
     assert training.load_checkpoint(str(tmp_path), step=2)[2] == 2
+
+
+def test_sam_step_of_the_stateful_model_is_the_gradient_at_the_ascent_point():
+    """SAM (Foret et al. 2021) in train mode: direction ∇L_B(θ + ρ g/‖g‖), g = ∇L_B(θ), on the
+    same batch and statistics; the new statistics are those of the pass at θ."""
+    from sharpness_jax.programs import _stateful_update_fn
+
+    problem = problem_from_config(resolve_config(CONFIG))
+    model, loss = problem.model, problem.objective.loss
+    params, stats = model.init(jax.random.PRNGKey(3))
+    x, y = (jnp.asarray(a[:8]) for a in problem.dataset.train)
+    tx, rho = optax.sgd(1.0), 0.05
+    update = jax.jit(_stateful_update_fn(model, problem.objective, tx, rho))
+    _, grads, updates, _, new_stats = update(params, tx.init(params), stats, sj.Batch(x, y), None)
+
+    def mean_loss(p):
+        logits, new = model.module.apply(
+            {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.mean(jax.vmap(loss)(logits, y)), new["batch_stats"]
+
+    (_, want_stats), g = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    norm = jnp.sqrt(sum(jnp.sum(a * a) for a in jax.tree.leaves(g)))
+    ascent = jax.tree.map(lambda p, gi: p + rho * gi / norm, params, g)
+    direction = jax.grad(lambda p: mean_loss(p)[0])(ascent)
+    pairs = ((grads, g), (updates, jax.tree.map(jnp.negative, direction)), (new_stats, want_stats))
+    for got, want in pairs:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert max(np.abs(ravel_pytree(direction)[0] - ravel_pytree(g)[0])) > 1e-6
