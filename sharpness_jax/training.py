@@ -231,6 +231,7 @@ def measure(
     *,
     step: int = 0,
     cache: CompileCache | None = None,
+    model_state: PyTree = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Runs the config's measurements once, as the training loop would at ``step``.
 
@@ -245,9 +246,14 @@ def measure(
         structure, shapes and dtypes of the config's model.
       step: the step whose measurement keys (and training batch) to use.
       cache: the compile cache (None: a fresh one).
+      model_state: a stateful model's state at ``params`` (batch-norm running statistics;
+        required with ``params`` for ``resnet18``, measured in eval mode at it).
 
     Returns:
       ``(row, arrays)``: the scalars and the arrays the measurements returned.
+
+    Raises:
+      ValueError: for params of a stateful model without their ``model_state``.
     """
     st = _setup(config, cache)
     init = _init(st)
@@ -255,6 +261,14 @@ def measure(
         params = init
     else:
         checks.check_vector(params, init, name="params")
+    if st.programs.stateful and params is not init:
+        if model_state is None:
+            raise ValueError(
+                f"model {st.config.model.name!r} has batch-norm state: pass the model_state "
+                "that goes with these params (a checkpoint's 'model_state')"
+            )
+        checks.check_vector(model_state, st.runtime.model_state, name="model_state")
+        st.runtime.model_state = st.placement.params(model_state)
     params = st.placement.params(params)
     checks.check_finite(params, names=("params",))
     opt_state = st.placement.params(st.programs.optimizer(st.config)[1].init(params))

@@ -163,3 +163,11 @@ def test_sam_step_of_the_stateful_model_is_the_gradient_at_the_ascent_point():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
     assert max(np.abs(ravel_pytree(direction)[0] - ravel_pytree(g)[0])) > 1e-6
+
+
+def test_measure_takes_the_model_state_with_the_params(reference):
+    _, ref = reference
+    row, _ = training.measure(CONFIG, ref.params, step=4, cache=CACHE, model_state=ref.model_state)
+    assert row == ref.rows[-1]
+    with pytest.raises(ValueError, match="model_state"):
+        training.measure(CONFIG, ref.params, step=4, cache=CACHE)
