@@ -13,7 +13,7 @@ The fields:
   ``data_dir`` (None: ``$TFDS_DATA_DIR``, else TFDS's default) is the root of the prepared TFDS
   data, e.g. ``--config.dataset.data_dir=/data/tfds``; it changes no result, so a resumed run
   may change it.
-``model``: ``name`` (one of ``models.MODELS``, "mlp") plus any option of
+``model``: ``name`` (one of ``models.MODELS``, "mlp", or "resnet18") plus any option of
   ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
   set from the top-level ``dtype``.
 ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
@@ -296,8 +296,8 @@ def _validate_problem(c: ml_collections.ConfigDict) -> None:
         f"unknown dataset {c.dataset.name!r}; choose one of {data.DATASETS}",
     )
     _require(
-        c.model.name in models.MODELS,
-        f"unknown model {c.model.name!r}; choose one of {models.MODELS}",
+        c.model.name in models.MODELS + models.STATEFUL_MODELS,
+        f"unknown model {c.model.name!r}; choose one of {models.MODELS + models.STATEFUL_MODELS}",
     )
     _require(c.loss.name in LOSSES, f"unknown loss {c.loss.name!r}; choose one of {sorted(LOSSES)}")
     get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)  # checks the smoothing

@@ -127,6 +127,7 @@ _SOURCE_OPTIONS: dict[str, dict[str, Any]] = {
         "num_classes": 3,
         "separation": 3.0,
         "noise_std": 1.0,
+        "example_shape": None,
     },
 }
 
@@ -281,7 +282,9 @@ def load_dataset(
         ``teacher_student``: ``input_dim`` (20), ``num_outputs`` (1), ``teacher_width``
         (None: linear teacher), ``teacher_activation`` ("tanh" or "relu"), ``noise_std`` (0);
         ``gaussian_mixture``: ``input_dim`` (20), ``num_classes`` (3), ``separation`` (3),
-        ``noise_std`` (1).
+        ``noise_std`` (1), ``example_shape`` (None: vectors ``(input_dim,)``; e.g. ``(4, 4,
+        3)`` for small synthetic images, the same draws reshaped; its product must be
+        ``input_dim``).
 
     Returns:
       The :class:`Dataset`.
@@ -544,8 +547,13 @@ def _gaussian_mixture(
     num_classes: int,
     separation: float,
     noise_std: float,
+    example_shape: tuple[int, ...] | None = None,
 ) -> _Raw:
-    """Balanced labels (p mod K, shuffled); x = μ_y + σ z, μ_k = s·u_k, u_k ~ N(0, I/d)."""
+    """Balanced labels (p mod K, shuffled); x = μ_y + σ z, μ_k = s·u_k, u_k ~ N(0, I/d);
+    each x reshaped to ``example_shape`` if given."""
+    shape = (input_dim,) if example_shape is None else tuple(int(d) for d in example_shape)
+    if math.prod(shape) != input_dim or min(shape) < 1:
+        raise ValueError(f"example_shape {example_shape} must have input_dim={input_dim} entries")
     rng = np.random.default_rng([seed, _TAG_SYNTHETIC])
     means = separation * rng.standard_normal((num_classes, input_dim)) / math.sqrt(input_dim)
 
@@ -555,4 +563,5 @@ def _gaussian_mixture(
 
     x_train, y_train = draw(num_train)
     x_test, y_test = draw(num_test)
+    x_train, x_test = x_train.reshape(-1, *shape), x_test.reshape(-1, *shape)
     return _Raw(x_train, y_train, x_test, y_test, num_classes, 1.0)

@@ -35,8 +35,11 @@ convolution:
 compiles in about the same time for any depth (one PRNG call per leaf would not).
 
 The shallow and quadratic nets use :func:`~sharpness_jax.shallow.init_shallow` (LeCun normal).
-Normalisation layers that mix examples (batch norm) are refused: curvature per example needs a
-model whose output for x depends on x alone. Layer norm (per example) is available.
+Batch norm is refused as a ``normalization`` of these models: in training mode it mixes
+examples, and curvature per example needs a model whose output for x depends on x alone. Layer
+norm (per example) is available. The CIFAR-style ResNet-18 with batch norm is
+:mod:`sharpness_jax.resnet18`: trainable params and running statistics kept apart, measured in
+eval mode (statistics frozen, per example).
 """
 
 from __future__ import annotations
@@ -56,7 +59,15 @@ from sharpness_jax.shallow import init_shallow, shallow_predict
 
 PyTree = Any
 
-__all__ = ["ACTIVATIONS", "INITS", "MODELS", "Model", "build_model", "check_per_example"]
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "MODELS",
+    "STATEFUL_MODELS",
+    "Model",
+    "build_model",
+    "check_per_example",
+]
 
 # The activations of the flax models, by their names in sharpness_jax.activations.
 ACTIVATIONS: tuple[str, ...] = ("tanh", "relu", "elu", "gelu", "softplus")
@@ -264,6 +275,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "quadratic": {**_COMMON, "init": "lecun", "width": 16},
 }
 MODELS: tuple[str, ...] = tuple(_OPTIONS)
+#: Models with non-trainable state (batch-norm statistics): ``build_model`` returns a
+#: :class:`~sharpness_jax.resnet18.StatefulModel` for them.
+STATEFUL_MODELS: tuple[str, ...] = ("resnet18",)
 
 
 def _positive_ints(name: str, value: Any, *, allow_empty: bool) -> tuple[int, ...]:
@@ -328,13 +342,13 @@ def _validate(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def build_model(
-    name: str, *, input_shape: Sequence[int], num_outputs: int, **options: Any
-) -> Model:
-    """Builds a per-example model from the zoo.
+def build_model(name: str, *, input_shape: Sequence[int], num_outputs: int, **options: Any):
+    """Builds a per-example model from the zoo (or a stateful one of ``STATEFUL_MODELS``).
 
     Args:
-      name: one of ``MODELS``.
+      name: one of ``MODELS``, or ``"resnet18"`` (``STATEFUL_MODELS``): the batch-norm
+        ResNet-18 of :func:`sharpness_jax.resnet18.build_resnet18`, options
+        ``width_multiplier`` (1.0) and ``param_dtype``.
       input_shape: the shape of ONE example, e.g. ``(28, 28, 1)``; ``cnn`` and ``resnet`` need
         ``(H, W, C)``, the others flatten it.
       num_outputs: K, the number of outputs (classes).
@@ -349,11 +363,13 @@ def build_model(
         ``width`` (16).
 
     Returns:
-      The :class:`Model`.
+      The :class:`Model` (a :class:`~sharpness_jax.resnet18.StatefulModel` for resnet18).
 
     Raises:
       ValueError: for an unknown model or option, an invalid value, or batch norm.
     """
+    if name in STATEFUL_MODELS:
+        return _build_stateful(name, input_shape, num_outputs, options)
     _choice("model", name, MODELS)
     input_shape = _positive_ints("input_shape", input_shape, allow_empty=False)
     (num_outputs,) = _positive_ints("num_outputs", num_outputs, allow_empty=False)
@@ -403,6 +419,24 @@ def build_model(
         return apply(params, jnp.asarray(x))
 
     return Model(name, init, predict, input_shape, num_outputs)
+
+
+def _build_stateful(name: str, input_shape, num_outputs, options: dict[str, Any]):
+    from sharpness_jax.resnet18 import build_resnet18
+
+    unknown = sorted(set(options) - {"width_multiplier", "param_dtype"})
+    if unknown:
+        raise ValueError(
+            f"model {name!r} takes no option(s) {unknown}; its options: "
+            "['param_dtype', 'width_multiplier']"
+        )
+    dtype = np.dtype(options.get("param_dtype", "float32")).name
+    return build_resnet18(
+        input_shape=input_shape,
+        num_outputs=int(num_outputs),
+        width_multiplier=options.get("width_multiplier", 1.0),
+        param_dtype=dtype,
+    )
 
 
 def check_per_example(

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from sharpness_jax import data, models
 from sharpness_jax.config import resolve_config
 from sharpness_jax.objective import Objective, get_loss
+from sharpness_jax.resnet18 import StatefulModel, with_state
 
 __all__ = ["Problem", "problem_from_config"]
 
@@ -29,9 +31,12 @@ class Problem(NamedTuple):
     Attributes:
       dataset: the splits (``data.Dataset``: ``train``, ``test``, ``num_classes``).
       model: the zoo model (``models.Model``: ``init``, ``predict``), built for the dataset's
-        input shape and output count.
+        input shape and output count; for ``"resnet18"`` a
+        :class:`~sharpness_jax.resnet18.StatefulModel` (``init`` gives ``(params, state)``).
       objective: ``Objective(model.predict, loss)``; the training objective L(θ) =
-        (1/n) Σ_p ℓ_p(θ), label smoothing included (weight decay is the optimizer's).
+        (1/n) Σ_p ℓ_p(θ), label smoothing included (weight decay is the optimizer's). For a
+        stateful model: the eval-mode model at its initial state (``resnet18.with_state``;
+        use ``Objective(with_state(model, state).predict, loss)`` at a checkpoint's state).
     """
 
     dataset: data.Dataset
@@ -60,4 +65,8 @@ def problem_from_config(config: Any) -> Problem:
         **model_options,
     )
     loss = get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)
+    if isinstance(model, StatefulModel):
+        # Batch-norm statistics start at (0, 1) whatever the key.
+        initial_state = model.init(jax.random.PRNGKey(0))[1]
+        return Problem(dataset, model, Objective(with_state(model, initial_state).predict, loss))
     return Problem(dataset, model, Objective(model.predict, loss))

@@ -27,6 +27,7 @@ from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.optim import make_optimizer
 from sharpness_jax.per_example import sum_over_chunks
 from sharpness_jax.problem import Problem
+from sharpness_jax.resnet18 import StatefulModel, with_state
 
 PyTree = Any
 
@@ -89,6 +90,36 @@ def _update_fn(
     return update
 
 
+def _stateful_update_fn(model: StatefulModel, objective: Objective, tx, sam_rho: float = 0.0):
+    """(θ, opt_state, s, data, idx) -> (L_B(θ), ∇L_B(θ), update, opt_state', s') of a model
+    with batch-norm state s: the loss of the batch in train mode (normalised by its own
+    statistics, ``model.train_apply``), s' the updated running statistics. The batch is one
+    piece (batch statistics are of the whole batch; ``chunk_size`` does not apply). With SAM
+    (ρ > 0) the direction is the train-mode gradient at θ + ρ g/‖g‖ on the same batch and
+    state; s' is that of the pass at θ."""
+
+    def update(params, opt_state, model_state, batch_data, idx):
+        batch = batch_data if idx is None else jax.tree.map(lambda a: a[idx], batch_data)
+
+        def mean_loss(p):
+            outputs, new_state = model.train_apply(p, model_state, batch.inputs)
+            return jnp.mean(jax.vmap(objective.loss)(outputs, batch.targets)), new_state
+
+        loss_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+        (loss, new_model_state), grads = loss_and_grad(params)
+        direction = grads
+        if sam_rho:
+            norm = optax.tree.norm(grads)
+            scale = jnp.where(norm > 0, sam_rho / jnp.where(norm > 0, norm, 1), 0)
+            scale = scale.astype(norm.dtype)
+            perturbed = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+            direction = loss_and_grad(perturbed)[1]
+        updates, new_opt_state = tx.update(direction, opt_state, params)
+        return loss, grads, updates, new_opt_state, new_model_state
+
+    return update
+
+
 class Programs:
     """The jitted functions of one setup: model, loss, dtype, chunk size and data shapes.
 
@@ -98,6 +129,7 @@ class Programs:
 
     def __init__(self, model, objective, chunk_size, integer_labels):
         self.model = model
+        self.stateful = isinstance(model, StatefulModel)
         self.objective = objective
         self.chunk_size = chunk_size
         self.integer_labels = integer_labels
@@ -134,6 +166,8 @@ class Programs:
     def train_step(self, c: ml_collections.ConfigDict) -> Callable:
         """(θ, opt_state, data, idx, limit) -> (θ', opt_state', L_B(θ)); θ' = θ if diverged."""
         key, tx = self.optimizer(c)
+        if self.stateful:
+            return self._stateful_train_step(key, tx, float(c.optimizer.sam_rho))
         update = _update_fn(self.objective, tx, self.chunk_size, float(c.optimizer.sam_rho))
 
         def train_step(params, opt_state, batch_data, idx, limit):
@@ -149,10 +183,35 @@ class Programs:
 
         return self.jit(key, "train_step", train_step, donate_argnums=(0, 1))
 
+    def _stateful_train_step(self, key: str, tx, sam_rho: float) -> Callable:
+        """(θ, opt_state, s, data, idx, limit) -> (θ', opt_state', s', L_B(θ)); all three kept
+        as they were if the step diverged."""
+        update = _stateful_update_fn(self.model, self.objective, tx, sam_rho)
+
+        def train_step(params, opt_state, model_state, batch_data, idx, limit):
+            loss, _, updates, new_opt_state, new_model_state = update(
+                params, opt_state, model_state, batch_data, idx
+            )
+            new_params = optax.apply_updates(params, updates)
+            ok = jnp.isfinite(loss) & (loss <= limit) & _all_finite(new_params)
+            keep = lambda new, old: jnp.where(ok, new, old)
+            return (
+                jax.tree.map(keep, new_params, params),
+                jax.tree.map(keep, new_opt_state, opt_state),
+                jax.tree.map(keep, new_model_state, model_state),
+                loss,
+            )
+
+        return self.jit(key, "train_step", train_step, donate_argnums=(0, 1, 2))
+
     def step_update(self, c: ml_collections.ConfigDict) -> Callable:
         """(θ, opt_state, data, idx) -> (L_B(θ), ∇L_B(θ), update): the update of the train
         step, without applying it (for measurements; nothing donated)."""
         key, tx = self.optimizer(c)
+        if self.stateful:  # (θ, opt_state, s, data, idx): the train-mode update at state s
+            rho = float(c.optimizer.sam_rho)
+            update = _stateful_update_fn(self.model, self.objective, tx, rho)
+            return self.jit(key, "step_update", lambda *args: update(*args)[:3])
         update = _update_fn(self.objective, tx, self.chunk_size, float(c.optimizer.sam_rho))
 
         def step_update(params, opt_state, batch_data, idx):
@@ -161,10 +220,11 @@ class Programs:
         return self.jit(key, "step_update", step_update)
 
     def evaluate(self) -> Callable:
-        """(θ, batch) -> (Σ_p ℓ_p(θ), number of correct argmax predictions)."""
+        """(θ, batch) -> (Σ_p ℓ_p(θ), number of correct argmax predictions); for a stateful
+        model (θ, s, batch) -> the same in eval mode at state s."""
         objective, chunk_size, labels = self.objective, self.chunk_size, self.integer_labels
 
-        def evaluate(params, batch):
+        def evaluate(params, batch, objective=objective):
             def chunk_fn(chunk, mask, index):
                 del index
                 chunk = Batch(*chunk)
@@ -179,6 +239,14 @@ class Programs:
 
             return sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
 
+        if self.stateful:
+            model = self.model
+
+            def evaluate_at(params, model_state, batch):
+                at_state = Objective(with_state(model, model_state).predict, objective.loss)
+                return evaluate(params, batch, at_state)
+
+            return self.jit("", "evaluate", evaluate_at)
         return self.jit("", "evaluate", evaluate)
 
 
@@ -215,7 +283,13 @@ class CompileCache:
 
 
 class Runtime:
-    """One run's view of its programs: the measurement scope and the per-step memos."""
+    """One run's view of its programs: the measurement scope and the per-step memos.
+
+    For a stateful model (batch norm) it also holds the model state s of the current step
+    (:attr:`model_state`, set by the training loop); measurements see the eval-mode objective
+    at s (:attr:`objective`). Their functions close over that objective, so they are compiled
+    once per state (per measured step), not once per run.
+    """
 
     def __init__(self, programs: Programs, scope: str, config: ml_collections.ConfigDict):
         self.programs = programs
@@ -223,12 +297,46 @@ class Runtime:
         self.config = config
         self.memo: dict[tuple[int, str], dict[str, float]] = {}
         self.updates: dict[int, tuple[jax.Array, PyTree, PyTree]] = {}
+        self._model_state: PyTree = None
+        self._objective: Objective | None = None
+        self._state_compiled: dict[tuple[str, Any], Callable] = {}
 
     @property
     def chunk_size(self) -> int | None:
         return self.programs.chunk_size
 
+    @property
+    def model_state(self) -> PyTree:
+        """The model state of the current step (None for a stateless model)."""
+        return self._model_state
+
+    @model_state.setter
+    def model_state(self, state: PyTree) -> None:
+        if state is not self._model_state:
+            self._model_state, self._objective = state, None
+            self._state_compiled.clear()
+            self.memo.clear()
+            self.updates.clear()
+
+    @property
+    def objective(self) -> Objective:
+        """The measured objective: the eval-mode model at :attr:`model_state` for a stateful
+        model (``resnet18.with_state``), else the run's objective."""
+        if not self.programs.stateful:
+            return self.programs.objective
+        if self._objective is None:
+            model = with_state(self.programs.model, self._model_state)
+            self._objective = Objective(model.predict, self.programs.objective.loss)
+        return self._objective
+
     def jit(self, name: str, fn: Callable, *, owner: Any = None, **jit_kwargs) -> Callable:
+        if self.programs.stateful:  # fn closes over the objective at this state
+            key = (name, owner)
+            if key not in self._state_compiled:
+                counted = self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
+                self.programs.compiled.pop((self.scope, name, owner))
+                self._state_compiled[key] = counted
+            return self._state_compiled[key]
         return self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
 
     def evaluate(self, params: PyTree, batch: Batch, step: int, split: str) -> dict[str, float]:
@@ -236,7 +344,8 @@ class Runtime:
         memo_key = (step, split)
         if memo_key not in self.memo:
             n = checks.num_examples(batch)
-            total, correct = self.programs.evaluate()(params, batch)
+            state = () if self._model_state is None else (self._model_state,)
+            total, correct = self.programs.evaluate()(params, *state, batch)
             if any(s != step for s, _ in self.memo):
                 self.memo.clear()
             self.memo[memo_key] = {
@@ -252,5 +361,6 @@ class Runtime:
         if step not in self.updates:
             self.updates.clear()
             fn = self.programs.step_update(self.config)
-            self.updates[step] = fn(params, opt_state, train, idx)
+            state = () if self._model_state is None else (self._model_state,)
+            self.updates[step] = fn(params, opt_state, *state, train, idx)
         return self.updates[step]

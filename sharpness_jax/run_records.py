@@ -140,12 +140,14 @@ class RunRecords:
         if latest is not None and stored is not None:
             ignore = resumable_fields(stored, st.config, latest)
         records.write_config(workdir, st.config, ignore=ignore, force=force or latest is None)
-        ckpt = records.restore_checkpoint(self.manager, {"params": params, "opt_state": opt_state})
+        ckpt = records.restore_checkpoint(self.manager, self._state(params, opt_state))
         step, meta = 0, None
         if ckpt is not None:
             step, meta = ckpt.step, ckpt.meta
             params = st.placement.params(ckpt.state["params"])
             opt_state = st.placement.params(ckpt.state["opt_state"])
+            if "model_state" in ckpt.state:
+                st.runtime.model_state = st.placement.params(ckpt.state["model_state"])
             for name, state in ckpt.extra.items():
                 if name in self.states:
                     self.states[name] = st.placement.params(dict(state))
@@ -193,12 +195,19 @@ class RunRecords:
         records.save_checkpoint(
             self.manager,
             step,
-            {"params": params, "opt_state": opt_state},
+            self._state(params, opt_state),
             extra=self.states,
             meta={"seed": self.st.config.seed, "train_evaluation": evaluation},
         )
         self.checkpoint_step = step
         records.write_status(self.workdir, "running", step, checkpoint_step=step)
+
+    def _state(self, params: PyTree, opt_state: PyTree) -> dict[str, PyTree]:
+        """The checkpointed trees; with the model state (batch norm) of a stateful model."""
+        state = {"params": params, "opt_state": opt_state}
+        if self.st.runtime.model_state is not None:
+            state["model_state"] = self.st.runtime.model_state
+        return state
 
     def _checkpoint_field(self) -> dict[str, int]:
         return {} if self.checkpoint_step is None else {"checkpoint_step": self.checkpoint_step}

@@ -57,6 +57,7 @@ from sharpness_jax.placement import Placement
 from sharpness_jax.problem import problem_from_config
 from sharpness_jax.programs import CompileCache, Programs, Runtime
 from sharpness_jax.progress import Progress
+from sharpness_jax.resnet18 import StatefulModel
 from sharpness_jax.run_records import RunRecords, TrainingInterrupted, no_checkpoint_message
 
 PyTree = Any
@@ -150,8 +151,23 @@ def _run_info(c, dataset: data.Dataset, model: models.Model, init_key, integer_l
 
 
 def _num_params(model: models.Model, key: jax.Array) -> int:
-    shapes = jax.eval_shape(model.init, key)
+    shapes = jax.eval_shape(_init_params(model), key)
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+
+
+def _init_params(model) -> Any:
+    """``key -> params`` (a stateful model's ``init`` also returns its state)."""
+    return (lambda key: model.init(key)[0]) if isinstance(model, StatefulModel) else model.init
+
+
+def _init(st: _Setup) -> PyTree:
+    """The initial params; a stateful model's initial state goes into ``st.runtime``."""
+    model = st.programs.model
+    if not isinstance(model, StatefulModel):
+        return model.init(st.init_key)
+    params, state = model.init(st.init_key)
+    st.runtime.model_state = st.placement.params(state)
+    return params
 
 
 def _measure_subset(train: Batch, size: int) -> Batch:
@@ -184,7 +200,7 @@ def _measure_row(
         ctx = MeasureContext(
             name=name,
             step=step,
-            objective=st.programs.objective,
+            objective=st.runtime.objective,
             params=params,
             batch=st.measure_batch,
             train=st.train,
@@ -215,6 +231,7 @@ def measure(
     *,
     step: int = 0,
     cache: CompileCache | None = None,
+    model_state: PyTree = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Runs the config's measurements once, as the training loop would at ``step``.
 
@@ -229,16 +246,29 @@ def measure(
         structure, shapes and dtypes of the config's model.
       step: the step whose measurement keys (and training batch) to use.
       cache: the compile cache (None: a fresh one).
+      model_state: a stateful model's state at ``params`` (batch-norm running statistics;
+        required with ``params`` for ``resnet18``, measured in eval mode at it).
 
     Returns:
       ``(row, arrays)``: the scalars and the arrays the measurements returned.
+
+    Raises:
+      ValueError: for params of a stateful model without their ``model_state``.
     """
     st = _setup(config, cache)
-    init = st.programs.model.init(st.init_key)
+    init = _init(st)
     if params is None:
         params = init
     else:
         checks.check_vector(params, init, name="params")
+    if st.programs.stateful and params is not init:
+        if model_state is None:
+            raise ValueError(
+                f"model {st.config.model.name!r} has batch-norm state: pass the model_state "
+                "that goes with these params (a checkpoint's 'model_state')"
+            )
+        checks.check_vector(model_state, st.runtime.model_state, name="model_state")
+        st.runtime.model_state = st.placement.params(model_state)
     params = st.placement.params(params)
     checks.check_finite(params, names=("params",))
     opt_state = st.placement.params(st.programs.optimizer(st.config)[1].init(params))
@@ -270,11 +300,12 @@ def load_checkpoint(
     config = resolve_config(stored)
     st = _setup(config, None)
     _, tx = st.programs.optimizer(st.config)
-    params = st.programs.model.init(st.init_key)
+    params = _init(st)
     manager = records.checkpoint_manager(workdir, max_to_keep=st.config.keep_checkpoints)
-    ckpt = records.restore_checkpoint(
-        manager, {"params": params, "opt_state": tx.init(params)}, step=step
-    )
+    template = {"params": params, "opt_state": tx.init(params)}
+    if st.runtime.model_state is not None:
+        template["model_state"] = st.runtime.model_state
+    ckpt = records.restore_checkpoint(manager, template, step=step)
     if ckpt is None:
         raise FileNotFoundError(no_checkpoint_message(workdir))
     return st.config, ckpt.state["params"], ckpt.step
@@ -299,6 +330,8 @@ class TrainResult(NamedTuple):
       traces: how often each jitted function was traced (``"train_step"``, ``"evaluate"``,
         one per measurement): a run compiles each at most once per input shape.
       workdir: the workdir, or None.
+      model_state: the final model state of a stateful model (``resnet18``: the batch-norm
+        running statistics); None otherwise.
     """
 
     params: PyTree
@@ -311,6 +344,7 @@ class TrainResult(NamedTuple):
     resumed_from: int | None
     traces: dict[str, int]
     workdir: str | None
+    model_state: PyTree = None
 
 
 def _stop(c: ml_collections.ConfigDict, step: int, evaluation: Mapping[str, float] | None):
@@ -361,7 +395,13 @@ def _loop(st: _Setup, rec: RunRecords, step: int, params, opt_state, restored_me
         if status:
             break
         idx = _batch_indices(st.sampler, step)
-        params, opt_state, loss = step_fn(params, opt_state, st.train, idx, limit)
+        if st.programs.stateful:  # the model state is carried by the run's runtime
+            params, opt_state, model_state, loss = step_fn(
+                params, opt_state, st.runtime.model_state, st.train, idx, limit
+            )
+            st.runtime.model_state = model_state
+        else:
+            params, opt_state, loss = step_fn(params, opt_state, st.train, idx, limit)
         batch_loss = float(loss)
         rec.record_loss(step, batch_loss)
         if _diverged(c, batch_loss):
@@ -418,7 +458,7 @@ def train(
     st = _setup(config, cache)
     programs = st.programs
     _, tx = programs.optimizer(st.config)
-    params = st.placement.params(programs.model.init(st.init_key))
+    params = st.placement.params(_init(st))
     checks.check_finite(params, names=("initial params",))
     opt_state = st.placement.params(tx.init(params))
     traces_before = Counter(programs.traces)
@@ -445,4 +485,5 @@ def train(
         resumed_from=resumed_from,
         traces=dict(Counter(programs.traces) - traces_before),
         workdir=None if workdir is None else str(workdir),
+        model_state=st.runtime.model_state,
     )

@@ -324,3 +324,15 @@ def test_invalid_options_raise_before_loading(tmp_path, name, kwargs, match):
 def test_dataset_names():
     assert set(data.DATASETS) == {"mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100",
                                   "teacher_student", "gaussian_mixture"}  # fmt: skip
+
+
+def test_gaussian_mixture_example_shape_reshapes_the_same_draws():
+    flat = data.load_dataset("gaussian_mixture", input_dim=12, num_train=6, num_test=3)
+    images = data.load_dataset(
+        "gaussian_mixture", input_dim=12, num_train=6, num_test=3, example_shape=(2, 2, 3)
+    )
+    assert images.train.inputs.shape == (6, 2, 2, 3)
+    np.testing.assert_array_equal(images.train.inputs.reshape(6, 12), flat.train.inputs)
+    np.testing.assert_array_equal(images.test.targets, flat.test.targets)
+    with pytest.raises(ValueError, match="example_shape"):
+        data.load_dataset("gaussian_mixture", input_dim=12, example_shape=(2, 2, 2))

@@ -8,8 +8,9 @@ measured ``num_measurements`` times at equally spaced steps (plus step 0 and the
 
 Presets: ``smoke`` (seconds, the tests), ``quick`` (about three minutes on a 2-core CPU: the
 offline MNIST subset, an MLP 784-128-128-10 with ReLU, cross-entropy, SGD), ``paper`` (the
-published setup: CIFAR-10 with a ResNet-18-like residual network without batch norm, SGD with
-momentum; needs CIFAR-10 prepared for TFDS and a GPU/TPU).
+published setup: CIFAR-10 with the CIFAR-style ResNet-18 with batch norm (``resnet18``:
+trained in train mode, measured in eval mode at its running statistics), SGD with momentum;
+needs CIFAR-10 prepared for TFDS and a GPU/TPU).
 
 Run::
 
@@ -126,7 +127,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.checkpoint_every = 1000
     elif preset == "paper":
         base.dataset.update(name="cifar10", standardize="channel")
-        base.model.update(name="resnet", widths=(64, 128, 256, 512), blocks_per_stage=2, init="he")
+        base.model = ml_collections.ConfigDict({"name": "resnet18"})
         base.optimizer.update(name="momentum", momentum=0.9, learning_rate=0.05)
         base.batch_size = 128
         base.measure_subset = 4096
