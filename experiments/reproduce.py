@@ -101,12 +101,17 @@ def write_report(workdir: Path, summaries: list[dict], preset: str, *, elapsed: 
         lines += ["", f"## {s['study']}", "", " ".join(doc.split()), ""]
         for fig in s["figures"]:
             lines.append(f"![{s['study']}]({s['study']}/{fig})")
-        lines += ["", "| claim | measured | expected | result |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "| claim | measured | expected | result | source |",
+            "|---|---|---|---|---|",
+        ]
         for c in s["checks"]:
             mark = {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]]
             detail = f" ({c['detail']})" if c.get("detail") else ""
             lines.append(
-                f"| {c['claim']}{detail} | {_fmt(c['value'])} | {c['expected']} | {mark} |"
+                f"| {c['claim']}{detail} | {_fmt(c['value'])} | {c['expected']} | {mark} "
+                f"| {c.get('source', '')} |"
             )
     path = workdir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -40,6 +40,8 @@ def run_twice(
     """Runs ``study`` twice; during the second run each ``(owner, attribute)`` in ``forbid``
     raises when called (e.g. an analysis that must come from the cache)."""
     first = common.run_study(study.NAME, study.run, config, workdir)
+    unsourced = [c["claim"] for c in first["checks"] if not c["source"]]
+    assert not unsourced, f"checks without a source in experiments/studies/sources.py: {unsourced}"
     metrics = {p.parent.name: p.read_bytes() for p in sorted(workdir.glob("runs/*/metrics.jsonl"))}
     analyses = {p.name: p.read_bytes() for p in sorted(workdir.glob("analysis/*"))}
     calls = []

@@ -14,6 +14,7 @@ import pytest
 from experiments import benchmark, cli, configs, launch, reproduce
 from experiments import measure as measure_bin
 from experiments.studies import STUDIES, common
+from experiments.studies.sources import SOURCES
 from sharpness_jax import data, records
 from sharpness_jax.config import default_config
 
@@ -159,13 +160,22 @@ def test_report_lists_every_check(tmp_path):
             "elapsed_s": 1.0,
             "figures": ["figures/lambda_max.png"],
             "checks": [
-                {"claim": "a", "value": 1.0, "expected": "<= 2", "passed": True, "detail": ""},
+                {
+                    "claim": "a",
+                    "value": 1.0,
+                    "expected": "<= 2",
+                    "passed": True,
+                    "detail": "",
+                    "source": "Fig. 1",
+                },
                 {"claim": "b", "value": None, "expected": ">= 1", "passed": None, "detail": "x"},
             ],
         }
     ]
     text = reproduce.write_report(tmp_path, summaries, "smoke", elapsed=1.0).read_text()
-    assert "| a | 1 | <= 2 | pass |" in text and "| b (x) | — | >= 1 | n/a |" in text
+    assert "| a | 1 | <= 2 | pass | Fig. 1 |" in text and "| b (x) | — | >= 1 | n/a |  |" in text
+    assert common.source_of(SOURCES["edge_of_stability"], "edge of stability at η=0.1: x")
+    assert common.source_of((("p", "s"),), "q") == ""
     assert "1/1" in text and "edge_of_stability/figures/lambda_max.png" in text
     assert common.SMOKE_NOTE in text
     summaries[0]["preset"] = "quick"

@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from experiments import configs
+from experiments.studies.sources import SOURCES
 from sharpness_jax import plots, records, run_records, training
 from sharpness_jax.config import RESUMABLE_FIELDS
 from sharpness_jax.programs import CompileCache
@@ -63,6 +64,8 @@ class Check:
       expected: the expected range or relation, in words.
       passed: True/False; None when the check could not be evaluated (reported as such).
       detail: what the value is computed from.
+      source: where the claim is made (paper, section or figure, ../shared/PAPERS.md §);
+        filled from the study's ``SOURCES`` table by :func:`run_study` when empty.
     """
 
     claim: str
@@ -70,11 +73,18 @@ class Check:
     expected: str
     passed: bool | None
     detail: str = ""
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The check as a JSON-ready dict (``records.encode_value``: NaN is ``"NaN"``)."""
         value = None if self.value is None else float(self.value)
         return records.encode_value({**dataclasses.asdict(self), "value": value})
+
+
+def source_of(sources: Sequence[tuple[str, str]], claim: str) -> str:
+    """The source of ``claim``: that of the first ``(phrase, source)`` of a study's
+    ``SOURCES`` table whose phrase the claim contains ("" when none does)."""
+    return next((source for phrase, source in sources if phrase in claim), "")
 
 
 def check_range(
@@ -257,6 +267,10 @@ def run_study(
     start = time.time()
     logging.info("study %s (%s) in %s", study, config.preset, workdir)
     checks, results, figures = run(config, workdir, mesh=mesh, cache=CompileCache())
+    table = SOURCES.get(study, ())
+    checks = [
+        c if c.source else dataclasses.replace(c, source=source_of(table, c.claim)) for c in checks
+    ]
     evaluated = [c.passed for c in checks if c.passed is not None]
     summary = {
         "study": study,
