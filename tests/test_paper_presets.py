@@ -79,8 +79,13 @@ _SHRINK: dict[str, dict[str, Any]] = {
         "adam_batch_sizes": (32,),
         "analysis_examples": 32,
     },
-    "noise_curvature": "no error but unfinished after 420 s (two presets at once): the "
-    "float64 dense C, H, E_p[h_p²] analyses of both layers took that long for one loss",
+    "noise_curvature": {
+        "base.dataset.per_class": 5,
+        "base.max_steps": 4,
+        "base.measure.every": 2,
+        "base.checkpoint_every": 0,
+        "analysis_examples": 50,
+    },
     "progressive_sharpening": {
         "base.dataset.num_train": 512,  # the large-batch variant's batch
         "base.dataset.num_test": 16,
@@ -91,8 +96,16 @@ _SHRINK: dict[str, dict[str, Any]] = {
         "final_window": 1,
         "seeds": (0,),
     },
-    "quotient_geometry": "no error but unfinished after 420 s (two presets at once): all "
-    "nine runs trained, the dense float64 orbit analyses of the quadratic net still running",
+    "quotient_geometry": {
+        **{
+            f"models.{m}.{kind}.max_steps": 8
+            for m in ("relu", "quadratic")
+            for kind in ("underdetermined", "regular")
+        },
+        "measurements_per_run": 2,
+        "num_log_measurements": 2,
+        "sgd.max_steps": 8,
+    },
 }
 
 # Width overrides (see the module docstring): dotted path -> value; each path ends in a
@@ -197,11 +210,11 @@ _TOO_SLOW_FOR_CPU = {
     "3072-512-512-10",
     "fisher_sharpness": "training done, the float64 analysis (XTrace 200 probes, 64 Lanczos "
     "iterations, dense output-layer F and H) unfinished after 240 s",
-    "noise_curvature": "unfinished after 150 s: the float64 dense C, H, E_p[h_p²] of the "
-    "2,500-weight layer with 1,000 bootstrap resamples per fit",
+    "noise_curvature": "no error but unfinished after 420 s (two presets at once): the "
+    "float64 dense C, H, E_p[h_p²] analyses of both layers took that long for one loss",
     "progressive_sharpening": "passes in 148 s: seven variants of the ResNet, each compiled",
-    "quotient_geometry": "unfinished after 150 s: dense float64 quotient spectra of P ≤ 600 at "
-    "every measurement",
+    "quotient_geometry": "no error but unfinished after 420 s (two presets at once): all "
+    "nine runs trained, the dense float64 orbit analyses of the quadratic net still running",
 }
 
 
