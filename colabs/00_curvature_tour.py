@@ -332,3 +332,103 @@ print(
 print(f"tr H_SS = {np.trace(dense['H']):.4f}   tr C_SS = {np.trace(dense['C']):.4f}")
 print(f"λ_max(E[h²]_SS) = {spectra['E[h²]'][0]:.4g} ≥ λ_max(H_SS)² = {spectra['H'][0] ** 2:.4g}")
 fig = sj.plots.spectra(spectra, title=f"exact spectra of the {LAYER} block")
+
+# %% [markdown]
+# ## Beyond the five papers: inverse curvature, perturbation sharpness, loss slices
+#
+# The same operators feed the measures other libraries' users keep asking for.
+#
+# * **Inverse products** (`sj.inverse`, solves by lineax): the natural-gradient direction
+#   (F + λI)⁻¹ḡ; Takeuchi's information criterion tr((H + λI)⁻¹C) and the full-network
+#   Riemannian sharpness tr((F + λI)⁻¹H), λ_max((F + λI)⁻¹H), matrix-free for any model.
+# * **Perturbation sharpness** (`sj.worst_case`): the SAM-style worst case
+#   max_{‖ε‖≤ρ} L(θ+ε) − L(θ) by projected gradient ascent, its adaptive (|θ|-scaled) form,
+#   and average-case (Gaussian) sharpness with its standard error. At a minimum (ḡ = 0) and
+#   small ρ the worst case is close to ρ²λ_max/2; here, a few steps into training, the
+#   first-order term ρ‖ḡ‖ dominates it.
+# * **∇λ_max** (`sj.preconditioned.lambda_max_gradient`): the gradient of the top eigenvalue,
+#   behind self-stabilisation at the edge of stability.
+# * **Loss slices** (`sj.landscape`): L(θ + αu) along a filter-normalised random direction and
+#   along the top Hessian eigenvector.
+
+# %%
+DAMPING = 1e-2  # λ: F and H are singular
+RHO = 0.05
+key_tic, key_riem, key_avg, key_dir = jax.random.split(jax.random.PRNGKey(7), 4)
+# GMRES: lineax's CG breaks down (NaN) on this float32 Fisher after a few steps.
+natural = sj.inverse.natural_gradient(
+    objective, params, batch, damping=DAMPING, method="gmres", chunk_size=CHUNK
+)
+print(
+    f"natural gradient (F + λI)⁻¹ḡ: {int(natural.num_iters)} GMRES cycles, residual "
+    f"{float(natural.residual_norm):.2e}, converged {bool(natural.converged)}"
+)
+
+# TIC and the full Riemannian sharpness of the output layer's block, against its dense
+# matrices (solves with GMRES for the indefinite H + λI, CG for F + λI).
+kw = dict(damping=DAMPING, chunk_size=CHUNK, subset=LAYER)
+tic = sj.inverse.takeuchi_information_criterion(
+    objective, params, batch, key=key_tic, num_probes=NUM_PROBES, restart=50, **kw
+)
+riem_trace = sj.inverse.riemannian_trace_full(
+    objective, params, batch, key=key_riem, num_probes=NUM_PROBES, **kw
+)
+riem_top = sj.inverse.riemannian_lambda_max(
+    objective, params, batch, key=key_riem, num_iters=NUM_ITERS, **kw
+)
+template = sj.select(params, LAYER)
+fisher_op = sj.fisher(objective, params, batch, chunk_size=CHUNK, subset=LAYER)
+fisher_block = np.asarray(linalg.dense(fisher_op, template))
+eye = DAMPING * np.eye(len(dense["H"]))
+riem_dense = np.linalg.solve(fisher_block + eye, dense["H"])
+print(
+    f"TIC tr((H+λI)⁻¹C) = {float(tic.value):.4g} ± {float(tic.stderr):.2g}"
+    f"   dense {np.trace(np.linalg.solve(dense['H'] + eye, dense['C'])):.4g}"
+)
+print(
+    f"tr((F+λI)⁻¹H) = {float(riem_trace.value):.4g} ± {float(riem_trace.stderr):.2g}"
+    f"   dense {np.trace(riem_dense):.4g}"
+)
+print(
+    f"λ_max((F+λI)⁻¹H) = {float(riem_top.values[0]):.4g}"
+    f"   dense {np.max(np.linalg.eigvals(riem_dense).real):.4g}"
+)
+
+# %%
+worst = sj.worst_case.worst_case_sharpness(objective, params, batch, rho=RHO, chunk_size=CHUNK)
+adaptive = sj.worst_case.worst_case_sharpness(
+    objective, params, batch, rho=RHO, adaptive=True, chunk_size=CHUNK
+)
+average = sj.worst_case.average_sharpness(
+    objective,
+    params,
+    batch,
+    sigma=RHO / np.sqrt(sj.num_params(params)),
+    key=key_avg,
+    num_samples=NUM_PROBES,
+    chunk_size=CHUNK,
+)
+grad_top = sj.preconditioned.lambda_max_gradient(objective, params, batch, chunk_size=CHUNK)
+lam = float(grad_top.value)
+print(
+    f"worst-case sharpness (ρ={RHO}): {float(worst.sharpness):.4g}",
+    f"  ρ²λ_max/2 = {RHO**2 * lam / 2:.4g}",
+)
+print(f"adaptive worst-case sharpness (ρ={RHO}): {float(adaptive.sharpness):.4g}")
+print(f"average sharpness: {float(average.value):.3g} ± {float(average.stderr):.2g}")
+grad_norm = float(jnp.linalg.norm(ravel_pytree(grad_top.gradient)[0]))
+print(f"λ_max = {lam:.4g},  ‖∇_θ λ_max‖ = {grad_norm:.4g}")
+
+# %%
+alphas = jnp.linspace(-1.0, 1.0, 11 if SMOKE else 41)
+random_dir = sj.landscape.filter_normalised_direction(params, key_dir)
+top_dir = grad_top.eigenvector
+fig, ax = plt.subplots(figsize=(5.5, 3.6), constrained_layout=True)
+for name, direction in (
+    ("filter-normalised random u", random_dir),
+    ("top Hessian eigenvector", top_dir),
+):
+    line = sj.landscape.slice_1d(objective, params, batch, direction, alphas, chunk_size=CHUNK)
+    sj.landscape.plot_1d(line, ax=ax, label=name)
+ax.set_title(f"L(θ + αu) at θ after {TRAIN_STEPS} GD steps (MNIST, MLP {WIDTH})")
+plt.show()
