@@ -111,13 +111,13 @@ _SHRINK: dict[str, dict[str, Any]] = {
 # Width overrides (see the module docstring): dotted path -> value; each path ends in a
 # width field of a model node.
 _WIDTH: dict[str, dict[str, Any]] = {
-    "progressive_sharpening": {"base.model.widths": (4, 8, 8, 8)},
+    "progressive_sharpening": {"base.model.width_multiplier": 1 / 16},  # ResNet-18: 4–32
     "fisher_sharpness": {
         "setups.mnist.model.widths": (16, 16),
         "setups.cifar10.model.widths": (16, 16),
     },
 }
-_WIDTH_FIELDS = ("width", "widths")
+_WIDTH_FIELDS = ("width", "widths", "width_multiplier")
 # The only fields an override may add to the preset: data sizes of `load_dataset`.
 _DATA_SIZES = ("num_train", "num_test", "per_class")
 

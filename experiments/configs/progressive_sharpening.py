@@ -127,7 +127,7 @@ def get_config(preset: str = "quick") -> ml_collections.ConfigDict:
         base.checkpoint_every = 1000
     elif preset == "paper":
         base.dataset.update(name="cifar10", standardize="channel")
-        base.model = ml_collections.ConfigDict({"name": "resnet18"})
+        base.model = ml_collections.ConfigDict({"name": "resnet18", "width_multiplier": 1.0})
         base.optimizer.update(name="momentum", momentum=0.9, learning_rate=0.05)
         base.batch_size = 128
         base.measure_subset = 4096
