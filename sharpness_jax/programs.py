@@ -50,6 +50,13 @@ def _loss_and_grad(objective: Objective, params: PyTree, batch: Batch, chunk_siz
     return loss / n, jax.tree.map(lambda g: g / n, grad)
 
 
+def _kept(ok: jax.Array, new: tuple, old: tuple) -> tuple:
+    """The trees of ``new`` where ``ok``, else those of ``old`` (a diverged step is undone)."""
+    return tuple(
+        jax.tree.map(lambda n, o: jnp.where(ok, n, o), a, b) for a, b in zip(new, old, strict=True)
+    )
+
+
 def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
@@ -174,12 +181,7 @@ class Programs:
             loss, _, updates, new_opt_state = update(params, opt_state, batch_data, idx)
             new_params = optax.apply_updates(params, updates)
             ok = jnp.isfinite(loss) & (loss <= limit) & _all_finite(new_params)
-            keep = lambda new, old: jnp.where(ok, new, old)
-            return (
-                jax.tree.map(keep, new_params, params),
-                jax.tree.map(keep, new_opt_state, opt_state),
-                loss,
-            )
+            return (*_kept(ok, (new_params, new_opt_state), (params, opt_state)), loss)
 
         return self.jit(key, "train_step", train_step, donate_argnums=(0, 1))
 
@@ -194,11 +196,9 @@ class Programs:
             )
             new_params = optax.apply_updates(params, updates)
             ok = jnp.isfinite(loss) & (loss <= limit) & _all_finite(new_params)
-            keep = lambda new, old: jnp.where(ok, new, old)
+            new = (new_params, new_opt_state, new_model_state)
             return (
-                jax.tree.map(keep, new_params, params),
-                jax.tree.map(keep, new_opt_state, opt_state),
-                jax.tree.map(keep, new_model_state, model_state),
+                *_kept(ok, new, (params, opt_state, model_state)),
                 loss,
             )
 

@@ -134,6 +134,21 @@ def test_bad_arguments_are_refused():
         gradient_gram.covariance_spectrum(o, p, b, k=prob.n + 1)
 
 
+def mean_dominated():
+    """Inputs shifted by 10 and all labels equal: (the float64 problem, float32 params and
+    batch, the float64 tr(C), ρ = ‖ḡ‖² / tr(C))."""
+    prob = mlp_problem("tanh", "cross_entropy", n=16, d=4, widths=(6, 3))
+    o = prob.objective
+    x = 0.01 * prob.batch.inputs + 10.0
+    y = jnp.zeros((16,), jnp.int32)
+    b64, b32 = sj.Batch(x, y), sj.Batch(x.astype(jnp.float32), y)
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), prob.params)
+    ref = float(noise.gradient_covariance_trace(o, prob.params, b64))
+    g_bar = sj.gradient(o, prob.params, b64)
+    rho = float(sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g_bar))) / ref
+    return Problem("shifted", o, prob.params, b64), p32, b32, ref, rho
+
+
 @pytest.mark.parametrize("method", ["factored", "per_example"])
 def test_mean_dominated_float32_matches_the_float64_per_example_route(method):
     """Inputs shifted by 10 and all labels equal: ‖ḡ‖² / tr(C) = ρ ≈ 3·10⁸.
@@ -144,15 +159,8 @@ def test_mean_dominated_float32_matches_the_float64_per_example_route(method):
     the float32 Gram of the raw gradients instead cancels ‖ḡ‖²-sized entries: relative error
     eps·ρ ≫ 1, which the last assertion checks so that the bound is known to discriminate.
     """
-    prob = mlp_problem("tanh", "cross_entropy", n=16, d=4, widths=(6, 3))
-    o = prob.objective
-    x = 0.01 * prob.batch.inputs + 10.0
-    y = jnp.zeros((16,), jnp.int32)
-    b64, b32 = sj.Batch(x, y), sj.Batch(x.astype(jnp.float32), y)
-    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), prob.params)
-    ref = float(noise.gradient_covariance_trace(o, prob.params, b64))
-    g_bar = sj.gradient(o, prob.params, b64)
-    rho = float(sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g_bar))) / ref
+    prob, p32, b32, ref, rho = mean_dominated()
+    o, b64 = prob.objective, prob.batch
     assert rho > 1e8
     bound = 4 * float(jnp.finfo(jnp.float32).eps) * np.sqrt(rho)
     res = gradient_gram.exact_covariance_moments(o, p32, b32, method=method)
@@ -200,15 +208,8 @@ def test_covariance_trace_of_a_cnn_and_a_subset():
 def test_covariance_trace_is_stable_when_the_mean_gradient_dominates(method):
     """As test_mean_dominated_float32_matches_the_float64_per_example_route, for tr(C) alone:
     the error bound eps·√ρ (relative), where the uncentred squared norms would give eps·ρ."""
-    prob = mlp_problem("tanh", "cross_entropy", n=16, d=4, widths=(6, 3))
+    prob, p32, b32, ref, rho = mean_dominated()
     o = prob.objective
-    x = 0.01 * prob.batch.inputs + 10.0
-    y = jnp.zeros((16,), jnp.int32)
-    b64, b32 = sj.Batch(x, y), sj.Batch(x.astype(jnp.float32), y)
-    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), prob.params)
-    ref = float(noise.gradient_covariance_trace(o, prob.params, b64))
-    g_bar = sj.gradient(o, prob.params, b64)
-    rho = float(sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(g_bar))) / ref
     bound = 4 * float(jnp.finfo(jnp.float32).eps) * np.sqrt(rho)
     value, _ = gradient_gram.covariance_trace(o, p32, b32, method=method, chunk_size=5)
     assert value.dtype == jnp.float32
