@@ -172,11 +172,40 @@ for lr, c in columns.items():
     )
 
 # %% [markdown]
+# ## Adam: the preconditioned sharpness at its own edge
+#
+# Full-batch Adam preconditions the step by P = diag(√ν̂ + ε), so what it holds at a
+# threshold is the preconditioned sharpness λ_max(P⁻¹H), at (2 + 2β₁)/((1 − β₁)η) = 38/η for
+# β₁ = 0.9 (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"). The
+# `preconditioned_sharpness` measurement reads ν̂ from the run's optax state; the first
+# measurement, before any step, is NaN (no second-moment estimate yet).
+
+# %%
+ADAM_LR = 3e-3
+adam_config = config(ADAM_LR)
+adam_config["optimizer"] = {"name": "adam", "learning_rate": ADAM_LR, "b1": 0.9}
+adam_config["measure"]["names"] = ("loss", "preconditioned_sharpness")
+adam_config["measure"]["options"] = {"preconditioned_sharpness": {"num_iters": LANCZOS_ITERS}}
+adam = sj.records.metric_columns(sj.train(adam_config).rows)
+threshold = (2 + 2 * 0.9) / ((1 - 0.9) * ADAM_LR)
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+axes[0].semilogy(adam["step"], adam["train_loss"])
+axes[0].set(xlabel="step", ylabel="training loss", title=f"full-batch Adam, η = {ADAM_LR}")
+axes[1].plot(adam["step"], adam["preconditioned_sharpness"], label="λ_max(P⁻¹H)")
+axes[1].axhline(threshold, ls="--", color="k", lw=1, label="(2 + 2β₁)/((1 − β₁)η)")
+axes[1].set(xlabel="step", ylabel="λ_max(P⁻¹H)", title="preconditioned sharpness")
+axes[1].legend(fontsize=8)
+late = sj.series.late_phase(adam["preconditioned_sharpness"] / threshold, fraction=0.5)
+print(f"late median λ_max(P⁻¹H) / threshold = {np.nanmedian(late):.3f} (threshold {threshold:.0f})")
+
+# %% [markdown]
 # ## The full study
 #
-# `experiments/edge_of_stability.py` runs this at several learning rates (and the paper's
-# CIFAR-10 setup with the `paper` preset, for a GPU/TPU), checks the claims, and writes
-# everything into its workdir: `config.json`, one resumable training run per learning rate with
+# `experiments/edge_of_stability.py` runs this at several learning rates, with an Adam arm
+# (and the paper's CIFAR-10 setup with the `paper` preset, for a GPU/TPU), checks the claims,
+# and writes everything into its workdir: `config.json`, one resumable training run per
+# learning rate with
 # `metrics.jsonl` and checkpoints, `figures/*.png` and `summary.json`. Rerunning the command
 # resumes. From a checkout of the repository (`pip install -e '.[all]'`):
 
