@@ -41,6 +41,32 @@ MOMENTUM = 0.9
 EPSILON = 1e-5
 
 
+def _conv(features: int, k: int, stride: int, dtype: Any) -> nn.Conv:
+    """A k×k convolution without bias (He-normal init), created in the calling module."""
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding="SAME" if k == 3 else "VALID",
+        use_bias=False,
+        param_dtype=dtype,
+        dtype=dtype,
+        kernel_init=nn.initializers.he_normal(),
+    )
+
+
+def _norm(train: bool, dtype: Any) -> nn.BatchNorm:
+    """Batch norm: batch statistics (updated) in train mode, running averages otherwise."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=MOMENTUM,
+        epsilon=EPSILON,
+        force_float32_reductions=False,
+        param_dtype=dtype,
+        dtype=dtype,
+    )
+
+
 class _BasicBlock(nn.Module):
     features: int
     stride: int
@@ -48,24 +74,8 @@ class _BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s: nn.Conv(
-            f,
-            (k, k),
-            strides=(s, s),
-            padding="SAME" if k == 3 else "VALID",
-            use_bias=False,
-            param_dtype=self.dtype,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.he_normal(),
-        )
-        norm = lambda: nn.BatchNorm(
-            use_running_average=not train,
-            momentum=MOMENTUM,
-            epsilon=EPSILON,
-            force_float32_reductions=False,
-            param_dtype=self.dtype,
-            dtype=self.dtype,
-        )
+        conv = lambda f, k, s: _conv(f, k, s, self.dtype)
+        norm = lambda: _norm(train, self.dtype)
         h = nn.relu(norm()(conv(self.features, 3, self.stride)(x)))
         h = norm()(conv(self.features, 3, 1)(h))
         if self.stride != 1 or x.shape[-1] != self.features:
@@ -81,23 +91,7 @@ class _ResNet18(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         """``x``: a batch (N, H, W, C) -> (N, K)."""
-        x = nn.Conv(
-            self.widths[0],
-            (3, 3),
-            padding="SAME",
-            use_bias=False,
-            param_dtype=self.dtype,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.he_normal(),
-        )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=MOMENTUM,
-            epsilon=EPSILON,
-            force_float32_reductions=False,
-            param_dtype=self.dtype,
-            dtype=self.dtype,
-        )(x)
+        x = _norm(train, self.dtype)(_conv(self.widths[0], 3, 1, self.dtype)(x))
         x = nn.relu(x)
         for stage, width in enumerate(self.widths):
             for block in range(BLOCKS_PER_STAGE):
