@@ -28,8 +28,7 @@ Stopping rule (lineax's, with rtol = ``tol`` and atol = ``tol`` · ‖b‖_∞):
 of the residual r = b − (A + λI) x and of the last step Δx satisfies
 |r_i| ≤ tol (‖b‖_∞ + |b_i|) and |Δx_i| ≤ tol (‖b‖_∞ + |x_i|). The reported
 ``residual_norm`` is the 2-norm ‖b − (A + λI) x‖₂ recomputed from the returned x. A ``tol``
-below 10 eps of b's dtype (1.2e-6 in float32), which the iteration could never meet, is
-raised to it (the defaults, 1e-6 to 1e-10, are for float64).
+below 10 eps of b's dtype (1.2e-6 in float32: unreachable there) is raised to 10 eps.
 
 A preconditioner is either the diagonal of A (a pytree like b, e.g. from
 ``linalg.hutchinson_diagonal`` or ``linalg.diagonal_exact``; an :class:`Estimate` is taken
@@ -154,12 +153,6 @@ def _preconditioner_fn(preconditioner: PyTree, damping: jax.Array) -> MatVec:
     return inverse_diagonal
 
 
-def _tol_floor(b: PyTree) -> float:
-    """The smallest tolerance the solve can meet in b's dtype: 10 eps (1.2e-6 in float32)."""
-    dtype = jnp.result_type(*jax.tree_util.tree_leaves(b))
-    return 10 * float(jnp.finfo(dtype).eps)
-
-
 def _solve_core(matvec, b, damping, preconditioner, s: _Settings) -> Solution:
     """One lineax solve (A + λI) x = b inside a trace; see :func:`solve`."""
     structure = jax.eval_shape(lambda: b)
@@ -175,7 +168,8 @@ def _solve_core(matvec, b, damping, preconditioner, s: _Settings) -> Solution:
         fn = _preconditioner_fn(preconditioner, damping)
         options["preconditioner"] = lx.FunctionLinearOperator(fn, structure, psd)
     b_max = optax.tree.norm(b, ord="inf")
-    s = s._replace(tol=max(s.tol, _tol_floor(b)))
+    eps = float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(b))).eps)
+    s = s._replace(tol=max(s.tol, 10 * eps))  # the least the dtype can meet (module docstring)
     sol = lx.linear_solve(op, b, _solver(s, s.tol * b_max), options=options, throw=False)
     residual = optax.tree.norm(optax.tree.sub(b, damped(sol.value)))
     converged = (sol.result == lx.RESULTS.successful) & jnp.isfinite(residual)
