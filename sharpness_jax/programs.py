@@ -69,10 +69,14 @@ def _sam_gradient(objective, params, grads, batch, chunk_size, rho: float):
     the train loop would have to know of), while the train step here is one update per
     batch. ‖g‖ is the Euclidean norm over all parameters (0/0 leaves θ unperturbed).
     """
+    return _loss_and_grad(objective, _sam_point(params, grads, rho), batch, chunk_size)[1]
+
+
+def _sam_point(params: PyTree, grads: PyTree, rho: float) -> PyTree:
+    """θ + ρ g/‖g‖ (θ itself where g = 0)."""
     norm = optax.tree.norm(grads)
     scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1), 0).astype(norm.dtype)
-    perturbed = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
-    return _loss_and_grad(objective, perturbed, batch, chunk_size)[1]
+    return jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
 
 
 def _update_fn(
@@ -116,11 +120,7 @@ def _stateful_update_fn(model: StatefulModel, objective: Objective, tx, sam_rho:
         (loss, new_model_state), grads = loss_and_grad(params)
         direction = grads
         if sam_rho:
-            norm = optax.tree.norm(grads)
-            scale = jnp.where(norm > 0, sam_rho / jnp.where(norm > 0, norm, 1), 0)
-            scale = scale.astype(norm.dtype)
-            perturbed = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
-            direction = loss_and_grad(perturbed)[1]
+            direction = loss_and_grad(_sam_point(params, grads, sam_rho))[1]
         updates, new_opt_state = tx.update(direction, opt_state, params)
         return loss, grads, updates, new_opt_state, new_model_state
 
