@@ -41,6 +41,24 @@ from sharpness_jax import plots, preconditioned, series, sharpness
 NAME = "edge_of_stability"
 
 
+def _late_checks(config, prefix: str, what: str, entry) -> list[common.Check]:
+    """The late ratio's median in ``median_band`` and every late value in ``band``."""
+    return [
+        common.check_band(
+            f"{prefix}median late {what}",
+            entry["late_ratio_median"],
+            config.median_band,
+            detail=f"last {config.late_fraction:.0%} of measurements",
+        ),
+        common.check_band(
+            f"{prefix}every late {what} in the band",
+            entry["late_ratio_max"],
+            config.band,
+            detail=f"max over the late phase; min is {entry['late_ratio_min']:.3g}",
+        ),
+    ]
+
+
 def _run_name(lr: float) -> str:
     return f"gd_lr{lr:g}"
 
@@ -142,18 +160,7 @@ def _adam_run(config, workdir: Path, lr: float, mesh, cache):
     ]
     if first is not None:
         checks += [
-            common.check_band(
-                f"adaptive edge of stability: median late {what}",
-                entry["late_ratio_median"],
-                config.median_band,
-                detail=f"last {config.late_fraction:.0%} of measurements",
-            ),
-            common.check_band(
-                f"adaptive edge of stability: every late {what} in the band",
-                entry["late_ratio_max"],
-                config.band,
-                detail=f"max over the late phase; min is {entry['late_ratio_min']:.3g}",
-            ),
+            *_late_checks(config, "adaptive edge of stability: ", what, entry),
         ]
     return name, entry, checks, curve
 
@@ -179,18 +186,7 @@ def _checks(config, entry: dict, lam: np.ndarray, loss: np.ndarray, first: int |
         return checks
     return [
         *checks,
-        common.check_band(
-            f"edge of stability at η={lr:g}: median late λ_max/(2/η)",
-            entry["late_ratio_median"],
-            config.median_band,
-            detail=f"last {config.late_fraction:.0%} of measurements",
-        ),
-        common.check_band(
-            f"edge of stability at η={lr:g}: every late λ_max/(2/η) in the band",
-            entry["late_ratio_max"],
-            config.band,
-            detail=f"max over the late phase; min is {entry['late_ratio_min']:.3g}",
-        ),
+        *_late_checks(config, f"edge of stability at η={lr:g}: ", "λ_max/(2/η)", entry),
         common.check_range(
             f"loss keeps falling at the edge (η={lr:g}): final / at-arrival loss",
             float(loss[-1] / loss[first]),
