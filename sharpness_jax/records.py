@@ -61,6 +61,7 @@ __all__ = [
     "config_to_dict",
     "decode_value",
     "encode_value",
+    "flatten_config",
     "holds_results",
     "init_workdir",
     "latest_checkpoint_step",
@@ -229,12 +230,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(encode_value(config), allow_nan=False))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, path + "."))
+            out.update(flatten_config(value, path + "."))
         else:
             out[path] = value
     return out
@@ -251,8 +252,8 @@ def config_differences(stored: Any, new: Any, *, ignore: Iterable[str] = ()) -> 
     Returns:
       Sorted difference lines; empty when the configs agree outside ``ignore``.
     """
-    a = _flatten(config_to_dict(stored))
-    b = _flatten(config_to_dict(new))
+    a = flatten_config(config_to_dict(stored))
+    b = flatten_config(config_to_dict(new))
     ignore = tuple(ignore)
     missing = object()
     show = lambda v: "<absent>" if v is missing else json.dumps(v)

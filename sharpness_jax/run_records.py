@@ -28,7 +28,12 @@ import numpy as np
 from absl import logging
 
 from sharpness_jax import records
-from sharpness_jax.config import RESUMABLE_FIELDS, measurement_schedule, resolve_config
+from sharpness_jax.config import (
+    RESUMABLE_FIELDS,
+    default_config,
+    measurement_schedule,
+    resolve_config,
+)
 
 PyTree = Any
 
@@ -109,6 +114,27 @@ def resumable_fields(stored: Any, new: Any, step: int) -> tuple[str, ...]:
     return tuple(fields)
 
 
+def added_at_default(stored: Any, new: Any, defaults: Any = None, prefix: str = "") -> list[str]:
+    """Dotted paths that ``stored`` lacks and ``new`` holds at their value in ``defaults``.
+
+    A field added to the config schema after a run was written defaults to the behaviour the
+    run had (the schema's rule for new fields), so a resumed run is not refused for it.
+    ``defaults`` is the training config's :func:`default_config` unless given; ``prefix``
+    locates it inside ``new`` (``"base."`` for a study's base run).
+    """
+    old = records.flatten_config(records.config_to_dict(stored))
+    cur = records.flatten_config(records.config_to_dict(new))
+    base = records.flatten_config(records.config_to_dict(defaults or default_config()))
+    missing = object()
+    return sorted(
+        path
+        for path, value in cur.items()
+        if path not in old
+        and path.startswith(prefix)
+        and base.get(path[len(prefix) :], missing) == value
+    )
+
+
 class RunRecords:
     """A run's records: rows and arrays (in the workdir or in memory), checkpoints and the
     measurements' warm-start states."""
@@ -139,6 +165,8 @@ class RunRecords:
         ignore = RESUMABLE_FIELDS
         if latest is not None and stored is not None:
             ignore = resumable_fields(stored, st.config, latest)
+        if stored is not None:
+            ignore = (*ignore, *added_at_default(stored, st.config))
         records.write_config(workdir, st.config, ignore=ignore, force=force or latest is None)
         ckpt = records.restore_checkpoint(self.manager, self._state(params, opt_state))
         step, meta = 0, None

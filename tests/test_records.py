@@ -82,6 +82,23 @@ def test_config_differences_ignores_subtrees():
 # ------------------------------------------------------------------------------ metrics
 
 
+def test_fields_added_at_their_default_are_not_differences():
+    from sharpness_jax import config, run_records
+
+    new = {"base": records.config_to_dict(config.default_config()), "lrs": [0.1]}
+    stored = json.loads(json.dumps(new))
+    del stored["base"]["optimizer"]["sam_rho"], stored["base"]["dataset"]["data_dir"]
+    del stored["lrs"]
+    new["base"]["dataset"]["data_dir"] = "/elsewhere"
+    # Only a field at its default is forgiven; a study field has no training default.
+    added = run_records.added_at_default(stored, new, prefix="base.")
+    assert added == ["base.optimizer.sam_rho"]
+    assert records.config_differences(stored, new, ignore=added) == [
+        'base.dataset.data_dir: <absent> -> "/elsewhere"',
+        "lrs: <absent> -> [0.1]",
+    ]
+
+
 def test_metrics_append_read_and_columns(tmp_path):
     records.append_metrics(tmp_path, {"step": 0, "loss": np.float32(2.5), "acc": 0.1})
     records.append_metrics(tmp_path, {"step": 10, "loss": jnp.asarray(1.25), "note": "x"})

@@ -169,6 +169,20 @@ def test_rerun_resumes_refuses_conflicts_and_extends(tmp_path):
     assert records.read_config(tmp_path)["max_steps"] == 20
 
 
+def test_a_run_written_before_a_config_field_existed_resumes(tmp_path):
+    """A field added to the schema later (here optimizer.sam_rho) defaults to the behaviour
+    the old run had: resuming at its default is not a mismatch; another value is."""
+    train(config(max_steps=10), tmp_path)
+    stored = records.read_config(tmp_path)
+    del stored["optimizer"]["sam_rho"]
+    records.write_json(tmp_path / records.CONFIG_FILE, stored)
+    with pytest.raises(records.ConfigMismatchError, match=r"optimizer\.sam_rho: <absent> -> 0.1"):
+        train(config(max_steps=10, optimizer={"sam_rho": 0.1}), tmp_path)
+    longer = train(config(max_steps=20), tmp_path)
+    assert longer.resumed_from == 10 and longer.step == 20
+    assert records.read_config(tmp_path)["optimizer"]["sam_rho"] == 0.0
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_locks_no_config(tmp_path, monkeypatch):
     from sharpness_jax import training
 

@@ -260,8 +260,10 @@ def run_study(
     # (sharpness_jax.run_records). The analyses cached for the old config are then stale.
     fields = (*RESUMABLE_FIELDS, *run_records.SCHEDULE_FIELDS)
     stored = records.read_config(workdir)
-    records.write_config(workdir, config, ignore=[f"base.{f}" for f in fields], force=force)
-    if stored is not None and records.config_differences(stored, config):
+    added = [] if stored is None else run_records.added_at_default(stored, config, prefix="base.")
+    ignore = [*(f"base.{f}" for f in fields), *added]
+    records.write_config(workdir, config, ignore=ignore, force=force)
+    if stored is not None and records.config_differences(stored, config, ignore=added):
         logging.info("the config of %s changed: its analyses are recomputed", workdir)
         shutil.rmtree(workdir / "analysis", ignore_errors=True)
     start = time.time()
