@@ -11,6 +11,11 @@ config in JSON (its ``dataset``, ``model`` and ``loss`` say what the params are)
   python -m experiments.measure --params=/path/to/params --config_json=my_model.json \
       --measures=lambda_max,riemannian_sharpness --dataset='{"name": "mnist5k"}'
 
+A model with batch-norm state (``resnet18``) is measured in eval mode at the running
+statistics stored with its params: those of the run's checkpoint with ``--run``; with
+``--params`` the checkpoint must hold ``{"params": θ, "model_state": s}`` (the layout of a
+run's checkpoints).
+
 Prints one JSON object (the measurement row) and writes it to ``--output`` if given.
 Measurement names: see ``sharpness_jax.measurements.MEASUREMENTS`` (``--list`` prints them).
 """
@@ -25,9 +30,10 @@ import jax
 from absl import flags, logging
 
 from experiments import cli, launch
-from sharpness_jax import records, training
+from sharpness_jax import models, records, training
 from sharpness_jax.config import resolve_config
 from sharpness_jax.measurements import MEASUREMENTS
+from sharpness_jax.programs import CompileCache
 
 
 def _suggest(name: str, known) -> str:
@@ -69,6 +75,27 @@ def check_names(measures: list[str], options: dict) -> None:
                 )
 
 
+def _restore_params(path: str, model_name: str):
+    """``(params, model_state)`` of an orbax checkpoint of params (``model_state`` None), or
+    of ``{"params": θ, "model_state": s}`` for a model with batch-norm state.
+
+    Raises:
+      ValueError: for a stateful model whose checkpoint lacks either part.
+    """
+    import orbax.checkpoint as ocp
+
+    restored = ocp.StandardCheckpointer().restore(path)
+    if model_name not in models.STATEFUL_MODELS:
+        return restored, None
+    if not (isinstance(restored, dict) and {"params", "model_state"} <= set(restored)):
+        raise ValueError(
+            f"model {model_name!r} has batch-norm state: --params must hold "
+            '{"params": θ, "model_state": s} (the running statistics that go with θ, as a '
+            "run's checkpoint stores them), or measure the run with --run"
+        )
+    return restored["params"], restored["model_state"]
+
+
 def run(
     *,
     run_dir: str | None,
@@ -81,9 +108,10 @@ def run(
     measure_subset: int | None,
     chunk_size: int | None,
     mesh,
+    cache: CompileCache | None = None,
 ) -> dict:
     """Loads config and params, runs the measurements once, returns the row (in float64
-    JAX when the run's dtype is float64)."""
+    JAX when the run's dtype is float64); ``cache``: the compile cache (None: a fresh one)."""
     if (run_dir is None) == (params_path is None):
         raise ValueError("give exactly one of --run and --params")
     check_names(measures, options)
@@ -94,9 +122,11 @@ def run(
     else:
         stored = records.read_json(config_json)
     float64 = stored is not None and resolve_config(stored).dtype == "float64"
+    model_state = None
     with jax.enable_x64(True) if float64 else contextlib.nullcontext():
         if run_dir is not None:
-            config, params, step = training.load_checkpoint(run_dir, step=step)
+            config, params, step, *state = training.load_checkpoint(run_dir, step=step)
+            model_state = state[0] if state else None
         else:
             config, params = resolve_config(stored), None
         config.measure.names = tuple(measures)
@@ -109,10 +139,10 @@ def run(
             config.chunk_size = chunk_size
         config.mesh = mesh
         if params_path is not None:
-            import orbax.checkpoint as ocp
-
-            params = ocp.StandardCheckpointer().restore(params_path)
-        row, arrays = training.measure(config, params, step=step or 0)
+            params, model_state = _restore_params(params_path, config.model.name)
+        row, arrays = training.measure(
+            config, params, step=step or 0, cache=cache, model_state=model_state
+        )
     row = {"step": step or 0, **row, **{k: v.tolist() for k, v in arrays.items()}}
     return records.encode_value(row)
 

@@ -96,8 +96,8 @@ def measure_lambda_max(ctx: MeasureContext) -> dict[str, Any]:
     opts = ctx.options
     k = int(opts["k"])
 
-    def top(params, batch, key, init):
-        hvp = operators.hessian(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+    def top(objective, params, batch, key, init):
+        hvp = operators.hessian(objective, params, batch, chunk_size=ctx.chunk_size)
         return linalg.lanczos_top_k(
             hvp, params, k=k, num_iters=opts["num_iters"], key=key, init=init, tol=opts["tol"]
         )
@@ -105,7 +105,7 @@ def measure_lambda_max(ctx: MeasureContext) -> dict[str, Any]:
     init = ctx.state.get("vectors")
     if init is None:  # zero vectors: Lanczos then starts from the random vector alone
         init = jax.tree.map(lambda p: jnp.zeros_like(p, shape=(k, *p.shape)), ctx.params)
-    eig = ctx.jit(top)(ctx.params, ctx.batch, ctx.key, init)
+    eig = ctx.jit(top)(ctx.objective, ctx.params, ctx.batch, ctx.key, init)
     if opts["warm_start"]:
         ctx.state["vectors"] = eig.vectors
     out = {
@@ -134,8 +134,8 @@ def measure_trace_hessian(ctx: MeasureContext) -> dict[str, Any]:
     opts = ctx.options
     method = opts["method"]
 
-    def trace(params, batch, key):
-        hvp = operators.hessian(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+    def trace(objective, params, batch, key):
+        hvp = operators.hessian(objective, params, batch, chunk_size=ctx.chunk_size)
         est = linalg.trace(
             hvp,
             params,
@@ -146,7 +146,7 @@ def measure_trace_hessian(ctx: MeasureContext) -> dict[str, Any]:
         )
         return est.value, est.stderr
 
-    value, stderr = ctx.jit(trace)(ctx.params, ctx.batch, ctx.key)
+    value, stderr = ctx.jit(trace)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     if method == "exact":
         return {"trace_hessian": value}
     return {"trace_hessian": value, "trace_hessian_stderr": stderr}
@@ -174,11 +174,11 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
     """tr(C), C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ on the measurement batch (``"exact"``: by
     :func:`sharpness_jax.gradient_gram.covariance_trace`, factored where it applies)."""
     opts = ctx.options
-    objective, chunk_size = ctx.objective, ctx.chunk_size
+    chunk_size = ctx.chunk_size
 
     if opts["method"] == "exact":
 
-        def trace(params, batch, key):
+        def trace(objective, params, batch, key):
             del key
             value, _ = gradient_gram.covariance_trace(
                 objective, params, batch, chunk_size=chunk_size
@@ -187,14 +187,14 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
 
     else:
 
-        def trace(params, batch, key):
+        def trace(objective, params, batch, key):
             cov = operators.gradient_covariance(objective, params, batch, chunk_size=chunk_size)
             est = linalg.trace(
                 cov, params, method="hutchinson", key=key, num_probes=opts["num_probes"]
             )
             return est.value, est.stderr
 
-    value, stderr = ctx.jit(trace)(ctx.params, ctx.batch, ctx.key)
+    value, stderr = ctx.jit(trace)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     if opts["method"] == "exact":
         return {"trace_gradient_covariance": value}
     return {"trace_gradient_covariance": value, "trace_gradient_covariance_stderr": stderr}
@@ -225,11 +225,11 @@ def check_trace_gradient_covariance(options: Mapping[str, Any], info: RunInfo) -
 def measure_gradient_norm(ctx: MeasureContext) -> dict[str, Any]:
     """‖∇L(θ)‖₂ on the measurement batch."""
 
-    def norm(params, batch):
-        g = operators.gradient(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+    def norm(objective, params, batch):
+        g = operators.gradient(objective, params, batch, chunk_size=ctx.chunk_size)
         return optax.tree.norm(g)
 
-    return {"gradient_norm": ctx.jit(norm)(ctx.params, ctx.batch)}
+    return {"gradient_norm": ctx.jit(norm)(ctx.objective, ctx.params, ctx.batch)}
 
 
 # ============================================================ SGD batches, GNI, geometry
@@ -284,9 +284,9 @@ def _batch_monte_carlo(
     names = ("sampling", "rel_stderr", "min_draws", "max_draws", *option_names)
     opts = {k: ctx.options[k] for k in names}
 
-    def estimate(params, batch, key):
+    def estimate(objective, params, batch, key):
         return estimator(
-            ctx.objective,
+            objective,
             params,
             batch,
             batch_size=b,
@@ -296,7 +296,7 @@ def _batch_monte_carlo(
             **opts,
         )
 
-    est = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
+    est = ctx.jit(estimate)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     return {name: est.value, f"{name}_stderr": est.stderr, f"{name}_draws": est.num_draws}
 
 
@@ -350,9 +350,9 @@ def measure_gni(ctx: MeasureContext) -> dict[str, Any]:
     b, replace = _batch_options(ctx)
     opts = ctx.options
 
-    def estimate(params, batch, key):
+    def estimate(objective, params, batch, key):
         result = batch_moments.gradient_noise_interaction(
-            ctx.objective,
+            objective,
             params,
             batch,
             batch_size=b,
@@ -366,7 +366,7 @@ def measure_gni(ctx: MeasureContext) -> dict[str, Any]:
             return result, jnp.zeros_like(result)
         return result.value, result.stderr
 
-    value, stderr = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
+    value, stderr = ctx.jit(estimate)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     out = {"gni": value}
     if opts["method"] == "hutchinson":
         out["gni_stderr"] = stderr
@@ -376,12 +376,12 @@ def measure_gni(ctx: MeasureContext) -> dict[str, Any]:
 def measure_gradient_rayleigh(ctx: MeasureContext) -> dict[str, Any]:
     """ḡᵀHḡ/‖ḡ‖² (NaN at ḡ = 0)."""
 
-    def rayleigh(params, batch):
+    def rayleigh(objective, params, batch):
         return sharpness.gradient_rayleigh_quotient(
-            ctx.objective, params, batch, chunk_size=ctx.chunk_size
+            objective, params, batch, chunk_size=ctx.chunk_size
         )
 
-    return {"gradient_rayleigh": ctx.jit(rayleigh)(ctx.params, ctx.batch)}
+    return {"gradient_rayleigh": ctx.jit(rayleigh)(ctx.objective, ctx.params, ctx.batch)}
 
 
 def check_jacobian_norms(options: Mapping[str, Any], info: RunInfo) -> None:
@@ -399,9 +399,9 @@ def check_jacobian_norms(options: Mapping[str, Any], info: RunInfo) -> None:
 def measure_jacobian_norms(ctx: MeasureContext) -> dict[str, Any]:
     """Input–output Jacobian norms ‖∂f(x_p)/∂x‖_F and ‖·‖₂, mean and max over the batch."""
     opts = ctx.options
-    predict = ctx.objective.predict
 
-    def norms(params, batch, key):
+    def norms(objective, params, batch, key):
+        predict = objective.predict
         out = {}
         fro = jacobian.jacobian_frobenius_norm(
             predict, params, batch.inputs, output=opts["output"], chunk_size=ctx.chunk_size
@@ -420,7 +420,7 @@ def measure_jacobian_norms(ctx: MeasureContext) -> dict[str, Any]:
             out["jacobian_spectral_mean"], out["jacobian_spectral_max"] = spec.mean, spec.max
         return out
 
-    return ctx.jit(norms)(ctx.params, ctx.batch, ctx.key)
+    return ctx.jit(norms)(ctx.objective, ctx.params, ctx.batch, ctx.key)
 
 
 def check_riemannian_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
@@ -445,10 +445,10 @@ def measure_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     """Σ_i H_ii/(F_ii + ε) with the diagonal empirical Fisher (see riemannian)."""
     opts = ctx.options
 
-    def estimate(params, batch, key):
+    def estimate(objective, params, batch, key):
         use_key = None if opts["num_probes"] is None else key
         return riemannian.diagonal_riemannian_sharpness(
-            ctx.objective,
+            objective,
             params,
             batch,
             damping=opts["damping"],
@@ -459,7 +459,7 @@ def measure_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
             probe_chunk=opts["probe_chunk"],
         )
 
-    res = ctx.jit(estimate)(ctx.params, ctx.batch, ctx.key)
+    res = ctx.jit(estimate)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     out = {
         "riemannian_sharpness": res.value,
         "riemannian_damping": jnp.asarray(res.damping),
@@ -476,8 +476,8 @@ def measure_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
 def measure_progressive_sharpening_curvature(ctx: MeasureContext) -> dict[str, Any]:
     """Mean and max over the measurement batch of ‖Λ_p‖₂ and κ_p = ‖J_pᵀ Λ_p J_p‖₂."""
 
-    def terms(params, batch):
-        t = jacobian.curvature_terms(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+    def terms(objective, params, batch):
+        t = jacobian.curvature_terms(objective, params, batch, chunk_size=ctx.chunk_size)
         return {
             "output_curvature_mean": jnp.mean(t.output_curvature),
             "output_curvature_max": jnp.max(t.output_curvature),
@@ -485,7 +485,7 @@ def measure_progressive_sharpening_curvature(ctx: MeasureContext) -> dict[str, A
             "input_gauss_newton_max": jnp.max(t.input_gauss_newton),
         }
 
-    return ctx.jit(terms)(ctx.params, ctx.batch)
+    return ctx.jit(terms)(ctx.objective, ctx.params, ctx.batch)
 
 
 def measure_progressive_sharpening_unsmoothed_loss(ctx: MeasureContext) -> dict[str, Any]:
@@ -495,15 +495,16 @@ def measure_progressive_sharpening_unsmoothed_loss(ctx: MeasureContext) -> dict[
             "unsmoothed_train_loss": ctx.evaluate("train")["loss"],
             "unsmoothed_test_loss": ctx.evaluate("test")["loss"],
         }
-    plain = Objective(ctx.objective.predict, get_loss(ctx.config.loss.name))
+    loss = get_loss(ctx.config.loss.name)
 
-    def mean_loss(params, batch):
+    def mean_loss(objective, params, batch):
+        plain = Objective(objective.predict, loss)
         return operators.loss_value(plain, params, batch, chunk_size=ctx.chunk_size)
 
     fn = ctx.jit(mean_loss)
     return {
-        "unsmoothed_train_loss": fn(ctx.params, ctx.train),
-        "unsmoothed_test_loss": fn(ctx.params, ctx.test),
+        "unsmoothed_train_loss": fn(ctx.objective, ctx.params, ctx.train),
+        "unsmoothed_test_loss": fn(ctx.objective, ctx.params, ctx.test),
     }
 
 

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sharpness_jax import checks, linalg, operators
-from sharpness_jax.linear_operator import Static
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -128,8 +127,6 @@ def _grid(values: Sequence[float] | jax.Array, name: str, dtype) -> jax.Array:
 def _slice_losses(objective, params, batch, directions, coords, *, chunk_size, grid_chunk):
     """Mean loss at θ + Σ_d c_d u_d for every row c of ``coords`` (m, D): (m,) values."""
 
-    objective = objective.value
-
     def at(c):
         point = jax.tree_util.tree_map(
             lambda p, *us: p + sum(ci * u for ci, u in zip(c, us, strict=True)), params, *directions
@@ -139,9 +136,7 @@ def _slice_losses(objective, params, batch, directions, coords, *, chunk_size, g
     return jax.lax.map(at, coords, batch_size=grid_chunk)
 
 
-_slice_losses_jit = jax.jit(
-    _slice_losses, static_argnames=("objective", "chunk_size", "grid_chunk")
-)
+_slice_losses_jit = jax.jit(_slice_losses, static_argnames=("chunk_size", "grid_chunk"))
 
 
 def _evaluate(objective, params, batch, directions, coords, chunk_size, grid_chunk):
@@ -150,7 +145,7 @@ def _evaluate(objective, params, batch, directions, coords, chunk_size, grid_chu
     if grid_chunk is not None:
         checks.check_positive_int("grid_chunk", grid_chunk)
     return _slice_losses_jit(
-        Static(objective),
+        objective,
         params,
         batch,
         directions,

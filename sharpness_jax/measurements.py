@@ -75,12 +75,12 @@ name                                     row keys and quantity
 Registering a measurement (a function of a :class:`MeasureContext` returning a dict)::
 
     def top_eigenvalue_of_ggn(ctx):
-        def top(params, batch, key):
-            ggn = sj.ggn(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+        def top(objective, params, batch, key):
+            ggn = sj.ggn(objective, params, batch, chunk_size=ctx.chunk_size)
             return sj.lanczos_top_k(ggn, params, k=1, key=key,
                                     num_iters=ctx.options["num_iters"]).values[0]
 
-        return {"ggn_lambda_max": ctx.jit(top)(ctx.params, ctx.batch, ctx.key)}
+        return {"ggn_lambda_max": ctx.jit(top)(ctx.objective, ctx.params, ctx.batch, ctx.key)}
 
     register_measurement("ggn_lambda_max", top_eigenvalue_of_ggn, defaults={"num_iters": 30})
 
@@ -88,9 +88,13 @@ then ``config.measure.names = ("loss", "ggn_lambda_max")`` and, optionally,
 ``config.measure.options.ggn_lambda_max.num_iters = 50``. ``ctx.jit`` compiles once and the
 compiled function is reused at every step and by later runs with the same compile cache
 (``training.train(..., cache=...)``) whose configs differ only in the seed or the stop rules,
-so it may close over ``ctx.objective``, ``ctx.options`` and the config, but everything that
-changes between steps or seeds (params, batch, key, warm-start state from ``ctx.state``) must
-be an argument. Results with a leading axis are saved beside the metrics.
+so it may close over ``ctx.options`` and the config, but everything that changes between
+steps or seeds (params, batch, key, warm-start state from ``ctx.state``) must be an argument,
+and so should the objective: for a model with batch-norm state (``resnet18``) the objective
+is the eval-mode model at the running statistics of the step, a pytree whose leaves are those
+statistics, so that a function taking it as an argument compiles once per run (one that
+closes over it is compiled anew at every measured step). Results with a leading axis are
+saved beside the metrics.
 """
 
 from __future__ import annotations
@@ -189,7 +193,9 @@ class MeasureContext:
     Attributes:
       name: the measurement's name.
       step: the training step s (θ = θ_s).
-      objective: the training objective (model and loss; the mean over a batch).
+      objective: the training objective (model and loss; the mean over a batch); for a
+        batch-norm model the eval-mode model at the running statistics of this step (a
+        pytree with them as leaves: pass it to the jitted function as an argument).
       params: θ_s.
       batch: the measurement batch (a fixed subset of ≤ ``measure_subset`` training examples).
       train, test: the full splits (device arrays).
@@ -233,9 +239,12 @@ class MeasureContext:
 
         The first call's ``fn`` is kept and reused at every step and by later runs with the
         same compile cache whose configs differ only in the seed or the stop rules: it may
-        close over the objective, the options and the config, but must take everything that
-        changes between steps or seeds (params, batch, key, state) as arguments. Use ``name``
-        for a second function.
+        close over the options and the config, but must take everything that changes between
+        steps or seeds (params, batch, key, state) as arguments, and the objective too
+        (``ctx.jit(f)(ctx.objective, ctx.params, ...)``): for a batch-norm model it carries
+        the running statistics of the step as pytree leaves. A function of such a model
+        that takes no objective is compiled anew at every measured step. Use ``name`` for a
+        second function.
         """
         label = f"{self.name}/{name}" if name else self.name
         return self._runtime.jit(label, fn, owner=MEASUREMENTS[self.name].fn, **jit_kwargs)
@@ -405,7 +414,8 @@ def register_measurement(
     The function receives a :class:`MeasureContext` and returns a dict of results. Keys must
     be unique across the measurements of a run (prefix them with the quantity's name). To
     keep a run free of recompilation, compile through ``ctx.jit(f)`` and pass every value
-    that changes between steps (params, key, warm-start state) as an argument of ``f``.
+    that changes between steps (the objective, params, key, warm-start state) as an argument
+    of ``f``.
     Warm-start state goes into ``ctx.state`` (a dict of arrays, checkpointed with the run).
 
     Args:

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sharpness_jax.linear_operator import Static
+
 PyTree = Any
 
 __all__ = [
@@ -379,6 +381,14 @@ def get_loss(name: str, *, label_smoothing: float = 0.0) -> Loss:
 class Objective:
     """The mean loss L(θ) = (1/n) Σ_p loss(predict(θ, x_p), y_p).
 
+    An objective is a pytree: a ``predict`` or ``loss`` given as a
+    ``jax.tree_util.Partial`` contributes the arrays it binds as leaves (e.g. the running
+    statistics of a batch-norm model held fixed, :func:`sharpness_jax.resnet18.with_state`),
+    and every plain function is static data. Passed to ``jax.jit`` as an argument (as every
+    operator carries it), an objective at new arrays of the same shapes therefore reuses the
+    compiled program, and those arrays never become constants of it. Whatever a plain
+    function closes over is a constant.
+
     Attributes:
       predict: per-example model ``(params, x) -> outputs`` of shape ``(K,)``.
       loss: a :class:`Loss`, or any callable ``(outputs, y) -> scalar`` (Λ then comes from
@@ -488,6 +498,20 @@ class Objective:
         if getattr(self.loss, "predictive_takes_target", False):
             return jax.vmap(sample, in_axes=(0, None, None))(keys, outputs, target)
         return jax.vmap(sample, in_axes=(0, None))(keys, outputs)
+
+
+def _flatten_objective(objective: Objective):
+    parts = (objective.predict, objective.loss)
+    children = tuple(p if isinstance(p, jax.tree_util.Partial) else None for p in parts)
+    static = tuple(None if isinstance(p, jax.tree_util.Partial) else Static(p) for p in parts)
+    return children, static
+
+
+def _unflatten_objective(static, children) -> Objective:
+    return Objective(*(c if s is None else s.value for s, c in zip(static, children, strict=True)))
+
+
+jax.tree_util.register_pytree_node(Objective, _flatten_objective, _unflatten_objective)
 
 
 def output_inner(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from sharpness_jax import checks, dense_factors, subsets
-from sharpness_jax.linear_operator import Operator, Static
+from sharpness_jax.linear_operator import Operator
 from sharpness_jax.objective import Batch, Objective, output_inner
 from sharpness_jax.per_example import example_hvp, map_examples, sum_over_chunks
 
@@ -114,15 +114,16 @@ def _freeze(subset: subsets.Selector | None):
 
 @dataclasses.dataclass(frozen=True)
 class _Product:
-    """The static half of a curvature operator: which product, of which objective, how.
+    """The static half of a curvature operator: which product, how.
 
     ``product(objective, params, batch, v, *extra, chunk_size=..., **settings)`` is a
-    module-level function; the objective is restricted to ``subset`` inside the trace, so the
-    full parameters stay an operand rather than a constant of a closure.
+    module-level function. The objective is an operand (a pytree: the arrays its ``predict``
+    binds, such as batch-norm statistics, are leaves, its functions static), and it is
+    restricted to ``subset`` inside the trace, so the full parameters stay an operand rather
+    than a constant of a closure.
     """
 
     product: Callable[..., PyTree]
-    objective: Static
     subset: Any
     chunk_size: int | None
     settings: tuple = ()
@@ -133,15 +134,14 @@ class _Product:
         subset = "" if self.subset is None else f", subset={self.subset!r}"
         return f"{name}(chunk_size={self.chunk_size}{subset}{', ' if options else ''}{options})"
 
-    def restricted(self, params: PyTree) -> tuple[Objective, PyTree]:
-        objective = self.objective.value
+    def restricted(self, objective: Objective, params: PyTree) -> tuple[Objective, PyTree]:
         if self.subset is None:
             return objective, params
         return subsets.restrict(objective, params, self.subset)
 
     def __call__(self, operands, v):
-        params, batch, extra = operands
-        objective, params = self.restricted(params)
+        objective, params, batch, extra = operands
+        objective, params = self.restricted(objective, params)
         fix = f"; pass the template sj.subsets.select(params, {self.subset!r}), not params"
         checks.check_vector(v, params, hint="" if self.subset is None else fix)
         return self.product(
@@ -163,10 +163,8 @@ def _build(
     """Validates the inputs and returns the operator ``v -> product(..., v)`` (a pytree)."""
     batch = _as_batch(batch)
     prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    rule = _Product(
-        product, Static(objective), _freeze(subset), chunk_size, tuple(sorted(settings.items()))
-    )
-    return Operator(rule, (params, batch, tuple(extra)))
+    rule = _Product(product, _freeze(subset), chunk_size, tuple(sorted(settings.items())))
+    return Operator(rule, (objective, params, batch, tuple(extra)))
 
 
 def _as_batch(batch) -> Batch:
@@ -178,8 +176,8 @@ def _as_batch(batch) -> Batch:
 
 
 @functools.partial(jax.jit, static_argnames=("rule",))
-def _reduce(rule: _Product, params: PyTree, batch: Batch) -> PyTree:
-    objective, params = rule.restricted(params)
+def _reduce(rule: _Product, objective: Objective, params: PyTree, batch: Batch) -> PyTree:
+    objective, params = rule.restricted(objective, params)
     return rule.product(objective, params, batch, chunk_size=rule.chunk_size)
 
 
@@ -205,8 +203,8 @@ def _mean_gradient(objective, params, batch, *, chunk_size):
 def _evaluate(product, objective, params, batch, *, chunk_size, subset):
     batch = _as_batch(batch)
     prepare(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    rule = _Product(product, Static(objective), _freeze(subset), chunk_size)
-    return _reduce(rule, params, batch)
+    rule = _Product(product, _freeze(subset), chunk_size)
+    return _reduce(rule, objective, params, batch)
 
 
 def loss_value(

@@ -68,10 +68,10 @@ def measure_preconditioned_sharpness(ctx: MeasureContext) -> dict[str, Any]:
             f"estimate), got {opt.name!r}"
         )
 
-    def top(params, batch, opt_state):
+    def top(objective, params, batch, opt_state):
         diag = preconditioned.adam_preconditioner(opt_state, b2=opt.b2, eps=opt.eps)
         eig = preconditioned.preconditioned_lambda_max(
-            ctx.objective,
+            objective,
             params,
             batch,
             diag,
@@ -81,7 +81,7 @@ def measure_preconditioned_sharpness(ctx: MeasureContext) -> dict[str, Any]:
         )
         return eig.values[0], eig.num_matvecs
 
-    value, matvecs = ctx.jit(top)(ctx.params, ctx.batch, ctx.opt_state)
+    value, matvecs = ctx.jit(top)(ctx.objective, ctx.params, ctx.batch, ctx.opt_state)
     threshold = preconditioned.adaptive_stability_threshold(opt.learning_rate, opt.b1)
     return {
         "preconditioned_sharpness": value,
@@ -100,9 +100,9 @@ def measure_worst_case_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     """max_{‖ε ⊘ c‖ ≤ ρ} L(θ + ε) − L(θ) (``adaptive``: c = |θ| + ξ) by projected ascent."""
     o = ctx.options
 
-    def sharp(params, batch):
+    def sharp(objective, params, batch):
         result = worst_case.worst_case_sharpness(
-            ctx.objective,
+            objective,
             params,
             batch,
             rho=o["rho"],
@@ -113,7 +113,7 @@ def measure_worst_case_sharpness(ctx: MeasureContext) -> dict[str, Any]:
         )
         return result.sharpness, result.perturbation_norm
 
-    value, norm = ctx.jit(sharp)(ctx.params, ctx.batch)
+    value, norm = ctx.jit(sharp)(ctx.objective, ctx.params, ctx.batch)
     return {"worst_case_sharpness": value, "worst_case_perturbation_norm": norm}
 
 
@@ -127,9 +127,9 @@ def measure_average_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     """E_ε[L(θ + ε)] − L(θ), ε ∼ N(0, σ² diag c²), Monte Carlo with its standard error."""
     o = ctx.options
 
-    def average(params, batch, key):
+    def average(objective, params, batch, key):
         est = worst_case.average_sharpness(
-            ctx.objective,
+            objective,
             params,
             batch,
             sigma=o["sigma"],
@@ -140,7 +140,7 @@ def measure_average_sharpness(ctx: MeasureContext) -> dict[str, Any]:
         )
         return est.value, est.stderr
 
-    value, stderr = ctx.jit(average)(ctx.params, ctx.batch, ctx.key)
+    value, stderr = ctx.jit(average)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     return {"average_sharpness": value, "average_sharpness_stderr": stderr}
 
 
@@ -157,13 +157,15 @@ def measure_loss_slice(ctx: MeasureContext) -> dict[str, Any]:
     o = ctx.options
     alphas = jnp.linspace(-o["radius"], o["radius"], o["num_points"])
 
-    def line(params, batch, key, alphas):
+    def line(objective, params, batch, key, alphas):
         u = landscape.filter_normalised_direction(params, key)
         return landscape.slice_1d(
-            ctx.objective, params, batch, u, alphas, chunk_size=ctx.chunk_size
+            objective, params, batch, u, alphas, chunk_size=ctx.chunk_size
         ).values
 
-    values = ctx.jit(line)(ctx.params, ctx.batch, ctx.key, alphas.astype(_dtype(ctx.params)))
+    values = ctx.jit(line)(
+        ctx.objective, ctx.params, ctx.batch, ctx.key, alphas.astype(_dtype(ctx.params))
+    )
     return {"loss_slice_alphas": alphas, "loss_slice_values": values}
 
 
@@ -196,9 +198,9 @@ def measure_takeuchi_information_criterion(ctx: MeasureContext) -> dict[str, Any
     when a solve did not converge."""
     o = ctx.options
 
-    def tic(params, batch, key):
+    def tic(objective, params, batch, key):
         est = inverse.takeuchi_information_criterion(
-            ctx.objective,
+            objective,
             params,
             batch,
             damping=o["damping"],
@@ -212,7 +214,7 @@ def measure_takeuchi_information_criterion(ctx: MeasureContext) -> dict[str, Any
         )
         return est.value, est.stderr
 
-    value, stderr = ctx.jit(tic)(ctx.params, ctx.batch, ctx.key)
+    value, stderr = ctx.jit(tic)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     return {
         "takeuchi_information_criterion": value,
         "takeuchi_information_criterion_stderr": stderr,
@@ -232,11 +234,11 @@ def measure_full_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     :func:`sharpness_jax.inverse.riemannian_lambda_max`."""
     o = ctx.options
 
-    def full(params, batch, key):
+    def full(objective, params, batch, key):
         k_trace, k_top = jax.random.split(key)
         common = dict(damping=o["damping"], tol=o["tol"], max_iters=o["max_iters"])
         est = inverse.riemannian_trace_full(
-            ctx.objective,
+            objective,
             params,
             batch,
             key=k_trace,
@@ -245,7 +247,7 @@ def measure_full_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
             **common,
         )
         top = inverse.riemannian_lambda_max(
-            ctx.objective,
+            objective,
             params,
             batch,
             key=k_top,
@@ -255,7 +257,7 @@ def measure_full_riemannian_sharpness(ctx: MeasureContext) -> dict[str, Any]:
         )
         return est.value, est.stderr, top.values[0]
 
-    value, stderr, top = ctx.jit(full)(ctx.params, ctx.batch, ctx.key)
+    value, stderr, top = ctx.jit(full)(ctx.objective, ctx.params, ctx.batch, ctx.key)
     return {
         "riemannian_trace_full": value,
         "riemannian_trace_full_stderr": stderr,

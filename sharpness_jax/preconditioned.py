@@ -25,7 +25,7 @@ import optax
 
 from sharpness_jax import checks, linalg, operators, sharpness
 from sharpness_jax.linalg import Eigen
-from sharpness_jax.linear_operator import Static, operator
+from sharpness_jax.linear_operator import operator
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -135,7 +135,6 @@ class LambdaMaxGradient(NamedTuple):
 
 
 def _rayleigh_gradient(objective, params, batch, u, *, chunk_size):
-    objective = objective.value
 
     def rayleigh(p):
         hu = operators._hessian_product(
@@ -146,7 +145,7 @@ def _rayleigh_gradient(objective, params, batch, u, *, chunk_size):
     return jax.value_and_grad(rayleigh)(params)
 
 
-_rayleigh_gradient_jit = jax.jit(_rayleigh_gradient, static_argnames=("objective", "chunk_size"))
+_rayleigh_gradient_jit = jax.jit(_rayleigh_gradient, static_argnames=("chunk_size",))
 
 
 def lambda_max_gradient(
@@ -178,5 +177,5 @@ def lambda_max_gradient(
         eigenvector = jax.tree_util.tree_map(lambda a: a[0], eig.vectors)
     checks.check_vector(eigenvector, params, name="eigenvector")
     u = optax.tree.scale(1.0 / optax.tree.norm(eigenvector), eigenvector)
-    value, grad = _rayleigh_gradient_jit(Static(objective), params, batch, u, chunk_size=chunk_size)
+    value, grad = _rayleigh_gradient_jit(objective, params, batch, u, chunk_size=chunk_size)
     return LambdaMaxGradient(value, grad, u)

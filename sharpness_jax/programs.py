@@ -154,14 +154,18 @@ class Programs:
         """
         key = (scope, name, owner)
         if key not in self.compiled:
-
-            def counted(*args, **kwargs):
-                self.traces[name] += 1
-                return fn(*args, **kwargs)
-
-            counted.__name__ = counted.__qualname__ = name.replace("/", "_")
-            self.compiled[key] = jax.jit(counted, **jit_kwargs)
+            self.compiled[key] = self.counted_jit(name, fn, **jit_kwargs)
         return self.compiled[key]
+
+    def counted_jit(self, name: str, fn: Callable, **jit_kwargs) -> Callable:
+        """A new ``jax.jit(fn)`` (not cached) whose traces are counted under ``name``."""
+
+        def counted(*args, **kwargs):
+            self.traces[name] += 1
+            return fn(*args, **kwargs)
+
+        counted.__name__ = counted.__qualname__ = name.replace("/", "_")
+        return jax.jit(counted, **jit_kwargs)
 
     def optimizer(self, c: ml_collections.ConfigDict) -> tuple[str, optax.GradientTransformation]:
         """The optax transformation of ``c.optimizer`` and its cache key."""
@@ -287,8 +291,10 @@ class Runtime:
 
     For a stateful model (batch norm) it also holds the model state s of the current step
     (:attr:`model_state`, set by the training loop); measurements see the eval-mode objective
-    at s (:attr:`objective`). Their functions close over that objective, so they are compiled
-    once per state (per measured step), not once per run.
+    at s (:attr:`objective`), a pytree whose leaves are s. A measurement that passes the
+    objective to its jitted function as an argument is compiled once per run, whatever s;
+    one that closes over it is compiled once per state (per measured step), so that it never
+    computes at stale statistics.
     """
 
     def __init__(self, programs: Programs, scope: str, config: ml_collections.ConfigDict):
@@ -330,14 +336,26 @@ class Runtime:
         return self._objective
 
     def jit(self, name: str, fn: Callable, *, owner: Any = None, **jit_kwargs) -> Callable:
-        if self.programs.stateful:  # fn closes over the objective at this state
-            key = (name, owner)
+        """The compiled ``fn`` of a measurement, created once per (scope, name, owner).
+
+        For a stateful model, a call that takes an :class:`Objective` among its arguments
+        uses that compiled function at every state (the state is a leaf of the objective);
+        a call without one is compiled anew at each state (``fn`` may close over the
+        objective, and with it over the state, as a constant).
+        """
+        shared = self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
+        if not self.programs.stateful:
+            return shared
+        key = (name, owner)
+
+        def call(*args, **kwargs):
+            if any(isinstance(a, Objective) for a in (*args, *kwargs.values())):
+                return shared(*args, **kwargs)
             if key not in self._state_compiled:
-                counted = self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
-                self.programs.compiled.pop((self.scope, name, owner))
-                self._state_compiled[key] = counted
-            return self._state_compiled[key]
-        return self.programs.jit(self.scope, name, fn, owner=owner, **jit_kwargs)
+                self._state_compiled[key] = self.programs.counted_jit(name, fn, **jit_kwargs)
+            return self._state_compiled[key](*args, **kwargs)
+
+        return call
 
     def evaluate(self, params: PyTree, batch: Batch, step: int, split: str) -> dict[str, float]:
         """Full-split mean loss and accuracy at ``step``, computed once per (step, split)."""

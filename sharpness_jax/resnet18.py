@@ -19,11 +19,13 @@ Batch norm mixes examples in training mode, so the model has two modes:
 
 :func:`with_state` gives the per-example :class:`~sharpness_jax.models.Model` of eval mode at a
 given state, the state a pytree leaf of its ``predict`` (a ``jax.tree_util.Partial``), so a
-jitted program takes it as an argument, not as a constant.
+jitted program that takes the objective as an argument takes the state as one too (not as a
+constant), and is compiled once for every state of the same shapes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 
 PyTree = Any
 
-__all__ = ["StatefulModel", "build_resnet18", "with_state"]
+__all__ = ["StatefulModel", "build_resnet18", "stateful_model", "with_state"]
 
 STAGES = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
@@ -105,7 +107,7 @@ class StatefulModel(NamedTuple):
     """A model with trainable ``params`` and non-trainable ``state`` (batch-norm statistics).
 
     Attributes:
-      name: ``"resnet18"``.
+      name: ``"resnet18"`` (or the name given to :func:`stateful_model`).
       init: ``key -> (params, state)``.
       eval_predict: ``(params, state, x) -> (K,)`` for ONE example, running statistics frozen.
       train_apply: ``(params, state, x_batch) -> (outputs (N, K), new_state)``, train mode.
@@ -154,6 +156,23 @@ def build_resnet18(
         raise ValueError(f"param_dtype must be float32 or float64, got {param_dtype!r}")
     widths = tuple(max(1, round(width_multiplier * c)) for c in STAGES)
     module = _ResNet18(widths, num_outputs, dtype)
+    return stateful_model("resnet18", module, input_shape, num_outputs, dtype)
+
+
+def stateful_model(
+    name: str, module: nn.Module, input_shape: tuple[int, ...], num_outputs: int, dtype: Any
+) -> StatefulModel:
+    """The :class:`StatefulModel` of a flax module ``module(x_batch, train)`` whose
+    non-trainable state is its ``batch_stats`` collection (batch norm), in ``dtype``.
+
+    Args:
+      name: the model's name.
+      module: a linen module taking a batch and ``train`` (batch statistics used and updated
+        when True, running averages when False).
+      input_shape: the shape of ONE example.
+      num_outputs: K.
+      dtype: the param (and state) dtype.
+    """
 
     @jax.jit
     def init(key):
@@ -168,7 +187,7 @@ def build_resnet18(
     def eval_predict(params, state, x):
         if jnp.shape(x) != input_shape:
             raise ValueError(
-                f"resnet18 eval_predict takes ONE example of shape {input_shape} (no batch "
+                f"{name} eval_predict takes ONE example of shape {input_shape} (no batch "
                 f"axis), got shape {jnp.shape(x)}; use jax.vmap over a batch"
             )
         state = jax.lax.stop_gradient(state)
@@ -182,20 +201,32 @@ def build_resnet18(
         )
         return outputs, updated["batch_stats"]
 
-    return StatefulModel(
-        "resnet18", init, eval_predict, train_apply, module, input_shape, num_outputs
-    )
+    return StatefulModel(name, init, eval_predict, train_apply, module, input_shape, num_outputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _at_state(eval_predict: Callable) -> Callable:
+    """``(state, params, x) -> eval_predict(params, state, x)``, one function per model, so
+    that the objectives of one model at different states share their static part."""
+
+    def frozen(state, params, x):
+        return eval_predict(params, state, x)
+
+    return frozen
 
 
 def with_state(model: StatefulModel, state: PyTree):
     """The per-example eval-mode :class:`~sharpness_jax.models.Model` at running statistics
-    ``state`` (held fixed; only ``params`` are its parameters)."""
+    ``state`` (held fixed; only ``params`` are its parameters).
+
+    Its ``predict`` is ``jax.tree_util.Partial(f, state)`` with one ``f`` per model: the
+    state is a pytree leaf of the predict (and of an :class:`~sharpness_jax.objective.Objective`
+    built on it), so the objectives of one model at two states have the same tree structure
+    and a jitted program that takes the objective as an argument is compiled once for both.
+    """
     from sharpness_jax.models import Model
 
-    def frozen(state, params, x):
-        return model.eval_predict(params, state, x)
-
-    predict = jax.tree_util.Partial(frozen, state)
+    predict = jax.tree_util.Partial(_at_state(model.eval_predict), state)
 
     def init(key):
         return model.init(key)[0]

@@ -276,17 +276,20 @@ def measure(
     return _measure_row(st, states, step, params, opt_state)
 
 
-def load_checkpoint(
-    workdir: str, *, step: int | None = None
-) -> tuple[ml_collections.ConfigDict, PyTree, int]:
-    """The stored config and the parameters of a run's checkpoint.
+def load_checkpoint(workdir: str, *, step: int | None = None) -> tuple:
+    """The stored config and the parameters (and model state) of a run's checkpoint.
 
     Args:
       workdir: a training run's workdir (``config.json`` and ``checkpoints/``).
       step: which checkpoint (None: the latest complete one).
 
     Returns:
-      ``(config, params, step)``.
+      ``(config, params, step)`` for a model without state (as for every model of
+      ``models.MODELS``); ``(config, params, step, model_state)`` for a stateful model
+      (``models.STATEFUL_MODELS``: ``resnet18``, whose ``model_state`` is the batch-norm
+      running statistics at ``params``, to measure it in eval mode with
+      ``measure(config, params, model_state=model_state)`` or
+      ``Objective(resnet18.with_state(model, model_state).predict, loss)``).
 
     Raises:
       FileNotFoundError: if the workdir holds no config or no complete checkpoint (the message
@@ -308,6 +311,8 @@ def load_checkpoint(
     ckpt = records.restore_checkpoint(manager, template, step=step)
     if ckpt is None:
         raise FileNotFoundError(no_checkpoint_message(workdir))
+    if st.programs.stateful:
+        return st.config, ckpt.state["params"], ckpt.step, ckpt.state["model_state"]
     return st.config, ckpt.state["params"], ckpt.step
 
 

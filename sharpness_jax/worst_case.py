@@ -33,7 +33,6 @@ import optax
 
 from sharpness_jax import checks, linalg, operators, subsets
 from sharpness_jax.linalg import Estimate
-from sharpness_jax.linear_operator import Static
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -85,7 +84,6 @@ def _project(delta: PyTree, rho) -> PyTree:
 
 def _ascent(objective, params, batch, scale, rho, *, num_steps, step_size, chunk_size):
     """Projected normalised ascent on δ with ε = scale ⊙ δ, ‖δ‖ ≤ ρ."""
-    objective = objective.value
 
     def loss(p):
         return operators._mean_loss(objective, p, batch, chunk_size=chunk_size)
@@ -116,9 +114,7 @@ def _ascent(objective, params, batch, scale, rho, *, num_steps, step_size, chunk
     return best_value - base, base, epsilon, _norm(best_delta)
 
 
-_ascent_jit = jax.jit(
-    _ascent, static_argnames=("objective", "num_steps", "step_size", "chunk_size")
-)
+_ascent_jit = jax.jit(_ascent, static_argnames=("num_steps", "step_size", "chunk_size"))
 
 
 def _scale(params: PyTree, adaptive: bool, xi: float) -> PyTree:
@@ -172,7 +168,7 @@ def worst_case_sharpness(
     )
     scale = _scale(params, adaptive, xi)
     sharp, base, eps, norm = _ascent_jit(
-        Static(objective),
+        objective,
         params,
         batch,
         scale,
@@ -200,7 +196,7 @@ def _m_values(objective, params, groups, scale, rho, *, num_steps, step_size):
     return jax.vmap(one)(groups)
 
 
-_m_values_jit = jax.jit(_m_values, static_argnames=("objective", "num_steps", "step_size"))
+_m_values_jit = jax.jit(_m_values, static_argnames=("num_steps", "step_size"))
 
 
 def m_sharpness(
@@ -233,7 +229,7 @@ def m_sharpness(
         raise ValueError(f"m={m} must divide the number of examples n={n}")
     groups = jax.tree_util.tree_map(lambda a: a.reshape(n // m, m, *a.shape[1:]), batch)
     values = _m_values_jit(
-        Static(objective),
+        objective,
         params,
         groups,
         _scale(params, adaptive, xi),
@@ -245,7 +241,6 @@ def m_sharpness(
 
 
 def _average_samples(objective, params, batch, scale, key, sigma, *, num_samples, chunk_size):
-    objective = objective.value
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def one(k):
@@ -261,7 +256,7 @@ def _average_samples(objective, params, batch, scale, key, sigma, *, num_samples
     return jax.lax.map(one, jax.random.split(key, num_samples)) - base
 
 
-_average_jit = jax.jit(_average_samples, static_argnames=("objective", "num_samples", "chunk_size"))
+_average_jit = jax.jit(_average_samples, static_argnames=("num_samples", "chunk_size"))
 
 
 def average_sharpness(
@@ -285,7 +280,7 @@ def average_sharpness(
     if num_samples < 2:
         raise ValueError("num_samples must be >= 2 for a standard error")
     samples = _average_jit(
-        Static(objective),
+        objective,
         params,
         batch,
         _scale(params, adaptive, xi),

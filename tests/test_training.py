@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from training_configs import BASE, config, losses, train
 
-from sharpness_jax import data, records, run_records
+from sharpness_jax import data, records, run_records, training
 from sharpness_jax.config import resolve_config
 
 CHILD = pathlib.Path(__file__).with_name("training_child.py")
@@ -76,6 +76,11 @@ def test_same_seed_same_metrics_in_memory_and_in_a_workdir(tmp_path):
     for a, b in zip(
         jax.tree.leaves(on_disk.params), jax.tree.leaves(in_memory.params), strict=True
     ):
+        np.testing.assert_array_equal(a, b)
+    # A model without state: the checkpoint loads as (config, params, step).
+    _, params, step = training.load_checkpoint(str(tmp_path / "run"))
+    assert step == 20
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(on_disk.params), strict=True):
         np.testing.assert_array_equal(a, b)
     other_seed = train(config(seed=5))
     assert other_seed.rows[0]["train_loss"] != in_memory.rows[0]["train_loss"]

@@ -135,6 +135,54 @@ def test_interrupted_run_resumes_with_the_checkpointed_state(reference, tmp_path
     assert training.load_checkpoint(str(tmp_path), step=2)[2] == 2
 
 
+def test_load_checkpoint_returns_the_model_state(reference):
+    ref_dir, ref = reference
+    _, params, step, state = training.load_checkpoint(str(ref_dir))
+    assert step == 4
+    _tree_equal(params, ref.params)
+    _tree_equal(state, ref.model_state)
+    *_, earlier = training.load_checkpoint(str(ref_dir), step=2)
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), earlier, state)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the state of that step, not the last one
+
+
+def test_measure_binary_measures_in_eval_mode_at_the_checkpoint_state(reference):
+    """``experiments.measure --run`` on a finished run: the loss and gradient norm of the
+    eval-mode model at the checkpoint's running statistics, computed here in-process."""
+    from experiments import measure as measure_bin
+
+    ref_dir, ref = reference
+    row = measure_bin.run(
+        run_dir=str(ref_dir),
+        step=None,
+        params_path=None,
+        config_json=None,
+        measures=["loss", "gradient_norm"],
+        options={},
+        dataset=None,
+        measure_subset=None,
+        chunk_size=None,
+        mesh=None,
+        cache=CACHE,
+    )
+    problem = problem_from_config(resolve_config(CONFIG))
+    train_batch, test_batch = sj.Batch(*problem.dataset.train), sj.Batch(*problem.dataset.test)
+
+    def at(state):
+        obj = sj.Objective(with_state(problem.model, state).predict, problem.objective.loss)
+        loss = float(sj.loss_value(obj, ref.params, train_batch))
+        norm = float(jnp.linalg.norm(ravel_pytree(sj.gradient(obj, ref.params, train_batch))[0]))
+        return loss, norm, float(sj.loss_value(obj, ref.params, test_batch))
+
+    loss, norm, test_loss = at(ref.model_state)
+    assert row["step"] == 4
+    assert row["train_loss"] == pytest.approx(loss, rel=1e-12)
+    assert row["test_loss"] == pytest.approx(test_loss, rel=1e-12)
+    assert row["gradient_norm"] == pytest.approx(norm, rel=1e-10)
+    initial = problem.model.init(jax.random.PRNGKey(0))[1]
+    assert abs(at(initial)[1] - norm) > 1e-3 * norm  # the statistics matter
+
+
 def test_sam_step_of_the_stateful_model_is_the_gradient_at_the_ascent_point():
     """SAM (Foret et al. 2021) in train mode: direction ∇L_B(θ + ρ g/‖g‖), g = ∇L_B(θ), on the
     same batch and statistics; the new statistics are those of the pass at θ."""
