@@ -52,6 +52,7 @@ __all__ = [
     "KFAC_DAMPINGS",
     "PRECONDITIONERS",
     "Preconditioner",
+    "as_preconditioner",
     "cg_scale",
     "curvature_preconditioner",
     "diagonal_preconditioner",
@@ -272,6 +273,8 @@ def curvature_preconditioner(
     """
     if name not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {name!r}")
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     kw = dict(chunk_size=chunk_size, subset=subset)
     if name == "kfac":
         return kfac_preconditioner(objective, params, batch, damping=damping, **kw)

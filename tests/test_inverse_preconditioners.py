@@ -76,6 +76,13 @@ def test_preconditioner_objects_go_into_any_solve(dense):
     sol = inverse.solve(sj.ggn(*_args()), v, damping=damping, tol=1e-13, preconditioner=pre)
     assert bool(sol.converged)
     assert rel_err(flat(sol.x), np.linalg.solve(dense.G + damping * np.eye(P), vf)) < 1e-8
+    # Its arrays are arguments of the compiled solve: other params, the same program.
+    before = inverse._solve.jitted._cache_size()
+    other = jax.tree_util.tree_map(lambda a: 1.1 * a, PROB.params)
+    pre = ip.kfac_preconditioner(PROB.objective, other, PROB.batch, damping=damping)
+    ggn = sj.ggn(PROB.objective, other, PROB.batch)
+    inverse.solve(ggn, v, damping=damping, tol=1e-13, preconditioner=pre)
+    assert inverse._solve.jitted._cache_size() == before
     with pytest.raises(ValueError, match="needs the objective"):
         inverse.solve(sj.ggn(*_args()), v, damping=damping, preconditioner="kfac")
 
