@@ -23,8 +23,9 @@ diag(1 / (|d| + λ)); a :class:`~sharpness_jax.inverse_preconditioners.Precondit
 ``kfac_preconditioner``); a callable ``v -> M⁻¹ v``; or, where an objective is given, a name:
 ``"diagonal"`` (the exact Fisher diagonal) or ``"kfac"`` (K-FAC of the true Fisher on the
 Dense layers). CG runs with M⁻¹ scaled by ``inverse_preconditioners.cg_scale``, which leaves
-its iterates unchanged and keeps lineax's scale-dependent breakdown test (NaN otherwise, in
-float32 from λ ≈ 10⁻² at P ≈ 10⁴) to genuine losses of positive definiteness.
+its iterates unchanged and keeps lineax's scale-dependent breakdown test (which returned NaN
+for a float32 tanh MLP with P = 6154 at λ = 10⁻², where GMRES converged) to genuine losses
+of positive definiteness.
 """
 
 from __future__ import annotations
