@@ -1,40 +1,22 @@
 """Inverse-curvature products: (A + λI)⁻¹ b for any operator of the library, and the
 quantities built on them.
 
-Every solve goes through lineax: the operator is a ``lx.FunctionLinearOperator`` over
-pytrees, tagged symmetric (and positive semi-definite for CG), solved with ``throw=False``
-so that a solve that does not converge is reported in the :class:`Solution`, never raised.
+Every solve is :func:`sharpness_jax.solves.solve` (lineax CG, GMRES or BiCGStab; methods,
+stopping rule and preconditioners are described there; K-FAC and diagonal preconditioners
+in :mod:`sharpness_jax.inverse_preconditioners`). A solve that does not converge is
+reported in its :class:`Solution`, never raised.
 
 ==============================  ============================================================
 function                        quantity
 ==============================  ============================================================
 solve                           x = (A + λI)⁻¹ b, with iteration count and residual norm
-natural_gradient                (F + λI)⁻¹ ḡ, F the exact true Fisher, ḡ = ∇L
+natural_gradient                (F + λI)⁻¹ ḡ, F the true or the empirical Fisher, ḡ = ∇L
 influence                       (H + λI)⁻¹ g_p for chosen examples p (or given gradients)
 trace_of_inverse_product        tr((A + λI)⁻¹ B), Hutchinson with one solve per probe
 takeuchi_information_criterion  tr((H + λI)⁻¹ C), C the centred gradient covariance
 riemannian_trace_full           tr((F + λI)⁻¹ H), the full-network Riemannian trace
 riemannian_lambda_max           λ_max((F + λI)⁻¹ H) (and the next generalised eigenpairs)
 ==============================  ============================================================
-
-Methods (``SOLVE_METHODS``): ``"cg"`` (lineax CG, for positive definite A + λI: GGN,
-Fisher, C, empirical Fisher, a Hessian damped past its most negative eigenvalue),
-``"gmres"`` and ``"bicgstab"`` (for an indefinite H + λI). lineax 0.1.1 has no MINRES, the
-usual Krylov method for symmetric indefinite systems; GMRES minimises the same residual
-over the same Krylov space (MINRES is GMRES specialised to symmetric operators), at the
-cost of storing ``restart`` vectors, and restarts every ``restart`` steps.
-
-Stopping rule (lineax's, with rtol = ``tol`` and atol = ``tol`` · ‖b‖_∞): every component
-of the residual r = b − (A + λI) x and of the last step Δx satisfies
-|r_i| ≤ tol (‖b‖_∞ + |b_i|) and |Δx_i| ≤ tol (‖b‖_∞ + |x_i|). The reported
-``residual_norm`` is the 2-norm ‖b − (A + λI) x‖₂ recomputed from the returned x. A ``tol``
-below 10 eps of b's dtype (1.2e-6 in float32: unreachable there) is raised to 10 eps.
-
-A preconditioner is either the diagonal of A (a pytree like b, e.g. from
-``linalg.hutchinson_diagonal`` or ``linalg.diagonal_exact``; an :class:`Estimate` is taken
-by its value), applied as M⁻¹ = diag(1 / (|d| + λ)), or a callable ``v -> M⁻¹ v`` that
-applies an approximate inverse of A + λI itself (e.g. a K-FAC inverse). For CG it must be
-positive definite.
 """
 
 from __future__ import annotations
@@ -44,25 +26,35 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import optax
 from jax.flatten_util import ravel_pytree
 from matfree import stochtrace
 
 from sharpness_jax import checks, operators, subsets
+from sharpness_jax import inverse_preconditioners as preconditioners
 from sharpness_jax.linalg.estimators import Estimate, _mean_and_sem, _probe_values
 from sharpness_jax.linalg.exact import _check_template
-from sharpness_jax.linear_operator import Operator, compiled
+from sharpness_jax.linear_operator import compiled
 from sharpness_jax.objective import Batch, Objective
 from sharpness_jax.per_example import per_example_grads
+from sharpness_jax.solves import (  # noqa: F401  (_solve: the compiled solve, for tests)
+    SOLVE_METHODS,
+    Solution,
+    _damping,
+    _dispatch,
+    _settings,
+    _solve,
+    _solve_core,
+    _solve_stack,
+    _unwrap_preconditioner,
+    solve,
+)
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
 
-#: The Krylov methods of :func:`solve`.
-SOLVE_METHODS = ("cg", "gmres", "bicgstab")
-
 __all__ = [
+    "FISHER_KINDS",
     "SOLVE_METHODS",
     "GeneralisedEigen",
     "Solution",
@@ -74,23 +66,6 @@ __all__ = [
     "takeuchi_information_criterion",
     "trace_of_inverse_product",
 ]
-
-
-class Solution(NamedTuple):
-    """The result of a solve (A + λI) x = b.
-
-    Attributes:
-      x: the solution, a pytree like b (with a leading axis when several are solved).
-      num_iters: iterations run (CG, BiCGStab: Krylov steps; GMRES: restart cycles of up to
-        ``restart`` steps each).
-      residual_norm: ‖b − (A + λI) x‖₂, recomputed from x.
-      converged: whether lineax met the tolerance within ``max_iters`` and x is finite.
-    """
-
-    x: PyTree
-    num_iters: jax.Array
-    residual_norm: jax.Array
-    converged: jax.Array
 
 
 class GeneralisedEigen(NamedTuple):
@@ -111,134 +86,24 @@ class GeneralisedEigen(NamedTuple):
     converged: jax.Array
 
 
-class _Settings(NamedTuple):
-    """The static settings of a solve (hashable, so jit keys on them)."""
-
-    method: str
-    tol: float
-    max_iters: int | None
-    restart: int
+#: The Fisher matrices of :func:`natural_gradient`.
+FISHER_KINDS = {"true": operators.fisher, "empirical": operators.empirical_fisher}
 
 
-def _settings(method: str, tol: float, max_iters: int | None, restart: int) -> _Settings:
-    if method not in SOLVE_METHODS:
-        raise ValueError(f"method must be one of {SOLVE_METHODS}, got {method!r}")
-    checks.check_positive_scalar("tol", tol)
-    checks.check_positive_int("max_iters", max_iters, optional=True)
-    checks.check_positive_int("restart", restart)
-    return _Settings(method, float(tol), max_iters, restart)
+def _named_preconditioner(objective, params, batch, damping, fisher, chunk_size, subset):
+    def build(name):
+        return preconditioners.curvature_preconditioner(
+            name,
+            objective,
+            params,
+            batch,
+            damping=damping,
+            fisher=fisher,
+            chunk_size=chunk_size,
+            subset=subset,
+        )
 
-
-def _solver(s: _Settings, atol: jax.Array) -> lx.AbstractLinearSolver:
-    if s.method == "cg":
-        return lx.CG(rtol=s.tol, atol=atol, max_steps=s.max_iters)
-    if s.method == "gmres":
-        return lx.GMRES(rtol=s.tol, atol=atol, max_steps=s.max_iters, restart=s.restart)
-    return lx.BiCGStab(rtol=s.tol, atol=atol, max_steps=s.max_iters)
-
-
-def _preconditioner_fn(preconditioner: PyTree, damping: jax.Array) -> MatVec:
-    """v -> M⁻¹ v: the callable itself, or diag(1 / (|d| + λ)) for a diagonal d (1 where
-    |d| + λ is 0)."""
-    if callable(preconditioner):
-        return preconditioner
-
-    def inverse_diagonal(v):
-        def scale(d, x):
-            denom = jnp.abs(d) + damping
-            return x / jnp.where(denom > 0, denom, 1)
-
-        return jax.tree_util.tree_map(scale, preconditioner, v)
-
-    return inverse_diagonal
-
-
-def _solve_core(matvec, b, damping, preconditioner, s: _Settings) -> Solution:
-    """One lineax solve (A + λI) x = b inside a trace; see :func:`solve`."""
-    structure = jax.eval_shape(lambda: b)
-    psd = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-    tags = psd if s.method == "cg" else (lx.symmetric_tag,)
-
-    def damped(v):
-        return optax.tree.add_scale(matvec(v), damping, v)
-
-    op = lx.FunctionLinearOperator(damped, structure, tags)
-    options = {}
-    if preconditioner is not None:
-        fn = _preconditioner_fn(preconditioner, damping)
-        options["preconditioner"] = lx.FunctionLinearOperator(fn, structure, psd)
-    b_max = optax.tree.norm(b, ord="inf")
-    eps = float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(b))).eps)
-    s = s._replace(tol=max(s.tol, 10 * eps))  # the least the dtype can meet (module docstring)
-    sol = lx.linear_solve(op, b, _solver(s, s.tol * b_max), options=options, throw=False)
-    residual = optax.tree.norm(optax.tree.sub(b, damped(sol.value)))
-    converged = (sol.result == lx.RESULTS.successful) & jnp.isfinite(residual)
-    return Solution(sol.value, sol.stats["num_steps"], residual, converged)
-
-
-def _damping(damping: float, template: PyTree) -> jax.Array:
-    checks.check_nonnegative_scalar("damping", damping)
-    leaf = jax.tree_util.tree_leaves(template)[0]
-    return jnp.asarray(damping, jnp.result_type(leaf))
-
-
-def _unwrap_preconditioner(preconditioner: Any) -> Any:
-    if isinstance(preconditioner, Estimate):
-        return preconditioner.value
-    return preconditioner
-
-
-def _dispatch(routine, *operands, **static):
-    """``routine`` compiled when every callable operand is an :class:`Operator`, else run as
-    it is (a plain function would be a constant of the program; see ``compiled``)."""
-    plain = any(callable(o) and not isinstance(o, Operator) for o in operands)
-    return (routine.__wrapped__ if plain else routine.jitted)(*operands, **static)
-
-
-@compiled(static=("s",))
-def _solve(matvec, b, damping, preconditioner, *, s):
-    return _solve_core(matvec, b, damping, preconditioner, s)
-
-
-@compiled(static=("s",))
-def _solve_stack(matvec, bs, damping, preconditioner, *, s):
-    one = lambda b: _solve_core(matvec, b, damping, preconditioner, s)
-    return jax.vmap(one)(bs)
-
-
-def solve(
-    matvec: MatVec,
-    b: PyTree,
-    /,
-    *,
-    damping: float = 0.0,
-    method: str = "cg",
-    tol: float = 1e-6,
-    max_iters: int | None = None,
-    preconditioner: PyTree | MatVec | Estimate | None = None,
-    restart: int = 20,
-) -> Solution:
-    """x = (A + λI)⁻¹ b for a symmetric operator ``matvec: v -> A v`` over pytrees.
-
-    Args:
-      matvec: A, an :class:`~sharpness_jax.linear_operator.Operator` (compiled once per rule
-        and shapes) or a plain function.
-      b: the right-hand side, a pytree of the operator's vector space.
-      damping: λ ≥ 0.
-      method: one of ``SOLVE_METHODS`` (``"cg"`` needs A + λI positive definite).
-      tol: relative tolerance of the stopping rule (module docstring).
-      max_iters: iteration cap (None: lineax's 10 · P).
-      preconditioner: diag(A) as a pytree (or an :class:`Estimate` of it), or a callable
-        ``v -> M⁻¹ v`` (module docstring).
-      restart: GMRES's restart length (vectors stored).
-
-    Returns:
-      :class:`Solution`; a solve that does not converge has ``converged`` False.
-    """
-    s = _settings(method, tol, max_iters, restart)
-    _check_template(b)
-    pre = _unwrap_preconditioner(preconditioner)
-    return _dispatch(_solve, matvec, b, _damping(damping, b), pre, s=s)
+    return build
 
 
 def natural_gradient(
@@ -247,20 +112,29 @@ def natural_gradient(
     batch: Batch,
     *,
     damping: float,
+    fisher: str = "true",
     method: str = "cg",
     tol: float = 1e-6,
     max_iters: int | None = None,
-    preconditioner: PyTree | MatVec | Estimate | None = None,
+    preconditioner: str | PyTree | MatVec | Estimate | None = None,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
 ) -> Solution:
     """The natural-gradient direction (F + λI)⁻¹ ḡ (a descent step is θ − η x).
 
-    F = ``operators.fisher`` (the exact true Fisher, (1/n) Σ_p J_pᵀ F_out J_p) and
-    ḡ = ``operators.gradient`` (the mean gradient); other arguments as in :func:`solve`.
+    F = ``operators.fisher`` (``fisher="true"``: the exact true Fisher,
+    (1/n) Σ_p J_pᵀ F_out J_p) or ``operators.empirical_fisher`` (``"empirical"``:
+    (1/n) Σ_p g_p g_pᵀ), ḡ = ``operators.gradient`` (the mean gradient). ``preconditioner``
+    may also be ``"diagonal"`` (diag of that F, exact) or ``"kfac"``
+    (:func:`~sharpness_jax.inverse_preconditioners.kfac_preconditioner`); other arguments as
+    in :func:`solve`.
     """
-    fvp = operators.fisher(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    g = operators.gradient(objective, params, batch, chunk_size=chunk_size, subset=subset)
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {tuple(FISHER_KINDS)}, got {fisher!r}")
+    kw = dict(chunk_size=chunk_size, subset=subset)
+    fvp = FISHER_KINDS[fisher](objective, params, batch, **kw)
+    g = operators.gradient(objective, params, batch, **kw)
+    named = _named_preconditioner(objective, params, batch, damping, fisher, **kw)
     return solve(
         fvp,
         g,
@@ -268,7 +142,7 @@ def natural_gradient(
         method=method,
         tol=tol,
         max_iters=max_iters,
-        preconditioner=preconditioner,
+        preconditioner=_unwrap_preconditioner(preconditioner, named),
     )
 
 
@@ -301,7 +175,7 @@ def influence(
     method: str = "gmres",
     tol: float = 1e-6,
     max_iters: int | None = None,
-    preconditioner: PyTree | MatVec | Estimate | None = None,
+    preconditioner: str | PyTree | MatVec | Estimate | None = None,
     restart: int = 20,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
@@ -313,6 +187,8 @@ def influence(
         (g_p = ∇θ ℓ_p, per example), or gradients to solve for directly: a pytree like the
         (restricted) params, or one with a leading axis.
       damping: λ ≥ 0; ``method`` defaults to GMRES because H + λI may be indefinite.
+      preconditioner: as in :func:`solve`, or ``"diagonal"`` / ``"kfac"``: the true
+        Fisher's (Gauss–Newton) diagonal or K-FAC, damped by λ.
       other arguments: as in :func:`solve`.
 
     Returns:
@@ -322,7 +198,8 @@ def influence(
     s = _settings(method, tol, max_iters, restart)
     grads, single = _example_gradients(objective, params, batch, index_or_grads, subset)
     hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=subset)
-    pre = _unwrap_preconditioner(preconditioner)
+    named = _named_preconditioner(objective, params, batch, damping, "true", chunk_size, subset)
+    pre = _unwrap_preconditioner(preconditioner, named)
     sols = _dispatch(_solve_stack, hvp, grads, _damping(damping, grads), pre, s=s)
     if single:
         return jax.tree_util.tree_map(lambda a: a[0], sols)

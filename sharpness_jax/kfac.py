@@ -19,7 +19,9 @@ qualifies whose free parameters are all kernels and biases of ``nn.Dense`` calls
 called once on one vector per example: any layer names, nested modules, any activations
 between the layers. A layer is named by the '/'-path of its parameters in ``params``
 (``subsets.leaf_paths`` style, e.g. ``"params/Dense_0"``), whose leaves are ``kernel`` and
-optionally ``bias``.
+optionally ``bias``. Dense calls whose parameters are all frozen (by
+``subsets.restrict``) are left out, so a restriction to the Dense layers of any flax model
+has K-FAC factors too (:mod:`sharpness_jax.inverse_preconditioners` builds on this).
 """
 
 from __future__ import annotations
@@ -70,14 +72,17 @@ def _leaf(name: str, key: str) -> str:
 
 
 def _layers(objective: Objective, params: PyTree, inputs: PyTree):
-    """The Dense layout of ``predict`` and the name of each call's layer, validated."""
+    """The Dense layout of ``predict`` and ``(call index, layer name)`` of each call with free
+    parameters (calls frozen by a subset restriction are skipped), validated."""
     x0 = jax.tree_util.tree_map(lambda a: a[0], inputs)
     layout = dense_factors.dense_layout(objective, params, x0)
     if not layout.applicable:
         raise ValueError(f"K-FAC needs a network of flax Dense layers: {layout.reason}")
     paths = subsets.leaf_paths(params)
-    names = []
-    for call in layout.calls:
+    covered = []
+    for i, call in enumerate(layout.calls):
+        if call.kernel is None and call.bias is None:
+            continue  # a layer frozen by a subset restriction
         if call.kernel is None or call.positions != 1:
             raise ValueError(
                 "K-FAC needs every Dense call to act on one vector per example with a free "
@@ -91,8 +96,8 @@ def _layers(objective: Objective, params: PyTree, inputs: PyTree):
                 f"got {paths[call.kernel]!r}"
                 + ("" if call.bias is None else f" and {paths[call.bias]!r}")
             )
-        names.append(name)
-    return layout, names
+        covered.append((i, name))
+    return layout, covered
 
 
 def kfac_factors(
@@ -128,7 +133,8 @@ def kfac_factors(
     """
     _, _, n = operators.prepare(objective, params, batch, chunk_size=chunk_size)
     inputs, _ = batch
-    layout, names = _layers(objective, params, inputs)
+    layout, covered = _layers(objective, params, inputs)
+    names = [name for _, name in covered]
     leaves = jax.tree_util.tree_leaves(params)
     factor = objective.predictive("output_fisher_factor", "K-FAC")
 
@@ -136,7 +142,8 @@ def kfac_factors(
         f, layer_inputs, vjp = dense_factors.dense_call_vjp(objective, params, x, layout)
         deltas = jax.vmap(vjp)(factor(f).T)  # per layer: (K, d_out)
         out = {}
-        for name, call, h, delta in zip(names, layout.calls, layer_inputs, deltas, strict=True):
+        for i, name in covered:
+            call, h, delta = layout.calls[i], layer_inputs[i], deltas[i]
             h = jnp.reshape(h, (-1,)).astype(leaves[call.kernel].dtype)
             if call.bias is not None:
                 h = jnp.concatenate([h, jnp.ones((1,), h.dtype)])

@@ -70,6 +70,11 @@ name                                     row keys and quantity
 ``full_riemannian_sharpness``            ``riemannian_trace_full`` (± ``_stderr``),
                                          ``riemannian_lambda_max_full``: tr and λ_max of
                                          (F + λI)⁻¹H, F the true Fisher, through CG solves
+``natural_gradient``                     ``natural_gradient_norm`` ‖x‖, ``_inner`` ḡᵀx,
+                                         ``_cosine`` ḡᵀx/(‖ḡ‖‖x‖), ``_num_iters``,
+                                         ``_residual_norm``, ``_converged`` of the solve
+                                         x = (F + λI)⁻¹ḡ (true or empirical F; preconditioner
+                                         none, ``"diagonal"`` or ``"kfac"``)
 ======================================== =========================================================
 
 Registering a measurement (a function of a :class:`MeasureContext` returning a dict)::
@@ -393,6 +398,19 @@ BUILTIN_MEASUREMENTS: tuple[Measurement, ...] = (
         perturbation.measure_full_riemannian_sharpness,
         {"damping": 1e-3, "num_probes": 10, "num_iters": 20, "tol": 1e-6, "max_iters": 200},
         perturbation.check_full_riemannian_sharpness,
+    ),
+    Measurement(
+        "natural_gradient",
+        perturbation.measure_natural_gradient,
+        {
+            "damping": 1e-3,
+            "fisher": "true",
+            "method": "cg",
+            "preconditioner": None,
+            "tol": 1e-6,
+            "max_iters": 200,
+        },
+        perturbation.check_natural_gradient,
     ),
 )
 

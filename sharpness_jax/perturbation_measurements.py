@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from sharpness_jax import inverse, landscape, preconditioned, worst_case
+from sharpness_jax import inverse, landscape, operators, preconditioned, worst_case
 from sharpness_jax.checks import is_int as _is_int
 from sharpness_jax.checks import is_number as _is_number
 from sharpness_jax.checks import require as _require
+from sharpness_jax.inverse_preconditioners import PRECONDITIONERS
 
 if TYPE_CHECKING:
     from sharpness_jax.measurements import MeasureContext, RunInfo
@@ -29,12 +31,14 @@ __all__ = [
     "check_average_sharpness",
     "check_full_riemannian_sharpness",
     "check_loss_slice",
+    "check_natural_gradient",
     "check_preconditioned_sharpness",
     "check_takeuchi_information_criterion",
     "check_worst_case_sharpness",
     "measure_average_sharpness",
     "measure_full_riemannian_sharpness",
     "measure_loss_slice",
+    "measure_natural_gradient",
     "measure_preconditioned_sharpness",
     "measure_takeuchi_information_criterion",
     "measure_worst_case_sharpness",
@@ -169,10 +173,11 @@ def measure_loss_slice(ctx: MeasureContext) -> dict[str, Any]:
     return {"loss_slice_alphas": alphas, "loss_slice_values": values}
 
 
-def _check_solves(name: str, options: Mapping[str, Any]) -> None:
+def _check_solves(name: str, options: Mapping[str, Any], probes: bool = True) -> None:
     _positive(name, "damping", options["damping"])
     _positive(name, "tol", options["tol"])
-    _count(name, "num_probes", options["num_probes"], 2)
+    if probes:
+        _count(name, "num_probes", options["num_probes"], 2)
     max_iters = options["max_iters"]
     _require(
         max_iters is None or (_is_int(max_iters) and max_iters >= 1),
@@ -219,6 +224,53 @@ def measure_takeuchi_information_criterion(ctx: MeasureContext) -> dict[str, Any
         "takeuchi_information_criterion": value,
         "takeuchi_information_criterion_stderr": stderr,
     }
+
+
+def check_natural_gradient(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _check_solves("natural_gradient", options, probes=False)
+    for key, allowed in (
+        ("fisher", tuple(inverse.FISHER_KINDS)),
+        ("method", inverse.SOLVE_METHODS),
+        ("preconditioner", (None, *PRECONDITIONERS)),
+    ):
+        _require(
+            options[key] in allowed,
+            f"natural_gradient: {key} must be one of {allowed}, got {options[key]!r}",
+        )
+
+
+def measure_natural_gradient(ctx: MeasureContext) -> dict[str, Any]:
+    """The natural-gradient direction x = (F + λI)⁻¹ ḡ (:func:`sharpness_jax.inverse.
+    natural_gradient`; F the true or the empirical Fisher, option ``fisher``) and
+    ``natural_gradient_norm`` ‖x‖, ``natural_gradient_inner`` ḡᵀx = ḡᵀ(F + λI)⁻¹ḡ,
+    ``natural_gradient_cosine`` ḡᵀx / (‖ḡ‖ ‖x‖) (NaN at ḡ = 0), the solver's
+    ``natural_gradient_num_iters``, ``natural_gradient_residual_norm``
+    ‖ḡ − (F + λI)x‖ and ``natural_gradient_converged``."""
+    o = ctx.options
+
+    def direction(params, batch):
+        g = operators.gradient(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+        sol = inverse.natural_gradient(
+            ctx.objective,
+            params,
+            batch,
+            damping=o["damping"],
+            fisher=o["fisher"],
+            method=o["method"],
+            tol=o["tol"],
+            max_iters=o["max_iters"],
+            preconditioner=o["preconditioner"],
+            chunk_size=ctx.chunk_size,
+        )
+        norm, inner = optax.tree.norm(sol.x), optax.tree.vdot(g, sol.x)
+        denom = norm * optax.tree.norm(g)
+        cosine = jnp.where(denom > 0, inner / jnp.where(denom > 0, denom, 1), jnp.nan)
+        return norm, inner, cosine, sol.num_iters, sol.residual_norm, sol.converged
+
+    values = ctx.jit(direction)(ctx.params, ctx.batch)
+    keys = ("norm", "inner", "cosine", "num_iters", "residual_norm", "converged")
+    return {f"natural_gradient_{key}": value for key, value in zip(keys, values, strict=True)}
 
 
 def check_full_riemannian_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:

@@ -44,6 +44,7 @@ STUDY_MEASUREMENTS = (
     "loss_slice",
     "takeuchi_information_criterion",
     "full_riemannian_sharpness",
+    "natural_gradient",
 )
 
 

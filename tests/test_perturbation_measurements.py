@@ -4,6 +4,7 @@ functions called on the run's final parameters and optimizer state."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from training_configs import config, train
 
 import sharpness_jax as sj
@@ -111,3 +112,42 @@ def test_inverse_curvature_options_are_checked():
         bad = {key: 0}
         with pytest.raises(ValueError, match=key):
             train(config(measure={"names": (name,), "options": {name: bad}}))
+
+
+def test_natural_gradient_measurement_matches_the_dense_solve():
+    """x = (F + λI)⁻¹ḡ in a run (K-FAC-preconditioned CG), against the dense float64 solve at
+    the run's final parameters."""
+    damping = 1e-2
+    options = {"damping": damping, "preconditioner": "kfac", "tol": 1e-12, "max_iters": 500}
+    c = config(
+        max_steps=4,
+        measure={
+            "every": 4,
+            "names": ("natural_gradient",),
+            "options": {"natural_gradient": options},
+        },
+    )
+    result = train(c)
+    row = result.rows[-1]
+    problem = problem_from_config(c)
+    batch = sj.Batch(
+        jnp.asarray(problem.dataset.train.inputs), jnp.asarray(problem.dataset.train.targets)
+    )
+    o, p = problem.objective, result.params
+    f = np.asarray(sj.dense(sj.fisher(o, p, batch), p))
+    g = np.asarray(ravel_pytree(sj.gradient(o, p, batch))[0])
+    x = np.linalg.solve(f + damping * np.eye(f.shape[0]), g)
+    np.testing.assert_allclose(row["natural_gradient_norm"], np.linalg.norm(x), rtol=1e-8)
+    np.testing.assert_allclose(row["natural_gradient_inner"], g @ x, rtol=1e-8)
+    cosine = g @ x / (np.linalg.norm(g) * np.linalg.norm(x))
+    np.testing.assert_allclose(row["natural_gradient_cosine"], cosine, rtol=1e-8)
+    assert row["natural_gradient_converged"] is True
+    assert 1 <= row["natural_gradient_num_iters"] <= 500
+    assert row["natural_gradient_residual_norm"] < 1e-8 * np.linalg.norm(g)
+
+
+def test_natural_gradient_options_are_checked():
+    for key, bad in (("preconditioner", "kfca"), ("fisher", "monte_carlo"), ("damping", 0)):
+        options = {"natural_gradient": {key: bad}}
+        with pytest.raises(ValueError, match=key):
+            train(config(measure={"names": ("natural_gradient",), "options": options}))
