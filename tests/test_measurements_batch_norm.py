@@ -112,12 +112,16 @@ def test_measurements_compile_once_across_the_measured_steps(tiny_batch_norm_mod
     batch = sj.Batch(*problem.dataset.train)
     flat, unravel = ravel_pytree(result.params)
 
-    def reference(state):
+    @jax.jit
+    def dense(state):
         obj = sj.Objective(with_state(problem.model, state).predict, problem.objective.loss)
         hessian = jax.hessian(lambda f: jnp.mean(obj.batch_losses(unravel(f), batch)))(flat)
         grads = jax.vmap(jax.grad(obj.example_loss), in_axes=(None, 0, 0))(result.params, *batch)
         g = jax.vmap(lambda p: ravel_pytree(p)[0])(grads)
-        loss = jnp.mean(obj.batch_losses(result.params, batch))
+        return hessian, g, jnp.mean(obj.batch_losses(result.params, batch))
+
+    def reference(state):
+        hessian, g, loss = dense(state)
         return np.linalg.eigvalsh(np.asarray(hessian))[-1], np.asarray(g), float(loss)
 
     top, g, loss = reference(result.model_state)
