@@ -249,10 +249,10 @@ def measure_natural_gradient(ctx: MeasureContext) -> dict[str, Any]:
     ‖ḡ − (F + λI)x‖ and ``natural_gradient_converged``."""
     o = ctx.options
 
-    def direction(params, batch):
-        g = operators.gradient(ctx.objective, params, batch, chunk_size=ctx.chunk_size)
+    def direction(objective, params, batch):
+        g = operators.gradient(objective, params, batch, chunk_size=ctx.chunk_size)
         sol = inverse.natural_gradient(
-            ctx.objective,
+            objective,
             params,
             batch,
             damping=o["damping"],
@@ -268,7 +268,7 @@ def measure_natural_gradient(ctx: MeasureContext) -> dict[str, Any]:
         cosine = jnp.where(denom > 0, inner / jnp.where(denom > 0, denom, 1), jnp.nan)
         return norm, inner, cosine, sol.num_iters, sol.residual_norm, sol.converged
 
-    values = ctx.jit(direction)(ctx.params, ctx.batch)
+    values = ctx.jit(direction)(ctx.objective, ctx.params, ctx.batch)
     keys = ("norm", "inner", "cosine", "num_iters", "residual_norm", "converged")
     return {f"natural_gradient_{key}": value for key, value in zip(keys, values, strict=True)}
 
