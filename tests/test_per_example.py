@@ -1,5 +1,6 @@
 """The chunked reduction and per-example quantities against explicit loops."""
 
+import functools
 import re
 
 import jax
@@ -103,8 +104,7 @@ def _odd_layout_conv_fn(w, chunk):
     return jnp.sum(jnp.sin(y) * chunk["m"][:, None, None, None])
 
 
-@pytest.mark.parametrize("chunk_size", [2, 3])
-def test_chunked_convolutions_equal_unchunked(chunk_size):
+def test_chunked_convolutions_equal_unchunked():
     kx, kw = jax.random.split(jax.random.PRNGKey(3))
     x = jax.random.normal(kx, (7, 4, 6, 5), jnp.float64)
     w = jax.random.normal(kw, (6, 2, 3, 2), jnp.float64)
@@ -117,27 +117,23 @@ def test_chunked_convolutions_equal_unchunked(chunk_size):
         hvp = jax.jvp(jax.grad(_odd_layout_conv_fn), (w, chunk), (w, chunk))[1]
         return value, grad, hvp
 
-    def total(w, cs):
-        return sj.sum_over_chunks(lambda c, m, i: chunk_fn(w, c, m), batch, chunk_size=cs)
-
-    expected = total(w, None)
-    got = total(w, chunk_size)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    # Differentiating through the chunked reduction.
-    d_expected = jax.grad(lambda w: total(w, None)[0])(w)
-    np.testing.assert_allclose(jax.grad(lambda w: total(w, chunk_size)[0])(w), d_expected)
-
-    # Per-example gradients (vmapped, i.e. batched convolutions) chunked = vmap(grad).
-    def one(ex):
+    def one(w, ex):
         return jax.grad(_odd_layout_conv_fn)(w, jax.tree_util.tree_map(lambda a: a[None], ex))
 
-    reference = jax.vmap(one)(batch)
-    np.testing.assert_allclose(
-        sj.map_examples(one, batch, chunk_size=chunk_size), reference, rtol=1e-12, atol=1e-12
-    )
+    @functools.partial(jax.jit, static_argnums=1)
+    def everything(w, chunk_size):
+        def total(w):
+            fn = functools.partial(lambda w, c, m, i: chunk_fn(w, c, m), w)
+            return sj.sum_over_chunks(fn, batch, chunk_size=chunk_size)
+
+        # Differentiating through the reduction; per-example gradients (batched convolutions).
+        per_example = sj.map_examples(functools.partial(one, w), batch, chunk_size=chunk_size)
+        return total(w), jax.grad(lambda w: total(w)[0])(w), per_example
+
+    expected = everything(w, None)  # per-example gradients: vmap(grad) itself
+    leaves = zip(jax.tree.leaves(everything(w, 3)), jax.tree.leaves(expected), strict=True)
+    for got, want in leaves:
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's convolution library")
