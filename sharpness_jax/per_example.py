@@ -125,6 +125,14 @@ def _library_convolutions(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
     return wrapped
 
 
+#: Calls whose bodies are evaluated in place (``jit_p`` was ``pjit_p`` in older JAX).
+_INLINED_CALLS = tuple(
+    getattr(jax_primitives, name)
+    for name in ("jit_p", "pjit_p", "closed_call_p")
+    if hasattr(jax_primitives, name)
+)
+
+
 def _evaluate(jaxpr, consts, args) -> list:
     """The jaxpr's outputs, convolutions bound by :func:`_library_convolution`."""
     env = dict(zip(jaxpr.constvars, consts, strict=True))
@@ -133,7 +141,7 @@ def _evaluate(jaxpr, consts, args) -> list:
         ins = [v.val if isinstance(v, jax_core.Literal) else env[v] for v in eqn.invars]
         if eqn.primitive is jax_primitives.conv_general_dilated_p:
             outs = [_library_convolution(*ins, **eqn.params)]
-        elif eqn.primitive in (jax_primitives.jit_p, jax_primitives.closed_call_p):
+        elif eqn.primitive in _INLINED_CALLS:
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             outs = _evaluate(inner.jaxpr, inner.consts, ins)
         else:
