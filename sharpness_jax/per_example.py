@@ -10,6 +10,13 @@ Chunk ``i`` holds the examples ``p = j · num_chunks + i`` (j = 0 … chunk_size
 rather than contiguous slice. When the batch is sharded over a 1-D device mesh along the
 example axis in contiguous blocks, every chunk therefore draws equally from every device, and
 the same code runs data-parallel under ``jax.jit`` with no change.
+
+On XLA's CPU backend the chunk function is traced once more with every convolution written in
+the one dimension order (batch, spatial..., feature for images; spatial..., in, out for
+kernels) that the backend hands to its convolution library. XLA rewrites other orders into
+that one only in a program's top level (``ConvCanonicalization``), not inside loop bodies, and
+the weight- and input-gradient convolutions of reverse-mode autodiff come in other orders; in
+a loop body they fell back to a naive loop nest, 5–25× slower than the library call.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
+from jax.extend.core import primitives as jax_primitives
 
 from sharpness_jax import checks
 from sharpness_jax.objective import Batch, Objective
@@ -62,6 +71,7 @@ def sum_over_chunks(
         return chunk_fn(batch, jnp.ones((n,), bool), jnp.arange(n, dtype=jnp.int32))
 
     num_chunks = -(-n // chunk_size)
+    chunk_fn = _library_convolutions(chunk_fn)
     stride = jnp.arange(chunk_size, dtype=jnp.int32) * num_chunks
 
     if n % chunk_size == 0:
@@ -94,6 +104,73 @@ def sum_over_chunks(
     first = take(0)
     total = jax.lax.fori_loop(1, num_chunks, body, jax.tree_util.tree_map(_widen, first))
     return jax.tree_util.tree_map(lambda t, f: t.astype(f.dtype), total, first)
+
+
+def _library_convolutions(fn: Callable[..., PyTree]) -> Callable[..., PyTree]:
+    """``fn`` with its convolutions in the dimension order of XLA CPU's convolution library.
+
+    The same numbers: each ``conv_general_dilated`` of ``fn`` (also inside nested ``jit``) is
+    bound on operands transposed to (batch, spatial..., feature) and (spatial..., in, out),
+    and its result transposed back, exactly as XLA's CPU compiler does in a program's top
+    level. Other backends choose layouts themselves; there ``fn`` is returned unchanged.
+    """
+    if jax.default_backend() != "cpu":
+        return fn
+
+    def wrapped(*args):
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        out = _evaluate(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out)
+
+    return wrapped
+
+
+#: Calls whose bodies are evaluated in place (``jit_p`` was ``pjit_p`` in older JAX).
+_INLINED_CALLS = tuple(
+    getattr(jax_primitives, name)
+    for name in ("jit_p", "pjit_p", "closed_call_p")
+    if hasattr(jax_primitives, name)
+)
+
+
+def _evaluate(jaxpr, consts, args) -> list:
+    """The jaxpr's outputs, convolutions bound by :func:`_library_convolution`."""
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        ins = [v.val if isinstance(v, jax_core.Literal) else env[v] for v in eqn.invars]
+        if eqn.primitive is jax_primitives.conv_general_dilated_p:
+            outs = [_library_convolution(*ins, **eqn.params)]
+        elif eqn.primitive in _INLINED_CALLS:
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            outs = _evaluate(inner.jaxpr, inner.consts, ins)
+        else:
+            bound = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+            outs = eqn.primitive.bind(*subfuns, *ins, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [v.val if isinstance(v, jax_core.Literal) else env[v] for v in jaxpr.outvars]
+
+
+def _library_convolution(lhs, rhs, *, dimension_numbers, **params) -> jax.Array:
+    """One convolution on (batch, spatial..., feature) × (spatial..., in, out) operands."""
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    d = len(lhs_spec)
+    image = (0, d - 1, *range(1, d - 1))
+    library = jax.lax.ConvDimensionNumbers(image, (d - 1, d - 2, *range(d - 2)), image)
+    if tuple(dimension_numbers) == tuple(library):
+        return jax_primitives.conv_general_dilated_p.bind(
+            lhs, rhs, dimension_numbers=dimension_numbers, **params
+        )
+    out = jax_primitives.conv_general_dilated_p.bind(
+        jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])),
+        jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])),
+        dimension_numbers=library,
+        **params,
+    )
+    order = (out_spec[0], *out_spec[2:], out_spec[1])
+    return jnp.transpose(out, [order.index(k) for k in range(d)])
 
 
 def _widen(a: jax.Array) -> jax.Array:
@@ -131,13 +208,22 @@ def map_examples(
 ) -> PyTree:
     """``fn`` applied to every example, stacked along a leading axis of size n.
 
-    The output is O(n) by nature; ``chunk_size`` bounds the intermediate memory of ``fn``.
+    The output is O(n) by nature; ``chunk_size`` bounds the intermediate memory of ``fn``:
+    ``floor(n / chunk_size)`` full chunks in a loop (convolutions as in
+    :func:`sum_over_chunks`), the remaining examples in one more vectorised call.
     """
-    checks.num_examples(batch)
+    n = checks.num_examples(batch)
     checks.check_chunk_size(chunk_size)
-    if chunk_size is None:
+    if chunk_size is None or chunk_size >= n:
         return jax.vmap(fn)(batch)
-    return jax.lax.map(fn, batch, batch_size=chunk_size)
+    full = n - n % chunk_size
+    chunks = jax.tree_util.tree_map(lambda a: a[:full].reshape(-1, chunk_size, *a.shape[1:]), batch)
+    out = jax.lax.map(_library_convolutions(jax.vmap(fn)), chunks)
+    out = jax.tree_util.tree_map(lambda a: a.reshape(full, *a.shape[2:]), out)
+    if full == n:
+        return out
+    rest = jax.vmap(fn)(jax.tree_util.tree_map(lambda a: a[full:], batch))
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
 
 def per_example_losses(

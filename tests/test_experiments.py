@@ -244,6 +244,22 @@ def test_benchmark_small_runs_every_measurement():
     assert "| quantity |" in benchmark.markdown(result)
 
 
+def test_benchmark_w2_chunking_rows():
+    n, channels = benchmark.SMALL["w2"]
+    obj, params, batch = benchmark._problem(
+        "cnn", n, channels=channels, activation="relu", pooling="avg"
+    )
+    w2 = benchmark.chunking_times(obj, params, batch, chunk=n // 2, repeats=1)
+    table = benchmark.markdown({"w1": {}, "w2": w2})
+    for key in (
+        "chunked_gradient_x_unchunked",
+        "chunked_hvp_x_unchunked",
+        "per_example_grads_x_unchunked_grad",
+    ):
+        assert w2[key] > 0 and f"w2_{key}" in benchmark.TARGETS, key
+        assert f"| {key} (W2) |" in table and "≤ " in table.split(key)[1].splitlines()[0]
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 
