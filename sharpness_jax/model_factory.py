@@ -117,8 +117,10 @@ def build_from_factory(
       input_shape: the shape of one example.
       num_outputs: K.
       param_dtype: the run's dtype.
-      example_inputs: a few inputs (leading example axis) for the example-mixing check of a
-        batch-first linen module; None skips it.
+      example_inputs: a few inputs (leading example axis), e.g. the training inputs: the
+        model is checked on inputs of their dtype (real ones cast to ``param_dtype``, integer
+        ids kept), and a batch-first linen module for example mixing on the first three.
+        None: real inputs of ``param_dtype``, no example-mixing check.
       **options: the config's other model options, passed to the factory.
 
     Returns:
@@ -141,18 +143,19 @@ def build_from_factory(
             f"{dict(options)} ({_first_line(err)}); it is called as fn(*, input_shape, "
             "num_outputs, param_dtype, **options)"
         ) from err
+    input_dtype = dtype if example_inputs is None else _input_dtype(example_inputs, dtype)
     if _is_linen(made):
-        model = _from_linen(made, spec, input_shape, int(num_outputs), dtype)
+        model = _from_linen(made, spec, input_shape, int(num_outputs), dtype, input_dtype)
     elif isinstance(made, Model | StatefulModel):
         model = made
     else:
         raise ValueError(
             f"model.factory {spec!r} returned a {type(made).__name__}; return {_RETURNS}"
         )
-    _check(model, spec, input_shape, int(num_outputs), dtype)
+    _check(model, spec, input_shape, int(num_outputs), dtype, input_dtype)
     if _is_linen(made) and example_inputs is not None:
         params = model.init(jax.random.PRNGKey(0))
-        inputs = jnp.asarray(example_inputs[:3], dtype)
+        inputs = jnp.asarray(example_inputs[:3])
         try:
             adapters.check_no_example_mixing(_linen_apply(made, dtype), params, inputs)
         except ValueError as err:
@@ -166,16 +169,25 @@ def _is_linen(obj: Any) -> bool:
     return isinstance(obj, nn.Module)
 
 
+def _input_dtype(inputs: Any, dtype: np.dtype) -> np.dtype:
+    """The dtype the model sees: real inputs in the run's dtype, others (token ids) as given."""
+    given = np.asarray(inputs[:1]).dtype
+    return dtype if np.issubdtype(given, np.inexact) else given
+
+
 def _linen_apply(module: Any, dtype: np.dtype) -> Callable[[PyTree, jax.Array], jax.Array]:
     def apply(params: PyTree, x_batch: jax.Array) -> jax.Array:
-        return module.apply({"params": params}, jnp.asarray(x_batch, dtype))
+        x_batch = jnp.asarray(x_batch)
+        if jnp.issubdtype(x_batch.dtype, jnp.inexact):  # real inputs in the run's dtype
+            x_batch = x_batch.astype(dtype)
+        return module.apply({"params": params}, x_batch)
 
     return apply
 
 
-def _from_linen(module: Any, spec: str, input_shape, num_outputs: int, dtype) -> Model:
+def _from_linen(module: Any, spec: str, input_shape, num_outputs: int, dtype, input_dtype) -> Model:
     """A batch-first linen module with one collection, ``"params"``, as a zoo-style Model."""
-    example = jax.ShapeDtypeStruct((1, *input_shape), dtype)
+    example = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     try:
         with jax.numpy_dtype_promotion("standard"):  # params of a wrong dtype: refused below
@@ -199,14 +211,14 @@ def _from_linen(module: Any, spec: str, input_shape, num_outputs: int, dtype) ->
         # Under standard promotion for this one trace, as flax creates some variables in
         # float32 whatever the param dtype; the params' dtype is checked by _check.
         with jax.numpy_dtype_promotion("standard"):
-            return module.init(key, jnp.zeros((1, *input_shape), dtype))["params"]
+            return module.init(key, jnp.zeros((1, *input_shape), input_dtype))["params"]
 
     name = spec.split(":")[1]
     predict = adapters.per_example(_linen_apply(module, dtype))
     return Model(name, init, predict, input_shape, num_outputs)
 
 
-def _check(model, spec: str, input_shape, num_outputs: int, dtype: np.dtype) -> None:
+def _check(model, spec: str, input_shape, num_outputs: int, dtype, input_dtype) -> None:
     """Shapes and dtypes of the model's params and of one example's outputs."""
     if tuple(model.input_shape) != input_shape or model.num_outputs != num_outputs:
         raise ValueError(
@@ -215,7 +227,7 @@ def _check(model, spec: str, input_shape, num_outputs: int, dtype: np.dtype) -> 
             f"num_outputs={num_outputs}"
         )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    x = jax.ShapeDtypeStruct(input_shape, dtype)
+    x = jax.ShapeDtypeStruct(input_shape, input_dtype)
     failed = f"model.factory {spec!r}: %s of its model failed on one example of shape {input_shape}"
     try:
         params = jax.eval_shape(model.init, key)
