@@ -81,3 +81,18 @@ def wrong_type(*, input_shape, num_outputs, param_dtype, **options):
 def strict(*, input_shape, num_outputs, param_dtype):
     """Takes no options."""
     return _MLP(4, num_outputs, param_dtype)
+
+
+class _BagOfTokens(nn.Module):
+    num_outputs: int
+    dtype: str
+
+    @nn.compact
+    def __call__(self, tokens):  # (N, T) integer ids
+        h = nn.Embed(7, 4, param_dtype=self.dtype)(tokens)
+        return nn.Dense(self.num_outputs, param_dtype=self.dtype)(jnp.mean(h, axis=1))
+
+
+def bag_of_tokens(*, input_shape, num_outputs, param_dtype, **options):
+    """Integer token inputs: embedded, averaged over positions, Dense to K."""
+    return _BagOfTokens(num_outputs, param_dtype)

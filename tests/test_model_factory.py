@@ -12,6 +12,7 @@ from training_configs import config, train
 from experiments import measure as measure_bin
 from sharpness_jax import operators, training
 from sharpness_jax.config import validate_config
+from sharpness_jax.model_factory import build_from_factory
 from sharpness_jax.objective import Batch
 from sharpness_jax.problem import problem_from_config
 
@@ -119,3 +120,20 @@ def test_a_bad_factory_model_is_refused_when_the_problem_is_built(factory, messa
     with pytest.raises(ValueError, match=message) as caught:
         problem_from_config(c)
     assert "\n" not in str(caught.value)
+
+
+def test_integer_inputs_reach_a_linen_factory_model_as_integers():
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 5), 0, 7)
+    model = build_from_factory(
+        "factory_models:bag_of_tokens",
+        input_shape=(5,),
+        num_outputs=3,
+        param_dtype="float64",
+        example_inputs=tokens,
+    )
+    params = model.init(jax.random.PRNGKey(1))
+    table = params["Embed_0"]["embedding"]
+    expected = jnp.mean(table[tokens[1]], axis=0) @ params["Dense_0"]["kernel"]
+    np.testing.assert_allclose(
+        model.predict(params, tokens[1]), expected + params["Dense_0"]["bias"], rtol=1e-12
+    )
