@@ -65,7 +65,7 @@ CHANNELS = 2 if SMOKE else 4  # CNN channels
 HIDDEN = 8 if SMOKE else 32  # MLP widths
 NUM_ITERS = 20 if SMOKE else 60  # Lanczos iterations
 NUM_PROBES = 32 if SMOKE else 256  # Hutchinson probes
-NUM_TRAIN = 64 if SMOKE else 512  # training examples of section 7
+NUM_TRAIN = 32 if SMOKE else 512  # training examples of section 7
 TRAIN_STEPS = 10 if SMOKE else 200
 
 # %%
@@ -91,30 +91,36 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def dense_hessian(mean_loss, params):
-    """The Hessian of ``mean_loss(params)`` as a dense P × P matrix, column by column: e_i ↦
-    ∇²L e_i by jax.jvp of jax.grad (the memory of one Hessian-vector product)."""
-    flat, unravel = ravel_pytree(params)
-    grad = jax.grad(lambda v: mean_loss(unravel(v)))
-    columns = jax.jit(lambda eye: jax.lax.map(lambda e: jax.jvp(grad, (flat,), (e,))[1], eye))
-    return np.asarray(columns(jnp.eye(flat.size, dtype=flat.dtype)), np.float64)
-
-
-def dense_ggn(batch_outputs, loss, params, targets):
-    """(1/n) Σ_p J_pᵀ Λ_p J_p with J_p = ∂f(x_p)/∂θ and Λ_p = ∇²_f loss(f_p, y_p), dense."""
+def dense_hessian(mean_loss, params, *data):
+    """The Hessian of ``mean_loss(params, *data)`` as a dense P × P matrix, column by column:
+    e_i ↦ ∇²L e_i by jax.jvp of jax.grad (the memory of one Hessian-vector product). The data
+    are arguments of the compiled program, not constants folded into it."""
     flat, unravel = ravel_pytree(params)
 
     @jax.jit
-    def ggn(flat, targets):
-        outputs = batch_outputs(unravel(flat))  # (n, ...) from the batch-first model
+    def columns(flat, eye, *data):
+        grad = jax.grad(lambda v: mean_loss(unravel(v), *data))
+        return jax.lax.map(lambda e: jax.jvp(grad, (flat,), (e,))[1], eye)
+
+    return np.asarray(columns(flat, jnp.eye(flat.size, dtype=flat.dtype), *data), np.float64)
+
+
+def dense_ggn(batch_outputs, loss, params, inputs, targets):
+    """(1/n) Σ_p J_pᵀ Λ_p J_p with J_p = ∂f(x_p)/∂θ and Λ_p = ∇²_f loss(f_p, y_p), dense;
+    ``batch_outputs(params, inputs)`` is the batch-first model."""
+    flat, unravel = ravel_pytree(params)
+
+    @jax.jit
+    def ggn(flat, inputs, targets):
+        outputs = batch_outputs(unravel(flat), inputs)  # (n, ...)
         n, shape = outputs.shape[0], outputs.shape[1:]
-        jac = jax.jacfwd(lambda v: batch_outputs(unravel(v)).reshape(n, -1))(flat)  # (n, m, P)
+        jac = jax.jacfwd(lambda v: batch_outputs(unravel(v), inputs).reshape(n, -1))(flat)
         lam = jax.vmap(jax.hessian(lambda f, y: loss(f.reshape(shape), y)))(
             outputs.reshape(n, -1), targets
-        )  # (n, m, m)
+        )  # (n, m, m); jac: (n, m, P)
         return jnp.einsum("pai,pab,pbj->ij", jac, lam, jac) / n
 
-    return np.asarray(ggn(flat, targets), np.float64)
+    return np.asarray(ggn(flat, inputs, targets), np.float64)
 
 
 def random_like(params, key):
@@ -163,12 +169,12 @@ lam = sj.lanczos_top_k(H, params, k=1, num_iters=NUM_ITERS).values[0]
 hutch = sj.hutchinson_trace(H, params, key=next(keys), num_probes=NUM_PROBES)
 
 
-def cnn_loss(p):  # the reference: the module applied to the whole batch
-    logits = cnn.apply({"params": p}, x_img)
-    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y_img[:, None], 1))
+def cnn_loss(p, x, y):  # the reference: the module applied to the whole batch
+    logits = cnn.apply({"params": p}, x)
+    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
-H_dense = dense_hessian(cnn_loss, params)
+H_dense = dense_hessian(cnn_loss, params, x_img, y_img)
 print(f"P = {sj.num_params(params)}")
 print(f"λ_max: Lanczos {lam:.6f}, dense {top_eig(H_dense):.6f}")
 print(
@@ -182,9 +188,9 @@ assert abs(float(hutch.value) - np.trace(H_dense)) < 5 * float(hutch.stderr)
 # ## 2. A flax NNX MLP
 #
 # `sj.adapters.from_nnx(module)` splits the module once into its graph, its `nnx.Param` state
-# (the trainable pytree) and the rest (held fixed). Call `module.eval()` first. Here: the GGN
-# G = (1/n) Σ_p J_pᵀ Λ_p J_p (Λ_p = diag p − ppᵀ for softmax cross-entropy), one product G v
-# and its top eigenvalue.
+# (the trainable pytree) and the rest (held fixed). Call `module.eval()` first. Here: one
+# product G v with the GGN G = (1/n) Σ_p J_pᵀ Λ_p J_p (Λ_p = diag p − ppᵀ for softmax
+# cross-entropy).
 
 
 # %%
@@ -206,13 +212,13 @@ objective = sj.Objective(predict, cross_entropy)
 G = sj.ggn(objective, params, sj.Batch(x_vec, y_vec))
 
 graphdef, _, rest = nnx.split(mlp, nnx.Param, ...)
-G_dense = dense_ggn(lambda p: nnx.merge(graphdef, p, rest)(x_vec), cross_entropy, params, y_vec)
+G_dense = dense_ggn(
+    lambda p, x: nnx.merge(graphdef, p, rest)(x), cross_entropy, params, x_vec, y_vec
+)
 v = random_like(params, next(keys))
 Gv = ravel_pytree(G(v))[0]
 print(f"‖Gv − G_dense v‖/‖G_dense v‖ = {rel(Gv, G_dense @ ravel_pytree(v)[0]):.2e}")
-lam = sj.lanczos_top_k(G, params, k=1, num_iters=NUM_ITERS).values[0]
-print(f"λ_max(GGN): Lanczos {lam:.6f}, dense {top_eig(G_dense):.6f}")
-assert rel(Gv, G_dense @ ravel_pytree(v)[0]) < 1e-4 and rel(lam, top_eig(G_dense)) < 1e-3
+assert rel(Gv, G_dense @ ravel_pytree(v)[0]) < 1e-4
 
 # %% [markdown]
 # ## 3. BatchNorm: eval mode, and the error for train mode
@@ -242,14 +248,15 @@ predict, params = sj.adapters.from_linen(bn_net, bn_vars, train=False, example_i
 H = sj.hessian(sj.Objective(predict, cross_entropy), params, sj.Batch(x_vec, y_vec))
 
 
-def bn_loss(p):
-    logits = bn_net.apply({"params": p, **stats}, x_vec, train=False)
-    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y_vec[:, None], 1))
+def bn_loss(p, x, y):
+    logits = bn_net.apply({"params": p, **stats}, x, train=False)
+    return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
 lam = sj.lanczos_top_k(H, params, k=1, num_iters=NUM_ITERS).values[0]
-print(f"eval mode, λ_max: Lanczos {lam:.6f}, dense {top_eig(dense_hessian(bn_loss, params)):.6f}")
-assert rel(lam, top_eig(dense_hessian(bn_loss, params))) < 1e-3
+lam_dense = top_eig(dense_hessian(bn_loss, params, x_vec, y_vec))
+print(f"eval mode, λ_max: Lanczos {lam:.6f}, dense {lam_dense:.6f}")
+assert rel(lam, lam_dense) < 1e-3
 
 try:
     sj.adapters.from_linen(bn_net, bn_vars, train=True, example_inputs=x_vec)
@@ -294,15 +301,12 @@ lm_batch = sj.Batch(inputs, (next_tokens, mask))
 G = sj.ggn(sj.Objective(predict, token_ce), params, lm_batch)
 
 G_dense = dense_ggn(
-    lambda p: lm.apply({"params": p}, inputs), token_ce, params, (next_tokens, mask)
+    lambda p, x: lm.apply({"params": p}, x), token_ce, params, inputs, (next_tokens, mask)
 )
-v = random_like(params, next(keys))
-Gv = ravel_pytree(G(v))[0]
 lam = sj.lanczos_top_k(G, params, k=1, num_iters=NUM_ITERS).values[0]
 print(f"P = {sj.num_params(params)}, outputs per sequence {T}×{V}")
-print(f"‖Gv − G_dense v‖/‖G_dense v‖ = {rel(Gv, G_dense @ ravel_pytree(v)[0]):.2e}")
 print(f"λ_max(GGN): Lanczos {lam:.6f}, dense {top_eig(G_dense):.6f}")
-assert rel(Gv, G_dense @ ravel_pytree(v)[0]) < 1e-4 and rel(lam, top_eig(G_dense)) < 1e-3
+assert rel(lam, top_eig(G_dense)) < 1e-3
 
 # %% [markdown]
 # ## 5. A loss of your own: Huber regression on a plain batch-first function
@@ -337,17 +341,13 @@ y_reg = 2.0 * jax.random.normal(next(keys), (N, 2))  # residuals on both sides o
 predict = sj.adapters.from_batched(net, params=params, example_inputs=x_vec)
 objective = sj.Objective(predict, huber)
 reg_batch = sj.Batch(x_vec, y_reg)
-H = sj.hessian(objective, params, reg_batch)
-G = sj.ggn(objective, params, reg_batch)
+G = sj.ggn(objective, params, reg_batch)  # Λ = ∇²_f huber by autodiff
 
-H_dense = dense_hessian(lambda p: jnp.mean(jax.vmap(huber)(net(p, x_vec), y_reg)), params)
-G_dense = dense_ggn(lambda p: net(p, x_vec), huber, params, y_reg)
+G_dense = dense_ggn(net, huber, params, x_vec, y_reg)
 v = random_like(params, next(keys))
-lam = sj.lanczos_top_k(H, params, k=1, num_iters=NUM_ITERS).values[0]
 Gv = ravel_pytree(G(v))[0]
-print(f"λ_max(H): Lanczos {lam:.6f}, dense {top_eig(H_dense):.6f}")
 print(f"‖Gv − G_dense v‖/‖G_dense v‖ = {rel(Gv, G_dense @ ravel_pytree(v)[0]):.2e}")
-assert rel(lam, top_eig(H_dense)) < 1e-3 and rel(Gv, G_dense @ ravel_pytree(v)[0]) < 1e-4
+assert rel(Gv, G_dense @ ravel_pytree(v)[0]) < 1e-4
 try:
     sj.fisher(objective, params, reg_batch)(v)
 except ValueError as err:
@@ -368,9 +368,9 @@ else:
 zoo_mlp = sj.models.build_model("mlp", input_shape=(5,), num_outputs=K, widths=(HIDDEN,))
 params32 = zoo_mlp.init(next(keys))
 objective = sj.Objective(zoo_mlp.predict, cross_entropy)
-H_dense = dense_hessian(
-    lambda p: sj.loss_value(objective, p, sj.Batch(x_vec, y_vec)), params32
-)  # float32
+H_dense = dense_hessian(  # float32
+    lambda p, b: sj.loss_value(objective, p, b), params32, sj.Batch(x_vec, y_vec)
+)
 
 params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params32)
 H16 = sj.hessian(objective, params16, sj.Batch(x_vec.astype(jnp.bfloat16), y_vec))
@@ -451,6 +451,8 @@ print(f"measured from the workdir (model {stored.model.factory!r}): λ_max {row[
 # The dense reference: the model the config describes, at the checkpoint.
 problem = sj.problem.problem_from_config(stored)
 train_batch = sj.Batch(*problem.dataset.train)
-H_dense = dense_hessian(lambda p: sj.loss_value(problem.objective, p, train_batch), ckpt_params)
+H_dense = dense_hessian(
+    lambda p, b: sj.loss_value(problem.objective, p, b), ckpt_params, train_batch
+)
 print(f"P = {sj.num_params(ckpt_params)}, dense λ_max {top_eig(H_dense):.4f}")
 assert rel(row["lambda_max"], top_eig(H_dense)) < 1e-3
