@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from training_configs import config, train
+from training_configs import CACHE, config, train
 
 from experiments import measure as measure_bin
 from sharpness_jax import operators, training
@@ -62,6 +62,7 @@ def test_a_factory_model_trains_resumes_and_is_measured_from_its_run(tmp_path):
         measure_subset=None,
         chunk_size=None,
         mesh=None,
+        cache=CACHE,
     )
     batch = Batch(*problem.dataset.train)
     np.testing.assert_allclose(row["train_loss"], whole.rows[-1]["train_loss"], rtol=1e-12)
