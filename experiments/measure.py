@@ -16,6 +16,9 @@ statistics stored with its params: those of the run's checkpoint with ``--run``;
 ``--params`` the checkpoint must hold ``{"params": θ, "model_state": s}`` (the layout of a
 run's checkpoints).
 
+A model of your own (``model.factory = "pkg.module:fn"`` in the stored or given config) is
+rebuilt from that factory, so its module must be importable here (e.g. on ``PYTHONPATH``).
+
 Prints one JSON object (the measurement row) and writes it to ``--output`` if given.
 Measurement names: see ``sharpness_jax.measurements.MEASUREMENTS`` (``--list`` prints them).
 """

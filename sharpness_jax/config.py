@@ -15,7 +15,10 @@ The fields:
   may change it.
 ``model``: ``name`` (one of ``models.MODELS``, "mlp", or "resnet18") plus any option of
   ``models.build_model`` (``widths``, ``activation``, ``init``, ...). ``param_dtype`` is
-  set from the top-level ``dtype``.
+  set from the top-level ``dtype``. ``factory`` ("": the zoo model ``name``): a model from
+  the user's code, ``"pkg.module:fn"``, called as ``fn(*, input_shape, num_outputs,
+  param_dtype, **options)`` with the section's other fields as options (see
+  :mod:`sharpness_jax.model_factory`); ``name`` is then only a label.
 ``loss``: ``name`` ("cross_entropy" | "squared_error_half" | "squared_error_sum" |
   "softmax_squared_error", see
   ``objective.LOSSES``) and ``label_smoothing`` (0.0; cross-entropy only).
@@ -89,6 +92,7 @@ from sharpness_jax.checks import is_int as _is_int
 from sharpness_jax.checks import is_number as _is_number
 from sharpness_jax.checks import require as _require
 from sharpness_jax.measurements import MEASUREMENTS
+from sharpness_jax.model_factory import load_factory
 from sharpness_jax.objective import LOSSES, get_loss
 
 __all__ = [
@@ -134,7 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict(
         {"name": "mnist5k", "data_dir": config_dict.placeholder(str)}
     )
-    c.model = ml_collections.ConfigDict({"name": "mlp"})
+    c.model = ml_collections.ConfigDict({"name": "mlp", "factory": ""})
     c.loss = ml_collections.ConfigDict({"name": "cross_entropy", "label_smoothing": 0.0})
     c.optimizer = ml_collections.ConfigDict(
         {
@@ -225,6 +229,8 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
             base[section] = {"name": given[section]["name"]}
             if section == "dataset":  # where the data lie is no option of one dataset
                 base[section]["data_dir"] = None
+            else:  # nor is the factory an option of one zoo model
+                base[section]["factory"] = ""
     merged = _merge(base, given)
     opt, meas = merged["optimizer"], merged["measure"]
     if opt.get("decay_steps") is None and opt.get("schedule") != "constant":
@@ -295,10 +301,16 @@ def _validate_problem(c: ml_collections.ConfigDict) -> None:
         c.dataset.name in data.DATASETS,
         f"unknown dataset {c.dataset.name!r}; choose one of {data.DATASETS}",
     )
-    _require(
-        c.model.name in models.MODELS + models.STATEFUL_MODELS,
-        f"unknown model {c.model.name!r}; choose one of {models.MODELS + models.STATEFUL_MODELS}",
-    )
+    if c.model.factory:
+        load_factory(c.model.factory)  # imports it: a bad string or module fails here
+        _require(isinstance(c.model.name, str), f"model.name must be a str, got {c.model.name!r}")
+    else:
+        zoo = models.MODELS + models.STATEFUL_MODELS
+        _require(
+            c.model.name in zoo,
+            f"unknown model {c.model.name!r}; choose one of {zoo} (or give "
+            "model.factory='pkg.module:fn' for a model of your own)",
+        )
     _require(c.loss.name in LOSSES, f"unknown loss {c.loss.name!r}; choose one of {sorted(LOSSES)}")
     get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)  # checks the smoothing
     _require(c.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {c.dtype!r}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from sharpness_jax import data, models
 from sharpness_jax.config import resolve_config
+from sharpness_jax.model_factory import build_from_factory
 from sharpness_jax.objective import Objective, get_loss
 from sharpness_jax.resnet18 import StatefulModel, with_state
 
@@ -30,7 +31,8 @@ class Problem(NamedTuple):
 
     Attributes:
       dataset: the splits (``data.Dataset``: ``train``, ``test``, ``num_classes``).
-      model: the zoo model (``models.Model``: ``init``, ``predict``), built for the dataset's
+      model: the zoo model (``models.Model``: ``init``, ``predict``), or the one
+        ``model.factory`` makes (:mod:`sharpness_jax.model_factory`), built for the dataset's
         input shape and output count; for ``"resnet18"`` a
         :class:`~sharpness_jax.resnet18.StatefulModel` (``init`` gives ``(params, state)``).
       objective: ``Objective(model.predict, loss)``; the training objective L(θ) =
@@ -56,14 +58,17 @@ def problem_from_config(config: Any) -> Problem:
     c = resolve_config(config)
     options = {k: v for k, v in c.dataset.to_dict().items() if k not in ("name", "dtype")}
     dataset = data.load_dataset(c.dataset.name, dtype=c.dtype, **options)
-    model_options = {k: v for k, v in c.model.to_dict().items() if k not in ("name", "param_dtype")}
-    model = models.build_model(
-        c.model.name,
-        input_shape=tuple(np.shape(dataset.train.inputs)[1:]),
-        num_outputs=dataset.num_classes,
-        param_dtype=c.dtype,
-        **model_options,
-    )
+    model_options = {
+        k: v for k, v in c.model.to_dict().items() if k not in ("name", "factory", "param_dtype")
+    }
+    shapes = {"input_shape": tuple(np.shape(dataset.train.inputs)[1:])}
+    shapes.update(num_outputs=dataset.num_classes, param_dtype=c.dtype)
+    if c.model.factory:
+        model = build_from_factory(
+            c.model.factory, example_inputs=dataset.train.inputs, **shapes, **model_options
+        )
+    else:
+        model = models.build_model(c.model.name, **shapes, **model_options)
     loss = get_loss(c.loss.name, label_smoothing=c.loss.label_smoothing)
     if isinstance(model, StatefulModel):
         # Batch-norm statistics start at (0, 1) whatever the key.

@@ -1,8 +1,9 @@
 """One optax training loop for every study, with a measurement schedule and resumable records.
 
-``train(config, workdir)`` trains a model from the zoo (:mod:`sharpness_jax.models`) on a
-dataset (:mod:`sharpness_jax.data`) with full-batch GD, SGD (with or without replacement),
-SGD with heavy-ball momentum or Adam, measures curvature along the way, and returns a
+``train(config, workdir)`` trains a model from the zoo (:mod:`sharpness_jax.models`) or from
+the user's code (``model.factory``, :mod:`sharpness_jax.model_factory`) on a dataset
+(:mod:`sharpness_jax.data`) with full-batch GD, SGD (with or without replacement), SGD with
+heavy-ball momentum or Adam, measures curvature along the way, and returns a
 :class:`TrainResult`. With a ``workdir`` everything is recorded there (see
 :mod:`sharpness_jax.records`) and a rerun with the same workdir resumes exactly; without one
 the run is held in memory (for notebooks). The config (:mod:`sharpness_jax.config`) becomes a
