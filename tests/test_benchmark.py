@@ -1,0 +1,48 @@
+"""The benchmark's model rows and GPU suite (experiments.benchmark_models) on tiny sizes."""
+
+import math
+
+import jax
+
+from experiments import benchmark, benchmark_models
+
+
+def test_gpu_suite_small_runs_every_workload():
+    result = benchmark_models.gpu_suite(repeats=1, chunk=4, small=True, w1_eigen=False)
+    assert result["devices"] == [str(d) for d in jax.devices()]
+    for name in ("resnet18", "gpt"):
+        rows = result[name]
+        for key in (
+            "gradient_s",
+            "hessian_x_grad",
+            "ggn_x_grad",
+            "gradient_covariance_x_grad",
+            "per_example_grads_x_grad",
+            "lambda_max_cold_grad_equivalents",
+            "lambda_max",
+        ):
+            assert math.isfinite(rows[key]) and rows[key] > 0, (name, key)
+        assert rows["chunk_size"] == 4 < rows["n"]  # two chunks: the chunked route is timed
+    assert math.isfinite(result["w1_n64"]["gradient_covariance_x_grad"])
+    assert result["gpu_suite_wall_s"] > 0 and result["targets"] == {}  # small: no targets
+    table = benchmark_models.markdown(result)
+    assert "| quantity | resnet18 | gpt | w1_n64 |" in table and "| hessian_x_grad |" in table
+
+
+def test_targets_of_the_model_rows_and_the_suite():
+    checks = benchmark_models.target_checks(
+        {
+            "resnet18": {"hessian_x_grad": 2.0, "ggn_x_grad": 3.5, "n": 16},
+            "gpt": {"gradient_covariance_x_grad": 3.0},
+            "w1_n8192": {"hessian_x_grad": 2.6},
+            "gpu_suite": {"wall_s": 481.0},
+        }
+    )
+    assert {k: v["met"] for k, v in checks.items()} == {
+        "resnet18_hessian_x_grad": True,
+        "resnet18_ggn_x_grad": False,
+        "gpt_gradient_covariance_x_grad": True,
+        "w1_n8192_hessian_x_grad": False,  # W1's own target, 2.5×
+        "gpu_suite_wall_s": False,
+    }
+    assert checks["gpu_suite_wall_s"]["target"] == benchmark.TARGETS["gpu_suite_wall_s"][0]
