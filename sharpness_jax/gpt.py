@@ -15,6 +15,8 @@ T token ids (no batch axis; ``jax.vmap`` over a batch, as for every model of the
   LN(h^L_t) W_out with a separate W_out (d × V), no bias.
 
 Layer norm is per position over the d features (``sharpness_jax.models.LayerNorm``, ε = 1e-6).
+GPT-2 itself uses ε = 1e-5 and the tanh approximation of GELU; the zoo's layer norm and exact
+GELU are used here.
 Initialisation as GPT-2: embeddings and kernels ~ N(0, 0.02²), the two residual projections of
 every block (W_o and the MLP's second layer) ~ N(0, 0.02²/(2L)), biases 0, layer-norm gains 1.
 There is no dropout: the model is deterministic, and the output at position t depends on the
@@ -131,9 +133,10 @@ def build_gpt(
 
     ``predict(params, tokens)`` takes ONE sequence of ``context_length`` integer token ids in
     [0, V) (ids outside that range are not checked here: the embedding lookup fills them with
-    NaN) and returns its logits (T, V); ``Model.num_outputs`` is V. Parameters are in the flax
-    layout ``{"params": {"wte": {"embedding"}, "wpe", "block_i": {"ln_attn", "qkv", "attn_out",
-    "ln_mlp", "mlp_in", "mlp_out"}, "ln_f", "head" (untied only)}}``, i = 0 … L − 1.
+    NaN, which makes the whole sequence's logits NaN) and returns its logits (T, V);
+    ``Model.num_outputs`` is V. Parameters are in the flax layout ``{"params": {"wte":
+    {"embedding"}, "wpe", "block_i": {"ln_attn", "qkv", "attn_out", "ln_mlp", "mlp_in",
+    "mlp_out"}, "ln_f", "head" (untied only)}}``, i = 0 … L − 1.
 
     Args:
       context_length: T, the sequence length.

@@ -46,3 +46,6 @@ def test_targets_of_the_model_rows_and_the_suite():
         "gpu_suite_wall_s": False,
     }
     assert checks["gpu_suite_wall_s"]["target"] == benchmark.TARGETS["gpu_suite_wall_s"][0]
+    # The benchmark's own table lists the model rows with their targets.
+    table = benchmark.markdown({"w1": {"gradient_s": 1.0}, "gpt": {"hessian_x_grad": 2.0}})
+    assert "| hessian_x_grad (gpt) | 2 | | ≤ 3 × gradient |" in table
