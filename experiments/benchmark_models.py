@@ -153,12 +153,15 @@ def _workload(name, n, options, shape, *, chunk, repeats, small, suite, w1_eigen
     return out
 
 
-def model_rows(*, repeats: int, chunk: int, small: bool = False) -> dict[str, Any]:
-    """The benchmark's ResNet-18 and GPT rows: {"resnet18": {...}, "gpt": {...}}."""
+def model_rows(
+    *, repeats: int, chunk: int, small: bool = False, workloads: tuple[str, ...] = tuple(ROWS)
+) -> dict[str, Any]:
+    """The benchmark's ResNet-18 and GPT rows: {"resnet18": {...}, "gpt": {...}} (or those of
+    ``workloads``)."""
     sizes = SMALL if small else ROWS
     return {
         name: _workload(name, *sizes[name], chunk=chunk, repeats=repeats, small=small, suite=False)
-        for name in ("resnet18", "gpt")
+        for name in workloads
     }
 
 
@@ -183,12 +186,19 @@ def target_checks(workloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def gpu_suite(
-    *, repeats: int, chunk: int, small: bool = False, w1_eigen: bool = True
+    *,
+    repeats: int,
+    chunk: int,
+    small: bool = False,
+    workloads: tuple[str, ...] = tuple(SUITE),
+    w1_eigen: bool = True,
 ) -> dict[str, Any]:
     """The accelerator workloads alone (module docstring), with their targets.
 
-    ``w1_eigen=False`` leaves out W1's eigen/trace rows (``benchmark.eigen_and_trace_times``;
-    the tests run that function on the small W1 of ``benchmark.run``).
+    ``workloads`` selects some of ``SUITE`` (all by default; the suite's wall-time target
+    applies to all of them); ``w1_eigen=False`` leaves out W1's eigen/trace rows
+    (``benchmark.eigen_and_trace_times``, which the tests run on the small W1 of
+    ``benchmark.run``).
     """
     start = time.perf_counter()
     sizes = SMALL if small else SUITE
@@ -199,11 +209,14 @@ def gpu_suite(
         "repeats": repeats,
         "small": small,
     }
-    workloads = {}
-    for name in ("resnet18", "gpt", "w1"):
+    unknown = sorted(set(workloads) - set(SUITE))
+    if unknown:
+        raise ValueError(f"unknown workload(s) {unknown}; choose from {tuple(SUITE)}")
+    rows = {}
+    for name in workloads:
         n = sizes[name][0]
         label = f"w1_n{n}" if name == "w1" else name
-        workloads[label] = _workload(
+        rows[label] = _workload(
             name,
             *sizes[name],
             chunk=chunk,
@@ -212,9 +225,9 @@ def gpu_suite(
             suite=True,
             w1_eigen=w1_eigen,
         )
-    result.update(workloads)
+    result.update(rows)
     result["gpu_suite_wall_s"] = time.perf_counter() - start
-    checks = target_checks({**workloads, "gpu_suite": {"wall_s": result["gpu_suite_wall_s"]}})
+    checks = target_checks({**rows, "gpu_suite": {"wall_s": result["gpu_suite_wall_s"]}})
     result["targets"] = {} if small else checks
     return result
 

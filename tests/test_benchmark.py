@@ -3,30 +3,50 @@
 import math
 
 import jax
+import pytest
 
 from experiments import benchmark, benchmark_models
 
+_MODEL_ROWS = (
+    "gradient_s",
+    "hessian_x_grad",
+    "ggn_x_grad",
+    "gradient_covariance_x_grad",
+    "per_example_grads_x_grad",
+    "lambda_max_cold_grad_equivalents",
+    "lambda_max",
+)
 
-def test_gpu_suite_small_runs_every_workload():
-    result = benchmark_models.gpu_suite(repeats=1, chunk=4, small=True, w1_eigen=False)
+
+def _check_model_rows(rows, keys=_MODEL_ROWS):
+    for key in keys:
+        assert math.isfinite(rows[key]) and rows[key] > 0, key
+    assert rows["chunk_size"] == 4 < rows["n"]  # two chunks: the chunked route is timed
+
+
+# Two parts, which pytest-xdist runs side by side: the small GPU suite on the GPT LM and W1,
+# and the benchmark's ResNet-18 rows (the suite's ResNet-18 workload adds the per-example
+# gradients and λ_max, run here on the GPT LM).
+
+
+def test_gpu_suite_small_gpt_and_w1():
+    result = benchmark_models.gpu_suite(
+        repeats=1, chunk=4, small=True, workloads=("gpt", "w1"), w1_eigen=False
+    )
     assert result["devices"] == [str(d) for d in jax.devices()]
-    for name in ("resnet18", "gpt"):
-        rows = result[name]
-        for key in (
-            "gradient_s",
-            "hessian_x_grad",
-            "ggn_x_grad",
-            "gradient_covariance_x_grad",
-            "per_example_grads_x_grad",
-            "lambda_max_cold_grad_equivalents",
-            "lambda_max",
-        ):
-            assert math.isfinite(rows[key]) and rows[key] > 0, (name, key)
-        assert rows["chunk_size"] == 4 < rows["n"]  # two chunks: the chunked route is timed
+    _check_model_rows(result["gpt"])
     assert math.isfinite(result["w1_n64"]["gradient_covariance_x_grad"])
     assert result["gpu_suite_wall_s"] > 0 and result["targets"] == {}  # small: no targets
     table = benchmark_models.markdown(result)
-    assert "| quantity | resnet18 | gpt | w1_n64 |" in table and "| hessian_x_grad |" in table
+    assert "| quantity | gpt | w1_n64 |" in table and "| hessian_x_grad |" in table
+    with pytest.raises(ValueError, match="unknown workload"):
+        benchmark_models.gpu_suite(repeats=1, chunk=4, small=True, workloads=("w2",))
+
+
+def test_resnet18_rows_small():
+    result = benchmark_models.model_rows(repeats=1, chunk=4, small=True, workloads=("resnet18",))
+    _check_model_rows(result["resnet18"], _MODEL_ROWS[:4])
+    assert result["resnet18"]["num_params"] > 10_000  # all 17 convolutions, at width 1/32
 
 
 def test_targets_of_the_model_rows_and_the_suite():
