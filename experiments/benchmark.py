@@ -7,6 +7,8 @@ Workloads (float32, one CPU process unless the machine has accelerators):
 * W2: CNN (3×3 convs with 16 and 32 channels, ReLU, average pooling, dense 10), n = 512.
 * W3 (``--w3``): the exact diagonal of E_p[h_p²] for an MLP 784-12-10 (P = 9,550) on
   n = 1000.
+* ResNet-18 (batch norm, eval) and the GPT LM (``--models``) and the GPU suite
+  (``--gpu_suite``): ``experiments.benchmark_models``.
 
 Times are medians over ``--repeats`` runs of the jitted computation after a compile run.
 "Gradient-equivalents" (and "× gradient") are paired: each timed run follows three timed
@@ -17,8 +19,10 @@ measurements cancels.
 Peak memory of a C matvec is XLA's compiled temporary-buffer size (arguments excluded) at
 two batch sizes and one chunk size. ``--markdown`` prints the table for README.md instead.
 
-  python -m experiments.benchmark                   # W1 and W2 (a few minutes)
+  python -m experiments.benchmark                   # W1, W2, ResNet-18, GPT (minutes)
   python -m experiments.benchmark --w3 --markdown
+  python -m experiments.benchmark --gpu_suite        # accelerator workloads only
+
 """
 
 from __future__ import annotations
@@ -78,6 +82,14 @@ TARGETS = {
     "w2_chunked_gradient_x_unchunked": (1.2, "× unchunked"),
     "w2_chunked_hvp_x_unchunked": (1.2, "× unchunked"),
     "w2_per_example_grads_x_unchunked_grad": (2.0, "× unchunked gradient"),
+    # experiments.benchmark_models: ResNet-18 (batch norm, eval) and the GPT LM, small batches.
+    "resnet18_hessian_x_grad": (3.0, "× gradient"),
+    "resnet18_ggn_x_grad": (3.0, "× gradient"),
+    "resnet18_gradient_covariance_x_grad": (3.0, "× gradient"),
+    "gpt_hessian_x_grad": (3.0, "× gradient"),
+    "gpt_ggn_x_grad": (3.0, "× gradient"),
+    "gpt_gradient_covariance_x_grad": (3.0, "× gradient"),
+    "gpu_suite_wall_s": (480.0, "s"),
 }
 
 #: W2 rows measured against the unchunked computation; printed and checked as ``w2_<name>``.
@@ -414,9 +426,16 @@ def w3(n: int, widths, repeats: int) -> dict[str, float]:
 
 
 def run(
-    *, repeats: int, chunk: int, with_w2: bool, with_w3: bool, small: bool = False
+    *,
+    repeats: int,
+    chunk: int,
+    with_w2: bool,
+    with_w3: bool,
+    small: bool = False,
+    with_models: bool = False,
 ) -> dict[str, Any]:
-    """All measurements of the benchmark; ``small`` shrinks every workload."""
+    """All measurements of the benchmark; ``small`` shrinks every workload; ``with_models``
+    adds the ResNet-18 and GPT rows of ``experiments.benchmark_models``."""
     sizes = SMALL if small else FULL
     chunk = min(chunk, sizes["w1"][0] // 2)
     result: dict[str, Any] = {
@@ -442,9 +461,14 @@ def run(
     if with_w3:
         n, widths = sizes["w3"]
         result["w3"] = w3(n, widths, max(1, repeats // 5))
+    if with_models:
+        from experiments import benchmark_models
+
+        result.update(benchmark_models.model_rows(repeats=repeats, chunk=chunk, small=small))
     checks = {}
     w2_eager = {f"w2_{k}": v for k, v in result.get("w2", {}).items() if k in W2_TARGETED}
-    flat = {} if small else {**result.get("w1", {}), **result.get("w3", {}), **w2_eager}
+    zoo = {f"{m}_{k}": v for m in ("resnet18", "gpt") for k, v in result.get(m, {}).items()}
+    flat = {} if small else {**result.get("w1", {}), **result.get("w3", {}), **w2_eager, **zoo}
     for name, (target, unit) in TARGETS.items():
         if name in flat:
             checks[name] = {
@@ -473,13 +497,32 @@ def markdown(result: dict[str, Any]) -> str:
         target = TARGETS.get(key)
         t = f"≤ {target[0]:g} {target[1]}" if target else ""
         lines.append(f"| {key} (W3) | {value:.4g} | | {t} |")
+    for model in ("resnet18", "gpt"):
+        for key, value in result.get(model, {}).items():
+            target = TARGETS.get(f"{model}_{key}")
+            t = f"≤ {target[0]:g} {target[1]}" if target else ""
+            lines.append(f"| {key} ({model}) | {value:.4g} | | {t} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     f = flags.FLAGS
-    result = run(repeats=f.repeats, chunk=f.chunk_size, with_w2=f.w2, with_w3=f.w3, small=f.small)
-    print(markdown(result) if f.markdown else json.dumps(records.encode_value(result), indent=1))
+    if f.gpu_suite:
+        from experiments import benchmark_models
+
+        result = benchmark_models.gpu_suite(repeats=f.repeats, chunk=f.chunk_size, small=f.small)
+        table = benchmark_models.markdown
+    else:
+        result = run(
+            repeats=f.repeats,
+            chunk=f.chunk_size,
+            with_w2=f.w2,
+            with_w3=f.w3,
+            small=f.small,
+            with_models=f.models,
+        )
+        table = markdown
+    print(table(result) if f.markdown else json.dumps(records.encode_value(result), indent=1))
 
 
 def define_flags() -> None:
@@ -490,6 +533,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("w3", False, "Run workload W3 (exact E_p[h_p²] diagonal; minutes).")
     flags.DEFINE_bool("markdown", False, "Print a markdown table instead of JSON.")
     flags.DEFINE_bool("small", False, "Tiny workloads (seconds) that exercise every code path.")
+    flags.DEFINE_bool("models", True, "Add the ResNet-18 and GPT rows (benchmark_models).")
+    flags.DEFINE_bool(
+        "gpu_suite",
+        False,
+        "Run only the accelerator suite: ResNet-18 (256 images), the GPT LM, W1 at n = 8192.",
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ Batch norm is refused as a ``normalization`` of these models: in training mode i
 examples, and curvature per example needs a model whose output for x depends on x alone. Layer
 norm (per example) is available. The CIFAR-style ResNet-18 with batch norm is
 :mod:`sharpness_jax.resnet18`: trainable params and running statistics kept apart, measured in
-eval mode (statistics frozen, per example).
+eval mode (statistics frozen, per example). The GPT-style causal LM ``"gpt"``
+(:mod:`sharpness_jax.gpt`) takes T token ids and returns logits (T, V), for
+:func:`~sharpness_jax.objective.token_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ __all__ = [
     "ACTIVATIONS",
     "INITS",
     "MODELS",
+    "SEQUENCE_MODELS",
     "STATEFUL_MODELS",
     "Model",
     "build_model",
@@ -278,6 +281,9 @@ MODELS: tuple[str, ...] = tuple(_OPTIONS)
 #: Models with non-trainable state (batch-norm statistics): ``build_model`` returns a
 #: :class:`~sharpness_jax.resnet18.StatefulModel` for them.
 STATEFUL_MODELS: tuple[str, ...] = ("resnet18",)
+#: Sequence models with outputs (T, V) per example (:mod:`sharpness_jax.gpt`), for
+#: :func:`~sharpness_jax.objective.token_cross_entropy`.
+SEQUENCE_MODELS: tuple[str, ...] = ("gpt",)
 
 
 def _positive_ints(name: str, value: Any, *, allow_empty: bool) -> tuple[int, ...]:
@@ -348,7 +354,10 @@ def build_model(name: str, *, input_shape: Sequence[int], num_outputs: int, **op
     Args:
       name: one of ``MODELS``, or ``"resnet18"`` (``STATEFUL_MODELS``): the batch-norm
         ResNet-18 of :func:`sharpness_jax.resnet18.build_resnet18`, options
-        ``width_multiplier`` (1.0) and ``param_dtype``.
+        ``width_multiplier`` (1.0) and ``param_dtype``; or ``"gpt"`` (``SEQUENCE_MODELS``):
+        the causal LM of :func:`sharpness_jax.gpt.build_gpt` with ``input_shape=(T,)``,
+        ``num_outputs=V`` and outputs (T, V), options ``num_layers`` (2), ``width`` (128),
+        ``num_heads`` (4), ``mlp_width`` (4·width), ``tied_head`` (True), ``param_dtype``.
       input_shape: the shape of ONE example, e.g. ``(28, 28, 1)``; ``cnn`` and ``resnet`` need
         ``(H, W, C)``, the others flatten it.
       num_outputs: K, the number of outputs (classes).
@@ -370,7 +379,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_outputs: int, **op
     """
     if name in STATEFUL_MODELS:
         return _build_stateful(name, input_shape, num_outputs, options)
-    _choice("model", name, MODELS)
+    if name in SEQUENCE_MODELS:
+        return _build_sequence(input_shape, num_outputs, options)
+    _choice("model", name, MODELS + STATEFUL_MODELS + SEQUENCE_MODELS)
     input_shape = _positive_ints("input_shape", input_shape, allow_empty=False)
     (num_outputs,) = _positive_ints("num_outputs", num_outputs, allow_empty=False)
     opts = _validate(name, options)
@@ -437,6 +448,22 @@ def _build_stateful(name: str, input_shape, num_outputs, options: dict[str, Any]
         width_multiplier=options.get("width_multiplier", 1.0),
         param_dtype=dtype,
     )
+
+
+def _build_sequence(input_shape, num_outputs, options: dict[str, Any]) -> Model:
+    from sharpness_jax.gpt import build_gpt
+
+    (context_length,) = _positive_ints("input_shape", input_shape, allow_empty=False)
+    (vocab_size,) = _positive_ints("num_outputs", num_outputs, allow_empty=False)
+    allowed = {"num_layers", "width", "num_heads", "mlp_width", "tied_head", "param_dtype"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"model 'gpt' takes no option(s) {unknown}; its options: {sorted(allowed)}"
+        )
+    if "param_dtype" in options:
+        options = {**options, "param_dtype": np.dtype(options["param_dtype"]).name}
+    return build_gpt(context_length=context_length, vocab_size=vocab_size, **options)
 
 
 def check_per_example(
