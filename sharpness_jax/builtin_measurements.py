@@ -188,7 +188,7 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
             )
             return spec.trace, spec.eigenvalues[:k]
 
-        value, top = ctx.jit(spectrum)(ctx.params, ctx.batch)
+        value, top = ctx.jit(spectrum, name="spectrum")(ctx.params, ctx.batch)
         out = {"trace_gradient_covariance": value, "gradient_covariance_lambda_max": top[0]}
         if k > 1:
             out["gradient_covariance_top_eigenvalues"] = top
