@@ -68,8 +68,11 @@ TARGETS = {
     "hessian_second_moment_x_grad": (6.0, "× gradient"),
     "lambda_max_cold_grad_equivalents": (100.0, "gradients"),
     "lambda_max_cold_rel_error": (1e-3, "relative"),
-    "lambda_max_warm_grad_equivalents": (25.0, "gradients"),
+    "lambda_max_warm_grad_equivalents": (12.0, "gradients"),
     "lambda_max_warm_rel_error": (1e-3, "relative"),
+    "hutchinson_trace_h_100_probes_grad_equivalents": (90.0, "gradients"),
+    "measure_trace_gradient_covariance_x_step": (10.0, "SGD steps"),
+    "measure_riemannian_sharpness_x_step": (100.0, "SGD steps"),
     "batch_sharpness_grad_equivalents": (60.0, "gradients"),
     "exact_spectrum_c_gram_grad_equivalents": (50.0, "gradients"),
     "exact_trace_c_factored_grad_equivalents": (5.0, "gradients"),
@@ -203,9 +206,10 @@ def gradient_fn(objective, params, batch, *, chunk: int):
 
 
 #: Lanczos residual tolerance of the tracking row: the relative eigenvalue error is at most
-#: tol²·λ_1/(λ_1 − λ_2), below 1e-3 when the relative gap exceeds 10%; the benchmark reports the
-#: gap and the error reached against a tight reference, which the target also checks.
-TRACKING_TOL = 1e-2
+#: tol²·λ_1/(λ_1 − λ_2), below 1e-3 when the relative gap exceeds 8.1% (W1's is 8.6%); the
+#: benchmark reports the gap and the error reached against a tight reference, which the target
+#: also checks.
+TRACKING_TOL = 9e-3
 
 
 def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int):
@@ -252,12 +256,7 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
         )
 
     key = jax.random.PRNGKey(0)
-    hutch = jax.jit(
-        lambda p, b: sharpness.hessian_trace_hutchinson(
-            objective, p, b, key=key, num_probes=100, probe_chunk=10, chunk_size=chunk
-        )
-    )
-    out["hutchinson_trace_h_100_probes_s"] = timeit(hutch, params, batch, repeats=1)
+    out.update(trace_h_times(objective, params, batch, key, gradient, chunk=chunk))
     tr_c = jax.jit(lambda p, b: noise.gradient_covariance_trace(objective, p, b, chunk_size=chunk))
     out["exact_trace_c_s"] = timeit(tr_c, params, batch, repeats=repeats)
     # tr(C) alone from the layer factors (per-example squared norms, no per-example gradient).
@@ -293,6 +292,48 @@ def eigen_and_trace_times(objective, params, batch, *, chunk: int, repeats: int)
     out["batch_sharpness_s"], out["batch_sharpness_grad_equivalents"] = paired(
         bs, (params, batch, key), gradient, repeats=max(1, repeats // 2)
     )
+    return out
+
+
+def trace_h_times(objective, params, batch, key, gradient, *, chunk: int) -> dict[str, Any]:
+    """tr(H): Hutchinson with 100 probes (quadratic forms zᵀHz forward over forward, blocks of
+    10 probes in one vmap sharing the primal pass) and XTrace, at equal probe count and at
+    equal standard error. Hutchinson's SE falls as 1/√m, so its time to reach XTrace's SE is
+    its time per probe × 100 (SE_100 / SE_XTrace)²."""
+    out: dict[str, Any] = {}
+    hutch = jax.jit(
+        lambda p, b: sharpness.hessian_trace_hutchinson(
+            objective, p, b, key=key, num_probes=100, probe_chunk=10, chunk_size=chunk
+        )
+    )
+    est = hutch(params, batch)
+    out["hutchinson_trace_h_100_probes"] = float(est.value)
+    out["hutchinson_trace_h_100_probes_stderr"] = float(est.stderr)
+    t, ratio = paired(hutch, (params, batch), gradient, repeats=2)
+    out["hutchinson_trace_h_100_probes_s"] = t
+    out["hutchinson_trace_h_100_probes_grad_equivalents"] = ratio
+    probes = min(20, sj.num_params(params))
+    xtr = jax.jit(
+        lambda p, b: sharpness.hessian_trace_xtrace(
+            objective, p, b, key=key, num_probes=probes, chunk_size=chunk
+        )
+    )
+    x = xtr(params, batch)
+    out[f"xtrace_trace_h_{probes}_probes"] = float(x.value)
+    out[f"xtrace_trace_h_{probes}_probes_stderr"] = float(x.stderr)
+    out[f"xtrace_trace_h_{probes}_probes_s"] = timeit(xtr, params, batch, repeats=2)
+    out["hutchinson_trace_h_s_at_xtrace_stderr"] = (
+        t * (float(est.stderr) / max(float(x.stderr), 1e-30)) ** 2
+    )
+    # Hutchinson with 100 probes against XTrace with as many probes.
+    xtr100 = jax.jit(
+        lambda p, b: sharpness.hessian_trace_xtrace(
+            objective, p, b, key=key, num_probes=min(100, sj.num_params(p)), chunk_size=chunk
+        )
+    )
+    x100 = xtr100(params, batch)
+    out["xtrace_trace_h_100_probes_stderr"] = float(x100.stderr)
+    out["xtrace_trace_h_100_probes_s"] = timeit(xtr100, params, batch, repeats=1)
     return out
 
 
@@ -369,7 +410,8 @@ def covariance_memory(objective, params, *, n: int, chunk: int) -> dict[str, flo
 
 
 def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, float]:
-    """Each in-training measurement's time as a multiple of one SGD step (W1, b = n/8)."""
+    """Each in-training measurement's time per call as a multiple of one SGD step (W1,
+    b = n/8): the median over calls of the loop's measurement step, after the run's setup."""
     c = default_config()
     c.dataset.update(name="mnist5k", num_train=n, flatten=True)
     c.model.update(name="mlp", widths=widths, activation="tanh")
@@ -388,23 +430,33 @@ def training_overheads(n: int, widths, chunk: int, repeats: int) -> dict[str, fl
     mini = jax.tree_util.tree_map(lambda a: a[: n // 8], batch)
     step_s = timeit(step, params, opt_state, mini, repeats=repeats)
     out = {"training_step_s": step_s}
-    measures = {
-        "lambda_max": {"k": 1, "tol": 3e-3},
-        "trace_hessian": {"num_probes": 20},
-        "trace_gradient_covariance": {},
-        "batch_sharpness": {"rel_stderr": 0.02},
-        "gni": {"num_probes": 10},
-        "jacobian_norms": {},
-        "riemannian_sharpness": {"num_probes": 20},
+    measures = {  # row label: (measurement, options)
+        "lambda_max": ("lambda_max", {"k": 1, "tol": 3e-3}),
+        "trace_hessian": ("trace_hessian", {"num_probes": 20}),
+        "trace_gradient_covariance": ("trace_gradient_covariance", {}),
+        "gradient_covariance_lambda_max": ("trace_gradient_covariance", {"top_k": 1}),
+        "batch_sharpness": ("batch_sharpness", {"rel_stderr": 0.02}),
+        "gni": ("gni", {"num_probes": 10}),
+        "jacobian_norms": ("jacobian_norms", {}),
+        "riemannian_sharpness": ("riemannian_sharpness", {"num_probes": 20}),
     }
     cache = CompileCache()
-    for name, options in measures.items():
+    for label, (name, options) in measures.items():
         c.measure.names = (name,)
         c.measure.options = {name: options}
-        training.measure(c, params, cache=cache)  # compile
-        start = time.perf_counter()
-        training.measure(c, params, cache=cache)
-        out[f"measure_{name}_x_step"] = (time.perf_counter() - start) / step_s
+        # What the training loop runs at each measurement step: the run's setup (data, checks,
+        # placement) happens once per run and is not part of a call.
+        st = training._setup(c, cache)
+        p = st.placement.params(params)
+        opt = st.placement.params(st.programs.optimizer(st.config)[1].init(p))
+        states = {name: {}}
+        training._measure_row(st, states, 0, p, opt)  # compile
+        times = []
+        for _ in range(max(1, repeats // 2)):
+            start = time.perf_counter()
+            training._measure_row(st, states, 0, p, opt)
+            times.append(time.perf_counter() - start)
+        out[f"measure_{label}_x_step"] = float(np.median(times)) / step_s
     return out
 
 

@@ -135,15 +135,14 @@ def measure_trace_hessian(ctx: MeasureContext) -> dict[str, Any]:
     method = opts["method"]
 
     def trace(objective, params, batch, key):
-        hvp = operators.hessian(objective, params, batch, chunk_size=ctx.chunk_size)
-        est = linalg.trace(
-            hvp,
-            params,
-            method=method,
-            key=key,
-            num_probes=opts["num_probes"],
-            basis_chunk=opts["basis_chunk"],
-        )
+        kw = {"num_probes": opts["num_probes"], "key": key}
+        if method == "hutchinson":  # quadratic forms zᵀHz, forward over forward
+            est = sharpness.hessian_trace_hutchinson(
+                objective, params, batch, chunk_size=ctx.chunk_size, **kw
+            )
+        else:
+            hvp = operators.hessian(objective, params, batch, chunk_size=ctx.chunk_size)
+            est = linalg.trace(hvp, params, method=method, basis_chunk=opts["basis_chunk"], **kw)
         return est.value, est.stderr
 
     value, stderr = ctx.jit(trace)(ctx.objective, ctx.params, ctx.batch, ctx.key)
@@ -172,9 +171,28 @@ def check_trace_hessian(options: Mapping[str, Any], info: RunInfo) -> None:
 
 def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
     """tr(C), C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ on the measurement batch (``"exact"``: by
-    :func:`sharpness_jax.gradient_gram.covariance_trace`, factored where it applies)."""
+    :func:`sharpness_jax.gradient_gram.covariance_trace`, factored where it applies).
+
+    With ``top_k`` > 0 (exact only) also the top-k eigenvalues of C, exactly, from the centred
+    n × n Gram matrix of :func:`sharpness_jax.gradient_gram.covariance_spectrum` (factored
+    over the Dense layers where it applies; tr(C) then comes from the same matrix).
+    """
     opts = ctx.options
     chunk_size = ctx.chunk_size
+    k = int(opts["top_k"])
+    if k:
+
+        def spectrum(objective, params, batch):
+            spec = gradient_gram.covariance_spectrum(
+                objective, params, batch, chunk_size=chunk_size
+            )
+            return spec.trace, spec.eigenvalues[:k]
+
+        value, top = ctx.jit(spectrum, name="spectrum")(ctx.objective, ctx.params, ctx.batch)
+        out = {"trace_gradient_covariance": value, "gradient_covariance_lambda_max": top[0]}
+        if k > 1:
+            out["gradient_covariance_top_eigenvalues"] = top
+        return out
 
     if opts["method"] == "exact":
 
@@ -200,26 +218,22 @@ def measure_trace_gradient_covariance(ctx: MeasureContext) -> dict[str, Any]:
     return {"trace_gradient_covariance": value, "trace_gradient_covariance_stderr": stderr}
 
 
-_PER_EXAMPLE_MEMORY_LIMIT = 2**28  # numbers held at once by exact per-example gradients
-
-
 def check_trace_gradient_covariance(options: Mapping[str, Any], info: RunInfo) -> None:
+    """The method and probes; the memory of ``"exact"`` depends on the route it takes
+    (factored or per example) and is checked by ``gradient_gram.covariance_trace``."""
     method = options["method"]
     _require(
         method in ("exact", "hutchinson"),
         f"trace_gradient_covariance: method must be 'exact' or 'hutchinson', got {method!r}",
     )
-    if method == "exact":
-        per_chunk = min(info.chunk_size or info.num_measure, info.num_measure)
-        _require(
-            per_chunk * info.num_params <= _PER_EXAMPLE_MEMORY_LIMIT,
-            f"trace_gradient_covariance: method='exact' holds chunk × P = {per_chunk:,} × "
-            f"{info.num_params:,} per-example gradient entries at once; set chunk_size "
-            f"so that chunk_size·P <= {_PER_EXAMPLE_MEMORY_LIMIT:,}, or use "
-            "method='hutchinson'",
-        )
-    else:
+    if method == "hutchinson":
         _require_num_probes("trace_gradient_covariance", options["num_probes"])
+    k = options["top_k"]
+    _require(
+        _is_int(k) and 0 <= k <= info.num_measure and (k == 0 or method == "exact"),
+        f"trace_gradient_covariance: top_k must be an int in [0, n={info.num_measure}] "
+        f"(the measurement batch), with method='exact' when > 0; got {k!r}",
+    )
 
 
 def measure_gradient_norm(ctx: MeasureContext) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sharpness_jax import checks, operators, subsets
+from sharpness_jax import checks, dense_factors, operators, subsets
 from sharpness_jax.objective import Batch, Objective
-from sharpness_jax.per_example import sum_examples
+from sharpness_jax.per_example import sum_examples, sum_over_chunks
 
 PyTree = Any
 MatVec = Callable[[PyTree], PyTree]
@@ -74,16 +74,71 @@ def empirical_fisher_diagonal(
     *,
     chunk_size: int | None = None,
     subset: subsets.Selector | None = None,
+    method: str = "auto",
 ) -> PyTree:
     """diag F_emp = (1/n) Σ_p g_p ⊙ g_p, g_p = ∇θ ℓ_p(θ), exactly.
 
-    The squared PER-EXAMPLE gradients are summed, streamed over chunks of examples (memory
-    ``chunk_size`` × P); this is not the square of the batch gradient ḡ ⊙ ḡ.
+    The squared PER-EXAMPLE gradients are summed, streamed over chunks of examples; this is
+    not the square of the batch gradient ḡ ⊙ ḡ. ``method="factored"`` (taken by ``"auto"``
+    when every free leaf is the kernel or bias of a flax ``nn.Dense`` call,
+    :func:`sharpness_jax.dense_factors.dense_layout`) forms no per-example gradient: a Dense
+    layer applied at one position has g_p,W = a_p δ_pᵀ (input a_p, output-gradient δ_p), so
+    Σ_p g_p,W ⊙ g_p,W = Σ_p (a_p ⊙ a_p)(δ_p ⊙ δ_p)ᵀ, one matrix product of squared factors
+    after one batched backward pass (about two gradients in all); at T > 1 positions the
+    layer's Σ_t a_pt δ_ptᵀ is formed per example of a chunk. ``"per_example"`` squares
+    per-example gradients (memory ``chunk_size`` × P).
+
+    Args:
+      method: ``"auto"``, ``"factored"`` or ``"per_example"``.
 
     Returns:
       A pytree like ``params`` (or the subset's ``{path: leaf}`` dict).
+
+    Raises:
+      ValueError: on an unknown method, or ``"factored"`` where it does not apply.
     """
+    if method not in ("auto", "factored", "per_example"):
+        raise ValueError(f"method must be 'auto', 'factored' or 'per_example', got {method!r}")
+    if method != "per_example":
+        restricted, free, n = operators.prepare(
+            objective, params, batch, chunk_size=chunk_size, subset=subset
+        )
+        example = jax.tree_util.tree_map(lambda a: a[0], Batch(*batch).inputs)
+        layout = dense_factors.dense_layout(restricted, free, example)
+        if layout.applicable:
+            return _factored_squares(restricted, free, Batch(*batch), layout, chunk_size, n)
+        if method == "factored":
+            raise ValueError(f"the factored Fisher diagonal does not apply: {layout.reason}")
     return _example_mean(_squared_gradient, objective, params, batch, chunk_size, subset)
+
+
+def _factored_squares(objective, params, batch, layout, chunk_size, n) -> PyTree:
+    """(1/n) Σ_p g_p ⊙ g_p from every Dense call's inputs and output-gradients."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    high = jax.lax.Precision.HIGHEST
+
+    def chunk_fn(chunk, mask, index):
+        del index
+        acts, deltas = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+        out = [None] * len(leaves)
+        size = mask.shape[0]
+        for c, a, d in zip(layout.calls, acts, deltas, strict=True):
+            a = jnp.where(mask[:, None, None], a.reshape(size, c.positions, -1), 0)
+            d = d.reshape(size, c.positions, -1)  # zero on padding
+            if c.kernel is not None:
+                if c.positions == 1:
+                    sq = jnp.einsum("pd,pm->dm", a[:, 0] ** 2, d[:, 0] ** 2, precision=high)
+                else:
+                    w = jnp.einsum("ptd,ptm->pdm", a, d, precision=high)
+                    sq = jnp.sum(jnp.square(w), axis=0)
+                out[c.kernel] = sq.reshape(leaves[c.kernel].shape)
+            if c.bias is not None:
+                sq = jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=0)
+                out[c.bias] = sq.reshape(leaves[c.bias].shape)
+        return [x.astype(leaf.dtype) for x, leaf in zip(out, leaves, strict=True)]
+
+    total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    return jax.tree_util.tree_unflatten(treedef, [x / n for x in total])
 
 
 def fisher_diagonal(

@@ -21,19 +21,14 @@ n² plus what one pair of chunks needs; about n / chunk_size passes over the bat
   gradient Σ_t a_pt δ_ptᵀ (d × m) is formed per example of a chunk instead, which is cheaper.
 * ``"per_example"``: flat per-example gradients of a chunk, G_r G_cᵀ per block.
 
-Numerics when tr(C) ≪ ‖ḡ‖². Centring K after the fact cancels ‖ḡ‖²-sized entries: in
-float32 it leaves errors of order eps·‖ḡ‖² on a signal of order tr(C)/n. C is invariant under
-subtracting any fixed vector r from every g_p, so the covariance routes build the Gram of
-g_p − r with r close to ḡ, where the cancellation happens on the factors, not on their
-products. The per-example route takes r = ḡ (one gradient first). The factored route takes,
-per layer, r = Σ_t ā_t δ̄_tᵀ (ā_t, δ̄_t the means over examples at position t) and writes
-
-    g_p − r = Σ_t (a_pt − ā_t) δ_ptᵀ + ā_t (δ_pt − δ̄_t)ᵀ,
-
-a sum of products with one small factor each, whose inner products have no catastrophic
-cancellation. What is left of the mean, ḡ − r, is of the order of the fluctuations, and the
-final centring of that Gram is benign: the error is of order eps·‖ḡ‖·‖ĝ‖, as for centred
-per-example gradients, instead of eps·‖ḡ‖².
+Numerics when tr(C) ≪ ‖ḡ‖². Centring K after the fact leaves float32 errors of order
+eps·‖ḡ‖² on a signal of order tr(C)/n. C is invariant under subtracting a fixed r from every
+g_p, so the routes work with g_p − r, r close to ḡ: the per-example route takes r = ḡ (one
+gradient first), the factored one, per layer, r = Σ_t ā_t δ̄_tᵀ (ā_t, δ̄_t the means over
+examples at position t) and g_p − r = Σ_t (a_pt − ā_t) δ_ptᵀ + ā_t (δ_pt − δ̄_t)ᵀ, products
+with one small factor each. What is left of the mean, ḡ − r, is of the order of the
+fluctuations, so the error is of order eps·‖ḡ‖·‖ĝ‖, as for centred per-example gradients.
+The exact tr(C) takes the means of each chunk and pools the chunks (one pass).
 """
 
 from __future__ import annotations
@@ -222,26 +217,33 @@ def _hadamard(call) -> bool:
     return t * t * (d + m) <= d * m
 
 
+def _signal_sums(calls, signals, mask):
+    """Per call, (Σ_p a_p, Σ_p δ_p) over a chunk's real examples, shapes (T, d), (T, m)."""
+    out = []
+    for c, a, d in zip(calls, *signals, strict=True):
+        a = jnp.where(mask[:, None, None], a.reshape(mask.shape[0], c.positions, -1), 0)
+        out.append((jnp.sum(a, 0), jnp.sum(d.reshape(mask.shape[0], c.positions, -1), 0)))
+    return out
+
+
 def _factor_means(objective, params, batch, layout, chunk_size):
     """Per call, (ā, δ̄): the means over examples at each position, shapes (T, d), (T, m)."""
     n = checks.num_examples(batch)
 
     def chunk_fn(chunk, mask, index):
         del index
-        acts, deltas = dense_factors.layer_signals(objective, params, chunk, mask, layout)
-        out = []
-        for c, a, d in zip(layout.calls, acts, deltas, strict=True):
-            a = jnp.where(mask[:, None, None], a.reshape(mask.shape[0], c.positions, -1), 0)
-            out.append((jnp.sum(a, 0), jnp.sum(d.reshape(mask.shape[0], c.positions, -1), 0)))
-        return out
+        signals = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+        return _signal_sums(layout.calls, signals, mask)
 
     total = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
     return [(a / n, d / n) for a, d in total]
 
 
-def _layer_factors(objective, params, chunk, mask, layout, means):
+def _layer_factors(objective, params, chunk, mask, layout, means, signals=None):
     """Per call, the factors of g_p − r on a chunk (r = 0 when ``means`` is None)."""
-    acts, deltas = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+    if signals is None:
+        signals = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+    acts, deltas = signals
     size = mask.shape[0]
     keep = mask[:, None, None]
     out = []
@@ -470,32 +472,87 @@ def _kernel_sum(f):
     return total + _einsum("td,ptm->dm", f["a_bar"], f["H"])
 
 
+def _squares_and_sums(calls, factors):
+    """Σ_p ‖g_p − r‖² and, per free leaf of each call, Σ_p (g_p − r) of a chunk's factors."""
+    squares, sums = 0, []
+    for c, f in zip(calls, factors, strict=True):
+        layer = []
+        if "bias" in f:
+            squares = squares + jnp.sum(jnp.square(f["bias"]))
+            layer.append(jnp.sum(f["bias"], axis=0))
+        if "W" in f:
+            squares = squares + jnp.sum(jnp.square(f["W"]))
+            layer.append(jnp.sum(f["W"], axis=0))
+        elif c.kernel is not None:
+            squares = squares + jnp.sum(_kernel_diagonal(f))
+            layer.append(_kernel_sum(f))
+        sums.append(layer)
+    return squares, sums
+
+
+def _chunk_reference(calls, means):
+    """r per free leaf (order of :func:`_squares_and_sums`): Σ_t δ̄_t, Σ_t ā_t δ̄_tᵀ."""
+    out = []
+    for c, (a_bar, d_bar) in zip(calls, means, strict=True):
+        layer = [jnp.sum(d_bar, axis=0)] if c.bias is not None else []
+        if c.kernel is not None:
+            layer.append(_einsum("td,tm->dm", a_bar, d_bar))
+        out.append(layer)
+    return out
+
+
 def _factored_trace(objective, params, batch, layout, chunk_size, n):
-    """tr(C) = (1/n) Σ_p ‖g_p − r‖² − ‖ḡ − r‖², both from the factors of g_p − r."""
-    means = _factor_means(objective, params, batch, layout, chunk_size)
+    """n tr(C) = Σ_c [S_c − ‖s_c‖²/n_c] + Σ_c n_c ‖ḡ_c − m‖² − n ‖ḡ − m‖² over chunks c.
+
+    S_c = Σ_{p∈c} ‖g_p − r_c‖² and s_c = Σ_{p∈c} (g_p − r_c) come from the factors with the
+    chunk's own factor means (ḡ_c = r_c + s_c/n_c); m is the mean gradient of the first
+    chunk_size examples, so every ḡ_c − m and ḡ − m is of the order of the fluctuations and
+    no ‖ḡ‖²-sized terms cancel. One pass over the batch (and m from one chunk's gradient).
+    """
+    single = chunk_size is None or chunk_size >= n
+    head = jax.tree.map(lambda a: a[:chunk_size], batch)
+    m = params if single else operators.gradient(objective, params, head, chunk_size=None)
+    leaves = [0 * x if single else x for x in jax.tree.leaves(m)]
+    m = [[leaves[k] for k in (c.bias, c.kernel) if k is not None] for c in layout.calls]
 
     def chunk_fn(chunk, mask, index):
         del index
-        squares, sums = 0, []
-        for c, f in zip(
-            layout.calls, _layer_factors(objective, params, chunk, mask, layout, means), strict=True
-        ):
-            layer = []
-            if "bias" in f:
-                squares = squares + jnp.sum(jnp.square(f["bias"]))
-                layer.append(jnp.sum(f["bias"], axis=0))
-            if "W" in f:
-                squares = squares + jnp.sum(jnp.square(f["W"]))
-                layer.append(jnp.sum(f["W"], axis=0))
-            elif c.kernel is not None:
-                squares = squares + jnp.sum(_kernel_diagonal(f))
-                layer.append(_kernel_sum(f))
-            sums.append(layer)
-        return squares, sums
+        signals = dense_factors.layer_signals(objective, params, chunk, mask, layout)
+        count = jnp.sum(mask).astype(_dtype(params))
+        scale = 1 / jnp.maximum(count, 1)
+        means = [(a * scale, d * scale) for a, d in _signal_sums(layout.calls, signals, mask)]
+        factors = _layer_factors(objective, params, chunk, mask, layout, means, signals)
+        squares, sums = _squares_and_sums(layout.calls, factors)
+        within = squares - scale * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(sums))
+        # n_c (ḡ_c − m) = n_c (r_c − m) + s_c, leaf by leaf.
+        refs = _chunk_reference(layout.calls, means)
+        shift = jax.tree.map(lambda r, x, mu: count * (r - mu) + x, refs, sums, m)
+        between = scale * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(shift))
+        return within, between, shift
 
-    squares, sums = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
-    offset = sum(jnp.sum(jnp.square(s / n)) for s in jax.tree_util.tree_leaves(sums))
-    return squares / n - offset
+    within, between, shift = sum_over_chunks(chunk_fn, batch, chunk_size=chunk_size)
+    if single:
+        return within / n
+    offset = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(shift)) / n
+    return (within + between - offset) / n
+
+
+def _check_trace_memory(params, layout, chunk):
+    """Refuses an exact tr(C) whose chunk does not fit: its layer factors (or gradients)."""
+    if layout is None:
+        size, route = ravel_pytree(params)[0].shape[0], "per-example gradients"
+    else:
+        size, route = 0, "layer factors"
+        for c in layout.calls:
+            size += 3 * c.positions * (c.input_shape[-1] + c.output_shape[-1])
+            if c.kernel is not None and not _hadamard(c):
+                size += c.input_shape[-1] * c.output_shape[-1]
+    checks.check_memory(
+        2.0 * chunk * size * jnp.dtype(_dtype(params)).itemsize,
+        max_bytes=None,
+        what=f"exact tr(C) from the {route} of a chunk of {chunk:,} examples",
+        cheaper="set a smaller chunk_size or use the Hutchinson estimate",
+    )
 
 
 def covariance_trace(
@@ -507,15 +564,13 @@ def covariance_trace(
     subset: subsets.Selector | None = None,
     method: str = "auto",
 ) -> tuple[jax.Array, str]:
-    """tr(C) = (1/n) Σ_p ‖g_p − ḡ‖² exactly, in about three gradients on the factored route.
+    """tr(C) = (1/n) Σ_p ‖g_p − ḡ‖² exactly; one pass over the batch on the factored route.
 
-    On the factored route (every free leaf the kernel or bias of a Dense call) the squared
-    norms come from the layer factors of g_p − r, r close to ḡ (module docstring), without
-    forming a per-example gradient: one pass for the factor means, one for the factors, each
-    about a gradient. tr(C) = (1/n) Σ_p ‖g_p − r‖² − ‖ḡ − r‖², where ḡ − r is the mean of the
-    same factors, of the order of the fluctuations, so the subtraction does not cancel
-    ‖ḡ‖²-sized terms. The per-example route sums ‖g_p − ḡ‖² over chunks of per-example
-    gradients (one gradient for ḡ first).
+    Factored route (every free leaf the kernel or bias of a Dense call): the squared norms
+    of g_p − r_c come from the layer factors, r_c close to the chunk's mean gradient (module
+    docstring), combined over chunks by :func:`_factored_trace`, without a per-example
+    gradient and without subtracting ‖ḡ‖²-sized terms. The per-example route sums
+    ‖g_p − ḡ‖² over chunks of per-example gradients (one gradient for ḡ first).
 
     Args:
       objective, params, batch, chunk_size, subset, method: as in :func:`gradient_gram`.
@@ -525,12 +580,15 @@ def covariance_trace(
 
     Raises:
       ValueError: on an unknown method, or ``"factored"`` where it does not apply.
+      MemoryError: if one chunk's factors (or per-example gradients) exceed
+        ``checks.MEMORY_LIMIT_BYTES``.
     """
     objective, params, n = operators.prepare(
         objective, params, batch, chunk_size=chunk_size, subset=subset
     )
     batch = Batch(*batch)
     method, layout = _resolve(objective, params, batch, method)
+    _check_trace_memory(params, layout, min(chunk_size or n, n))
     if method == "factored":
         return _factored_trace(objective, params, batch, layout, chunk_size, n), method
     g_bar = ravel_pytree(operators.gradient(objective, params, batch, chunk_size=chunk_size))[0]

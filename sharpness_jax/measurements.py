@@ -24,8 +24,12 @@ name                                     row keys and quantity
 ``trace_hessian``                        tr(H): Hutchinson or XTrace with standard error, or exact
                                          (P Hessian-vector products, small P only)
 ``trace_gradient_covariance``            tr(C) = (1/n) Σ_p ‖g_p − ḡ‖², exactly
-                                         (``noise.gradient_covariance_trace``), or by Hutchinson
-                                         on ``operators.gradient_covariance``
+                                         (``gradient_gram.covariance_trace``, from the Dense
+                                         layers' factors where it applies), or by Hutchinson
+                                         on ``operators.gradient_covariance``; option ``top_k``:
+                                         also ``gradient_covariance_lambda_max`` (and the array
+                                         ``gradient_covariance_top_eigenvalues``), exact, from
+                                         the n × n Gram matrix (``covariance_spectrum``)
 ``gradient_norm``                        ‖∇L(θ)‖
 ``batch_sharpness``                      ``batch_sharpness`` (± ``_stderr``, ``_draws``):
                                          E_B[g_Bᵀ H_B g_B/‖g_B‖²], batches of the training batch
@@ -295,7 +299,7 @@ BUILTIN_MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement(
         "trace_gradient_covariance",
         builtin.measure_trace_gradient_covariance,
-        {"method": "exact", "num_probes": 100},
+        {"method": "exact", "num_probes": 100, "top_k": 0},
         builtin.check_trace_gradient_covariance,
     ),
     Measurement("gradient_norm", builtin.measure_gradient_norm, {}),

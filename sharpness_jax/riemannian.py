@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sharpness_jax import checks, fisher_metrics, kfac, linalg, operators, subsets
+from sharpness_jax import checks, fisher_metrics, hessian_forms, kfac, linalg, operators, subsets
 from sharpness_jax.objective import Batch, Objective
 
 PyTree = Any
@@ -333,7 +333,12 @@ def diagonal_riemannian_sharpness(
     (``fisher_metrics.diagonal_inverse_sqrt``): tr((D + εI)^{-1/2} H (D + εI)^{-1/2}) =
     Σ_i H_ii / (D_ii + ε), exactly (P HVPs) when ``key`` and ``num_probes`` are None, otherwise
     by Hutchinson with Rademacher probes z on the whitened operator (zᵀ s ⊙ H(s ⊙ z) with
-    s = (D + εI)^{-1/2}), with its standard error.
+    s = (D + εI)^{-1/2}), with its standard error. Each probe's (s ⊙ z)ᵀ H (s ⊙ z) is a
+    forward-over-forward quadratic form (:mod:`sharpness_jax.hessian_forms`, about one
+    gradient; the probes and the value are those of :func:`riemannian_trace` to rounding), and
+    the empirical Fisher's diagonal takes the factored route of
+    :func:`fisher_metrics.empirical_fisher_diagonal` on networks of Dense layers (about two
+    gradients), so an estimate costs about 2 + m gradients.
 
     Args:
       damping: ε ≥ 0, always reported back.
@@ -360,14 +365,20 @@ def diagonal_riemannian_sharpness(
     hvp = operators.hessian(objective, params, batch, chunk_size=chunk_size, subset=subset)
     d = ravel_pytree(f_diag)[0] + damping
     num_excluded = jnp.sum(~(d > 0), dtype=jnp.int32)
-    est = riemannian_trace(
-        hvp,
-        fisher_metrics.diagonal_inverse_sqrt(f_diag, damping=damping),
-        template,
-        key=key,
-        num_probes=num_probes,
-        probe_chunk=probe_chunk,
-    )
+    inverse_sqrt = fisher_metrics.diagonal_inverse_sqrt(f_diag, damping=damping)
+    if key is None:
+        est = riemannian_trace(hvp, inverse_sqrt, template, probe_chunk=probe_chunk)
+    else:  # (s ⊙ z)ᵀ H (s ⊙ z) forward over forward: the probes of riemannian_trace
+        form = hessian_forms.hessian_quadratic_form(
+            objective, params, batch, chunk_size=chunk_size, subset=subset
+        )
+        est = linalg.quadratic_form_trace(
+            lambda z: form(inverse_sqrt(z)),
+            template,
+            key=key,
+            num_probes=num_probes,
+            probe_chunk=probe_chunk,
+        )
     return DiagonalRiemannianSharpness(
         est.value, est.stderr, est.num_probes, jnp.asarray(damping, d.dtype), num_excluded
     )

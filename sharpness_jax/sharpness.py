@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sharpness_jax import linalg, minibatch, operators, subsets
+from sharpness_jax import hessian_forms, linalg, minibatch, operators, subsets
 from sharpness_jax.batch_moments import _safe_ratio
 from sharpness_jax.linalg import Eigen, Estimate
 from sharpness_jax.minibatch import BatchEstimate
@@ -268,21 +268,26 @@ def hessian_trace_hutchinson(
 ) -> Estimate:
     """tr(H) ≈ (1/m) Σ_j z_jᵀ H z_j with m Rademacher probes; returns value ± standard error.
 
+    Each z_jᵀ H z_j is a forward-over-forward second directional derivative
+    (:func:`sharpness_jax.hessian_forms.hessian_quadratic_form`, about one gradient instead of
+    the two of a Hessian-vector product); the probes are those of
+    ``linalg.hutchinson_trace(hessian, ...)`` with the same key, and so is the value (to
+    rounding).
+
     Args:
       key: PRNG key of the probes.
       num_probes: m.
-      probe_chunk: probes evaluated together (default all).
+      probe_chunk: probes evaluated together under one ``vmap`` sharing the primal pass
+        (default all).
       chunk_size: examples per chunk in each product.
       subset: restrict to these parameter leaves.
     """
-    matvec, params = _restricted_hessian(objective, params, batch, chunk_size, subset)
-    return linalg.trace(
-        matvec,
-        params,
-        method="hutchinson",
-        key=key,
-        num_probes=num_probes,
-        probe_chunk=probe_chunk,
+    form = hessian_forms.hessian_quadratic_form(
+        objective, params, batch, chunk_size=chunk_size, subset=subset
+    )
+    template = _restricted(objective, params, batch, chunk_size, subset)[1]
+    return linalg.quadratic_form_trace(
+        form, template, key=key, num_probes=num_probes, probe_chunk=probe_chunk
     )
 
 

@@ -233,6 +233,10 @@ def test_benchmark_small_runs_every_measurement():
         "exact_trace_c_factored_grad_equivalents",
         "c_matvec_temp_mib_4n",
         "measure_lambda_max_x_step",
+        "measure_gradient_covariance_lambda_max_x_step",
+        "measure_riemannian_sharpness_x_step",
+        "hutchinson_trace_h_100_probes_grad_equivalents",
+        "hutchinson_trace_h_s_at_xtrace_stderr",
         "eager_lanczos_x_matvecs",
         "eager_lanczos_compile_s",
     ):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from fisher_problems import tanh_ce as _tanh_ce
-from problems import flat, rel_err
+from jax.flatten_util import ravel_pytree
+from problems import cnn_problem, flat, mlp_problem, rel_err
 
 import sharpness_jax as sj
 from sharpness_jax import fisher_metrics
@@ -59,3 +61,53 @@ def test_diagonal_inverse_sqrt_excludes_zero_entries():
     np.testing.assert_allclose(damped, [1 / np.sqrt(7.0), 1 / np.sqrt(3.0), 1.0], rtol=1e-15)
     with pytest.raises(ValueError, match="damping"):
         fisher_metrics.diagonal_inverse_sqrt(d, damping=-1.0)
+
+
+class _Positions(nn.Module):
+    """A Dense layer over T = 3 positions of one example, then a Dense head."""
+
+    @nn.compact
+    def __call__(self, x):  # one example (3, 4)
+        return nn.Dense(2)(jnp.mean(jnp.tanh(nn.Dense(5)(x)), axis=0))
+
+
+def _positions_problem(n=6):
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(kx, (n, 3, 4), jnp.float64)
+    y = jax.random.randint(ky, (n,), 0, 2)
+    module = _Positions()
+    params = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64), module.init(kp, x[0].astype(jnp.float32))
+    )
+    return sj.Objective(module.apply, sj.get_loss("cross_entropy")), params, sj.Batch(x, y)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "positions"])
+def test_factored_empirical_fisher_diagonal_equals_squared_example_gradients(kind):
+    """Σ_p (a_p²)(δ_p²)ᵀ per Dense layer (per-example layer gradients at T > 1) against
+    jax.vmap(jax.grad) per-example gradients, chunked and not, float64."""
+    if kind == "mlp":
+        prob = mlp_problem("tanh", "cross_entropy", widths=(6, 3))
+        obj, params, batch = prob.objective, prob.params, prob.batch
+    else:
+        obj, params, batch = _positions_problem()
+    grads = jax.vmap(jax.grad(obj.example_loss), (None, 0, 0))(params, *batch)
+    want = np.mean(np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads)) ** 2, axis=0)
+    for chunk in (None, 4):
+        for method in ("auto", "factored", "per_example"):
+            got = fisher_metrics.empirical_fisher_diagonal(
+                obj, params, batch, chunk_size=chunk, method=method
+            )
+            assert rel_err(flat(got), want) < 1e-12, (chunk, method)
+
+
+def test_factored_fisher_diagonal_needs_dense_layers():
+    prob = cnn_problem()
+    obj, params, batch = prob.objective, prob.params, prob.batch
+    with pytest.raises(ValueError, match="factored Fisher diagonal does not apply"):
+        fisher_metrics.empirical_fisher_diagonal(obj, params, batch, method="factored")
+    with pytest.raises(ValueError, match="method must be"):
+        fisher_metrics.empirical_fisher_diagonal(obj, params, batch, method="dense")
+    auto = fisher_metrics.empirical_fisher_diagonal(obj, params, batch)
+    per_example = fisher_metrics.empirical_fisher_diagonal(obj, params, batch, method="per_example")
+    np.testing.assert_array_equal(flat(auto), flat(per_example))

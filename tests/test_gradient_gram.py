@@ -214,3 +214,20 @@ def test_covariance_trace_is_stable_when_the_mean_gradient_dominates(method):
     value, _ = gradient_gram.covariance_trace(o, p32, b32, method=method, chunk_size=5)
     assert value.dtype == jnp.float32
     assert abs(float(value) - ref) < bound * ref
+
+
+def test_exact_trace_memory_check_follows_the_route(monkeypatch):
+    """The factored route holds layer factors, the per-example route chunk × P gradients: at a
+    limit between the two, only the per-example route is refused."""
+    from sharpness_jax import checks
+
+    prob = mlp_problem("tanh", "cross_entropy", widths=(32, 32))
+    obj, params, batch = prob.objective, prob.params, prob.batch
+    size = ravel_pytree(params)[0].shape[0]  # P = 1,316; factors 3·(36 + 64 + 64) per example
+    monkeypatch.setattr(checks, "MEMORY_LIMIT_BYTES", 2.0 * prob.n * 8 * size / 2)
+    trace, route = gradient_gram.covariance_trace(obj, params, batch)
+    assert route == "factored"
+    with pytest.raises(MemoryError, match="per-example gradients"):
+        gradient_gram.covariance_trace(obj, params, batch, method="per_example")
+    want = gradient_gram.covariance_trace(obj, params, batch, method="per_example", chunk_size=2)
+    np.testing.assert_allclose(trace, want[0], rtol=1e-10)

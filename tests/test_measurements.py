@@ -82,10 +82,14 @@ def test_exact_methods_on_large_models_name_the_cheaper_route():
     options = measurement_options("trace_hessian", {"method": "exact"})
     with pytest.raises(ValueError, match=r"P=1,000,000 .*hutchinson"):
         MEASUREMENTS["trace_hessian"].check(options, info)
+    # Exact tr(C): its memory depends on the route (gradient_gram.covariance_trace checks it);
+    # the option check takes the method and top_k.
     options = measurement_options("trace_gradient_covariance", {})
-    with pytest.raises(ValueError, match="chunk_size"):
-        MEASUREMENTS["trace_gradient_covariance"].check(options, info)
-    MEASUREMENTS["trace_gradient_covariance"].check(options, info._replace(chunk_size=64))
+    MEASUREMENTS["trace_gradient_covariance"].check(options, info)
+    for bad in ({"top_k": -1}, {"top_k": 5000}, {"top_k": 2, "method": "hutchinson"}):
+        options = measurement_options("trace_gradient_covariance", bad)
+        with pytest.raises(ValueError, match="top_k"):
+            MEASUREMENTS["trace_gradient_covariance"].check(options, info)
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -246,6 +250,24 @@ def test_measurements_match_dense_references_and_compile_once():
     ):
         assert 0 < row[f"{name}_stderr"] < 0.2 * abs(exact)
         assert abs(row[name] - exact) < 5 * row[f"{name}_stderr"], name
+
+
+def test_covariance_top_eigenvalues_match_the_dense_covariance():
+    """trace_gradient_covariance with top_k: λ_1..λ_k of C from the Gram route (float64)."""
+    from sharpness_jax.training import measure
+
+    c = resolve_config(TINY)
+    c.measure.names = ("trace_gradient_covariance",)
+    c.measure.options = {"trace_gradient_covariance": {"top_k": 3}}
+    c.chunk_size = 20
+    params = problem_from_config(c).model.init(jax.random.PRNGKey(4))
+    row, arrays = measure(c, params)
+    g = _dense_reference(params)["grads"]
+    centred = g - g.mean(0)
+    eig = np.linalg.eigvalsh(centred.T @ centred / len(g))[::-1]
+    np.testing.assert_allclose(row["trace_gradient_covariance"], eig.sum(), rtol=1e-10)
+    np.testing.assert_allclose(row["gradient_covariance_lambda_max"], eig[0], rtol=1e-10)
+    np.testing.assert_allclose(arrays["gradient_covariance_top_eigenvalues"], eig[:3], rtol=1e-9)
 
 
 def test_registry_rejects_duplicates_and_collisions():

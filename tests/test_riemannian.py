@@ -239,7 +239,8 @@ def test_kfac_riemannian_sharpness_invariant_under_unit_rescaling(relu_se):
 
 def test_diagonal_sharpness_is_the_trace_in_the_diagonal_metric(relu_se):
     """One path: Ŝ_R is riemannian_trace with the diagonal metric's inverse square root, for
-    the exact and the Hutchinson estimate (same probes, same numbers)."""
+    the exact and the Hutchinson estimate (same probes; the Hutchinson one takes zᵀHz forward
+    over forward instead of zᵀ(Hz), so the same numbers to rounding)."""
     obj, params, batch = relu_se.objective, relu_se.params, relu_se.batch
 
     @jax.jit
@@ -260,8 +261,8 @@ def test_diagonal_sharpness_is_the_trace_in_the_diagonal_metric(relu_se):
 
     exact, trace, hutch, hutch_trace, whitened = run(params, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(exact.value, trace.value)
-    np.testing.assert_array_equal(hutch.value, hutch_trace.value)
-    np.testing.assert_array_equal(hutch.stderr, hutch_trace.stderr)
+    np.testing.assert_allclose(hutch.value, hutch_trace.value, rtol=1e-12)
+    np.testing.assert_allclose(hutch.stderr, hutch_trace.stderr, rtol=1e-10)
     assert hutch.num_probes == 16 and exact.num_probes == 0
     np.testing.assert_allclose(np.trace(whitened), exact.value, rtol=1e-12)
 

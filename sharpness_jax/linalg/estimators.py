@@ -1,8 +1,15 @@
 """Stochastic estimators on a matrix-free operator, each with an explicit key and probe count
 and a standard error: :func:`hutchinson_trace`, :func:`hutchinson_diagonal`, :func:`xtrace`,
-:func:`frobenius_squared` (integrands and samplers from ``matfree.stochtrace``), the one trace
-dispatch :func:`trace` (exact or stochastic, always an :class:`Estimate`), and the spectral
-density :func:`spectral_density` (stochastic Lanczos quadrature).
+:func:`frobenius_squared` (integrands from ``matfree.stochtrace``), :func:`quadratic_form_trace`
+(Hutchinson from quadratic forms zᵀAz alone, for operators whose quadratic form is cheaper than
+their matvec), the one trace dispatch :func:`trace` (exact or stochastic, always an
+:class:`Estimate`), and the spectral density :func:`spectral_density` (stochastic Lanczos
+quadrature).
+
+Rademacher probes come from :func:`rademacher_sampler`: one random bit per sign, 32 signs per
+drawn 32-bit word. Drawing one word per sign (``matfree.stochtrace.sampler_signs``) costs
+about 0.6 gradients of a 670k-parameter MLP on 1024 examples per probe on the CPU, as much
+as a third of the Hessian-vector product it feeds.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 from matfree import stochtrace
 
 from sharpness_jax import checks
@@ -41,6 +49,8 @@ __all__ = [
     "frobenius_squared",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "quadratic_form_trace",
+    "rademacher_sampler",
     "spectral_density",
     "trace",
     "xtrace",
@@ -75,6 +85,26 @@ class SpectralDensity(NamedTuple):
     num_iters: int
 
 
+def rademacher_sampler(template: PyTree, *, num: int) -> Callable[[jax.Array], PyTree]:
+    """``key -> num`` Rademacher vectors (entries ±1, independent, equally likely) shaped
+    like ``template`` with a leading axis ``num``, in the template's dtype.
+
+    Each sign is one bit of a ``jax.random.bits`` word (32 signs per uint32), so the
+    generator does 32 times less work than with one word per sign.
+    """
+    flat, unravel = ravel_pytree(template)
+    size = flat.shape[0]
+    words = -(-size // 32)
+
+    def draw(key):
+        bits = jax.random.bits(key, (num, words), jnp.uint32)
+        bit = (bits[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None]) & jnp.uint32(1)
+        signs = (1 - 2 * bit.astype(flat.dtype)).reshape(num, words * 32)[:, :size]
+        return jax.vmap(unravel)(signs)
+
+    return draw
+
+
 def _probe_values(integrand, matvec, template, key, num_probes, probe_chunk, sampler):
     """Per-probe integrand values, ``probe_chunk`` probes at a time; leading axis num_probes."""
     _check_template(template)
@@ -104,6 +134,7 @@ _INTEGRANDS = {
     "trace": stochtrace.monte_carlo_trace,
     "diagonal": stochtrace.monte_carlo_diagonal,
     "frobenius_squared": stochtrace.monte_carlo_frobeniusnorm_squared,
+    "quadratic_form": lambda: lambda form, z: form(z),
 }
 
 
@@ -118,7 +149,7 @@ def _hutchinson(matvec, template, key, *, num_probes, probe_chunk, kind):
         key,
         num_probes,
         probe_chunk,
-        stochtrace.sampler_signs,
+        rademacher_sampler,
     )
     mean_sem = jax.tree_util.tree_map(_mean_and_sem, values)
     is_pair = lambda x: isinstance(x, tuple)
@@ -180,6 +211,38 @@ def frobenius_squared(
         num_probes=num_probes,
         probe_chunk=probe_chunk,
         kind="frobenius_squared",
+    )
+    return Estimate(mean, sem, num_probes)
+
+
+def quadratic_form_trace(
+    quadratic_form: Callable[[PyTree], jax.Array],
+    template: PyTree,
+    /,
+    *,
+    key: jax.Array,
+    num_probes: int,
+    probe_chunk: int | None = None,
+) -> Estimate:
+    """Hutchinson's tr(A) ≈ (1/m) Σ_j q(z_j) from the quadratic form q(z) = zᵀ A z alone.
+
+    The probes are those of :func:`hutchinson_trace` with the same key and ``probe_chunk``,
+    so the two agree to rounding; this one never forms A z, which pays when q is cheaper
+    than the matvec (a Hessian's zᵀHz = ∂²_t L(θ + t z) by forward-over-forward
+    differentiation needs no backward pass:
+    :func:`sharpness_jax.hessian_forms.hessian_quadratic_form`).
+
+    Args:
+      quadratic_form: z -> zᵀ A z (a scalar), for z shaped like ``template``.
+      probe_chunk: probes evaluated together under one ``vmap`` (bounds memory; default all).
+    """
+    mean, sem = _hutchinson(
+        quadratic_form,
+        template,
+        key,
+        num_probes=num_probes,
+        probe_chunk=probe_chunk,
+        kind="quadratic_form",
     )
     return Estimate(mean, sem, num_probes)
 
