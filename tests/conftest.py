@@ -5,9 +5,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# One BLAS/LAPACK thread per process (read when numpy loads OpenBLAS): the suite runs two
-# workers on two cores beside XLA's own thread pool, and OpenBLAS threads spinning against
-# them make a 1,000 × 1,000 QR thirty times slower on a loaded machine (9 s against 0.3 s).
+# One LAPACK thread per process, read when scipy loads its OpenBLAS (jax's CPU QR, eigh and
+# SVD call scipy's LAPACK; numpy's own OpenBLAS is loaded before this file): the suite runs
+# two workers on two cores beside XLA's thread pool, and OpenBLAS threads spinning against
+# them made a 2,500 × 2,500 float64 QR in jax take 82 s instead of 5 s on a loaded machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
