@@ -18,6 +18,11 @@ where ȧ and δ̇ are the tangents of a and δ along v. Two passes give E_p[h_p�
    gradient with respect to the shared θ then sums over examples inside the weight-gradient
    matrix products, as for an ordinary Hessian-vector product.
 
+The squared norms ‖h_p v‖² (for v_iᵀE_p[h_p²]v_i and, with v = e_i, the diagonal of
+E_p[h_p²]) need only the first pass: ‖[ȧ; a]ᵀ[δ; δ̇]‖_F² = Σ_{st} (G_a)_{st} (G_δ)_{st} with
+the 2T × 2T Gram matrices G_a = [ȧ; a][ȧ; a]ᵀ and G_δ = [δ; δ̇][δ; δ̇]ᵀ, plus ‖Σ_t δ̇_t‖²
+for the bias (:func:`example_hvp_sq_norms`).
+
 The cost is about two Hessian-vector products instead of n per-example ones. It applies when
 every free parameter leaf is the kernel or the bias of exactly one ``flax.linen.Dense`` call in
 ``objective.predict`` (MLPs; also the dense layers of any flax model when the others are frozen
@@ -53,6 +58,7 @@ __all__ = [
     "DenseLayout",
     "dense_call_vjp",
     "dense_layout",
+    "example_hvp_sq_norms",
     "layer_signals",
     "second_moment_matvec",
 ]
@@ -336,3 +342,56 @@ def second_moment_matvec(
         return jax.tree_util.tree_map(lambda a: a / n, total)
 
     return matvec
+
+
+def example_hvp_sq_norms(
+    objective: Objective,
+    params: PyTree,
+    chunk: Batch,
+    mask: jax.Array,
+    layout: DenseLayout,
+    v: PyTree,
+) -> jax.Array:
+    """‖h_p v‖² for every example p of a chunk, from the factors of h_p v (see above).
+
+    One batched forward-over-reverse pass (the tangent of :func:`layer_signals` along v); per
+    Dense call with a free kernel, ‖ȧᵀδ + aᵀδ̇‖_F² from the 2T × 2T Gram matrices of [ȧ; a]
+    and [δ; δ̇] (or from the d × m matrix itself when that is smaller), and ‖Σ_t δ̇_t‖² per
+    free bias. Exact: the same h_p v as :func:`second_moment_matvec`.
+
+    Args:
+      objective, params: the model (already validated and restricted).
+      chunk: a :class:`Batch` of c examples; mask: ``(c,)`` bool, False on padding.
+      layout: an applicable :class:`DenseLayout` of ``objective`` and ``params``.
+      v: a direction shaped like ``params``.
+
+    Returns:
+      ``(c,)`` array, 0 on padding.
+    """
+    if not layout.applicable:
+        raise ValueError(f"the factored E_p[h_p²] route does not apply: {layout.reason}")
+    size = mask.shape[0]
+
+    def signals(theta):
+        return layer_signals(objective, theta, chunk, mask, layout)
+
+    (acts, deltas), (acts_dot, deltas_dot) = jax.jvp(signals, (params,), (v,))
+    hi = jax.lax.Precision.HIGHEST
+    total = jnp.zeros((size,), jnp.result_type(*jax.tree_util.tree_leaves(params)))
+    for c, a, a_dot, d, d_dot in zip(layout.calls, acts, acts_dot, deltas, deltas_dot, strict=True):
+        t = c.positions
+        d_dot = d_dot.reshape(size, t, -1).astype(total.dtype)
+        if c.kernel is not None:
+            a2 = jnp.concatenate([a_dot.reshape(size, t, -1), a.reshape(size, t, -1)], 1)
+            d2 = jnp.concatenate([d.reshape(size, t, -1).astype(total.dtype), d_dot], 1)
+            a2 = a2.astype(total.dtype)
+            if 4 * t * t <= a2.shape[-1] * d2.shape[-1]:
+                gram_a = jnp.einsum("psd,ptd->pst", a2, a2, precision=hi)
+                gram_d = jnp.einsum("psm,ptm->pst", d2, d2, precision=hi)
+                total = total + jnp.sum(gram_a * gram_d, axis=(1, 2))
+            else:
+                rows = jnp.einsum("psd,psm->pdm", a2, d2, precision=hi)
+                total = total + jnp.sum(jnp.square(rows), axis=(1, 2))
+        if c.bias is not None:
+            total = total + jnp.sum(jnp.square(jnp.sum(d_dot, axis=1)), axis=-1)
+    return jnp.where(mask, total, 0)

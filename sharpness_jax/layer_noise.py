@@ -175,10 +175,13 @@ def commutation(
     c: jax.Array, h: jax.Array, *, key: jax.Array, num_rotations: int
 ) -> dict[str, jax.Array]:
     """‖CH − HC‖_F / ‖CH‖_F and its Haar-rotation baseline, as
-    ``comparisons.noise_curvature_commutation`` computes them, from the dense C and H."""
-    baseline = comparisons.rotation_baseline(c, h, key=key, num_rotations=num_rotations)
+    ``comparisons.noise_curvature_commutation`` computes them, from the dense C and H (both
+    symmetric: the products use BA = (AB)ᵀ, ``symmetric=True``)."""
+    baseline = comparisons.rotation_baseline(
+        c, h, key=key, num_rotations=num_rotations, symmetric=True
+    )
     return {
-        "relative_commutator": comparisons.relative_commutator(c, h),
+        "relative_commutator": comparisons.relative_commutator(c, h, symmetric=True),
         "baseline_values": baseline.values,
         "baseline_mean": baseline.mean,
         "baseline_std": baseline.std,

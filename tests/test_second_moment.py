@@ -26,8 +26,9 @@ from sharpness_jax import second_moment
 def test_second_moment_diagonal_trace_dense_top_k(chunk_size, basis_chunk_size):
     ref = reference()
     kw = dict(chunk_size=chunk_size, basis_chunk_size=basis_chunk_size)
-    diag = flat(run(second_moment.hessian_second_moment_diagonal, **kw))
-    assert rel_err(diag, np.diag(ref.H2)) < 1e-10
+    for method in ("factored", "per_example"):
+        diag = flat(run(second_moment.hessian_second_moment_diagonal, method=method, **kw))
+        assert rel_err(diag, np.diag(ref.H2)) < 1e-10, method
     tr = run(second_moment.hessian_second_moment_trace, **kw)
     want = np.mean([np.sum(hp**2) for hp in ref.h])  # (1/n) Σ_p ‖h_p‖_F²
     assert abs(tr - want) < 1e-10 * want
@@ -49,14 +50,30 @@ def test_second_moment_per_layer_both_conventions():
     assert np.linalg.eigvalsh(block_of_sq - sq_of_block).min() > -1e-12
     for restricted, want in ((True, sq_of_block), (False, block_of_sq)):
         kw = dict(subset=LAYER, restricted=restricted, chunk_size=3)
-        diag = flat(run(second_moment.hessian_second_moment_diagonal, basis_chunk_size=5, **kw))
-        assert rel_err(diag, np.diag(want)) < 1e-10, restricted
         dense = run(second_moment.hessian_second_moment_dense, **kw)
         assert rel_err(dense, want) < 1e-10, restricted
         vecs = np.random.default_rng(1).standard_normal((2, idx.size))
         sub = sj.select(p, LAYER)
-        q = run(second_moment.hessian_second_moment_quadratic_forms, stack(vecs, sub), **kw)
-        np.testing.assert_allclose(q, np.einsum("ki,ij,kj->k", vecs, want, vecs), rtol=1e-10)
+        # The factored route holds the rows of the free (subset) parameters only.
+        for method in ("auto", "factored", "per_example")[: 3 if restricted else 1]:
+            diag = run(
+                second_moment.hessian_second_moment_diagonal,
+                basis_chunk_size=5,
+                method=method,
+                **kw,
+            )
+            assert rel_err(flat(diag), np.diag(want)) < 1e-10, (restricted, method)
+            q = run(
+                second_moment.hessian_second_moment_quadratic_forms,
+                stack(vecs, sub),
+                method=method,
+                **kw,
+            )
+            want_q = np.einsum("ki,ij,kj->k", vecs, want, vecs)
+            np.testing.assert_allclose(q, want_q, rtol=1e-10, err_msg=method)
+    with pytest.raises(ValueError, match="restricted=True"):
+        run(second_moment.hessian_second_moment_diagonal, subset=LAYER, restricted=False,
+            method="factored")  # fmt: skip
 
 
 def test_second_moment_and_hessian_diagonals_in_one_pass():
@@ -74,8 +91,15 @@ def test_quadratic_forms_along_vectors():
     _, p, _ = operands()
     ref = reference()
     vecs = np.random.default_rng(0).standard_normal((4, ref.flat.size))
-    qh = run(second_moment.hessian_second_moment_quadratic_forms, stack(vecs, p), chunk_size=3)
-    np.testing.assert_allclose(qh, np.einsum("ki,ij,kj->k", vecs, ref.H2, vecs), rtol=1e-10)
+    for method in ("factored", "per_example"):
+        qh = run(
+            second_moment.hessian_second_moment_quadratic_forms,
+            stack(vecs, p),
+            chunk_size=3,
+            method=method,
+        )
+        want = np.einsum("ki,ij,kj->k", vecs, ref.H2, vecs)
+        np.testing.assert_allclose(qh, want, rtol=1e-10, err_msg=method)
 
 
 def test_second_moment_dominates_hessian_square():

@@ -8,9 +8,10 @@ exactly on the restricted objective (the S-blocks C_SS, H_SS and E_p[(h_p)_SS²]
 * H as a dense matrix (P_S Hessian-vector products, ``linalg.dense``) and its full
   eigendecomposition H v_i = λ_i v_i, λ_1 ≥ λ_2 ≥ …;
 * C = (1/n) Σ_p (g_p − ḡ)(g_p − ḡ)ᵀ as a dense matrix (``noise.gradient_covariance_dense``);
-* diag E_p[h_p²] from per-example Hessian rows (``noise.hessian_second_moment_diagonal``)
+* diag E_p[h_p²] = (1/n) Σ_p ‖h_p e_i‖² (``second_moment.hessian_second_moment_diagonal``)
   and v_iᵀ E_p[h_p²] v_i = (1/n) Σ_p ‖h_p v_i‖² for the top N eigenvectors
-  (``noise.hessian_second_moment_quadratic_forms``).
+  (``second_moment.hessian_second_moment_quadratic_forms``), both with h_p v in the factored
+  form of the MLP's Dense layers (one batched pass per vector, not n per-example HVPs).
 
 Then, with ``noise.fit_power_law`` (least squares on log-log pairs, percentile-bootstrap 95%
 intervals), exactly what ``noise.eigenbasis_power_law`` and ``noise.diagonal_power_law`` fit:
