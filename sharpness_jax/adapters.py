@@ -21,14 +21,16 @@ of the batch) breaks this, and so does anything else that reduces over the batch
 :func:`check_no_example_mixing` tests it on a few examples; every adapter of a batch-first
 model runs it once at build time when given ``example_inputs``.
 
-Fixed state (linen collections other than the trainable one, NNX non-``Param`` state, the
-non-array leaves of an equinox module) is closed over by ``predict``: it is frozen at its
-value when the adapter was built and enters compiled programs as constants. To measure at new
-statistics, build a new adapter (one recompilation).
+Fixed state (linen collections other than the trainable one, NNX non-``Param`` state) is held
+by ``predict``, a :class:`jax.tree_util.Partial` whose bound arrays are pytree leaves of the
+objective: it is frozen at its value when the adapter was built, enters compiled programs as
+operands, not constants, and an adapter built again at new statistics (same module, same
+settings) reuses the compiled programs. The non-array leaves of an equinox module are static.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -73,17 +75,54 @@ class Adapted(NamedTuple):
     params: PyTree
 
 
+class _Static:
+    """A callable of static settings, compared by value where they hash (so that adapters
+    rebuilt with equal settings share compiled programs) and by identity otherwise."""
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __hash__(self) -> int:
+        try:
+            return hash(self._key())
+        except TypeError:
+            return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        try:
+            hash(self._key()), hash(other._key())
+        except TypeError:
+            return False
+        return bool(self._key() == other._key())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PerExample(_Static):
+    """``(*bound, θ, x) -> batched(*bound, θ, x[None])[0]``."""
+
+    batched: Callable
+
+    def __call__(self, *args: Any) -> PyTree:
+        *bound, params, x = args
+        out = self.batched(
+            *bound, params, jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x)
+        )
+        return jax.tree_util.tree_map(lambda o: o[0], out)
+
+
 def per_example(batched: Predict) -> Predict:
     """``predict(θ, x) = batched(θ, x[None])[0]`` for a batch-first ``batched(θ, x_batch)``.
 
     Inputs and outputs may be pytrees; every leaf gains (resp. loses) a leading axis of one.
+    A :class:`jax.tree_util.Partial` stays one, with the same bound arrays.
     """
-
-    def predict(params: PyTree, x: PyTree) -> PyTree:
-        out = batched(params, jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], x))
-        return jax.tree_util.tree_map(lambda o: o[0], out)
-
-    return predict
+    if isinstance(batched, jax.tree_util.Partial):
+        return jax.tree_util.Partial(_PerExample(batched.func), *batched.args, **batched.keywords)
+    return _PerExample(batched)
 
 
 def _perturb(tree: PyTree) -> PyTree:
@@ -217,13 +256,22 @@ def _collection_names(mutable: bool | str | Sequence[str]) -> tuple[str, ...]:
     return (mutable,) if isinstance(mutable, str) else tuple(mutable)
 
 
-def _linen_apply(module, trainable, fixed, rngs, mutable, apply_kwargs) -> Predict:
-    import flax.errors
+@dataclasses.dataclass(frozen=True, eq=False)
+class _LinenApply(_Static):
+    """``(fixed, rngs, θ, x_batch) -> module.apply({trainable: θ, **fixed}, x_batch, ...)``."""
 
-    def apply(params: PyTree, x_batch: PyTree) -> PyTree:
+    module: Any
+    trainable: str
+    mutable: Any
+    apply_kwargs: tuple
+
+    def __call__(self, fixed: PyTree, rngs: Any, params: PyTree, x_batch: PyTree) -> PyTree:
+        import flax.errors
+
+        variables = {self.trainable: params, **fixed}
         try:
-            out = module.apply(
-                {trainable: params, **fixed}, x_batch, rngs=rngs, mutable=mutable, **apply_kwargs
+            out = self.module.apply(
+                variables, x_batch, rngs=rngs, mutable=self.mutable, **dict(self.apply_kwargs)
             )
         except flax.errors.ModifyScopeVariableError as err:
             raise ValueError(
@@ -236,9 +284,7 @@ def _linen_apply(module, trainable, fixed, rngs, mutable, apply_kwargs) -> Predi
                 "(e.g. train=False or deterministic=True as an apply keyword), or pass "
                 "rngs={'dropout': key} for one fixed dropout mask."
             ) from err
-        return out[0] if mutable else out
-
-    return apply
+        return out[0] if self.mutable else out
 
 
 def from_linen(
@@ -295,8 +341,38 @@ def from_linen(
             f"fixed (trainable: {trainable!r}, the rest frozen). {_EVAL_MODE}"
         )
     fixed = {k: v for k, v in variables.items() if k != trainable}
-    apply = _linen_apply(module, trainable, fixed, rngs, mutable_names or False, apply_kwargs)
+    settings = (trainable, mutable_names or False, tuple(sorted(apply_kwargs.items())))
+    apply = jax.tree_util.Partial(_LinenApply(module, *settings), fixed, rngs)
     return _finish(apply, variables[trainable], batched, example_inputs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NNXCall(_Static):
+    """``(rest, θ, x) -> nnx.merge(graphdef, θ, rest)(x)``, refusing a call that changes
+    ``rest`` (a leaf of the state after the call that is not the one passed in)."""
+
+    graphdef: Any
+    trainable: Any
+
+    def __call__(self, rest: PyTree, params: PyTree, x: PyTree) -> PyTree:
+        from flax import nnx
+
+        as_pure = getattr(nnx, "as_pure", None) or nnx.pure
+        before = jax.tree_util.tree_flatten_with_path(rest)[0]
+        model = nnx.merge(self.graphdef, params, rest)
+        out = model(x)
+        after = jax.tree_util.tree_leaves(as_pure(nnx.split(model, self.trainable, ...)[2]))
+        changed = [
+            jax.tree_util.keystr(path)
+            for (path, a), b in zip(before, after, strict=True)
+            if a is not b
+        ]
+        if changed:
+            raise ValueError(
+                f"calling the module changes its non-trainable state {changed}: it is in "
+                f"training mode. Call module.eval() before adapting it. {_EVAL_MODE}"
+            )
+        return out
 
 
 def from_nnx(
@@ -335,24 +411,7 @@ def from_nnx(
     trainable = nnx.Param if trainable is None else trainable
     graphdef, params, rest = nnx.split(module, trainable, ...)
     params, rest = as_pure(params), as_pure(rest)
-    before = jax.tree_util.tree_flatten_with_path(rest)[0]
-
-    def call(params: PyTree, x: PyTree) -> PyTree:
-        model = nnx.merge(graphdef, params, rest)
-        out = model(x)
-        after = jax.tree_util.tree_leaves(as_pure(nnx.split(model, trainable, ...)[2]))
-        changed = [
-            jax.tree_util.keystr(path)
-            for (path, a), b in zip(before, after, strict=True)
-            if a is not b
-        ]
-        if changed:
-            raise ValueError(
-                f"calling the module changes its non-trainable state {changed}: it is in "
-                f"training mode. Call module.eval() before adapting it. {_EVAL_MODE}"
-            )
-        return out
-
+    call = jax.tree_util.Partial(_NNXCall(graphdef, trainable), rest)
     return _finish(call, params, batched, example_inputs)
 
 

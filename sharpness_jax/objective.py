@@ -31,6 +31,8 @@ a ``ValueError`` that says how to give one (a :class:`Loss` with ``output_fisher
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -178,6 +180,25 @@ def _as_dense_target(outputs: jax.Array, target: jax.Array) -> jax.Array:
     return target.astype(outputs.dtype)
 
 
+def _shared(factory: Callable[..., Loss]) -> Callable[..., Loss]:
+    """``factory`` returning one shared :class:`Loss` per (hashable) arguments: a loss is
+    static data of every compiled program, so equal losses must be the same object for two
+    objectives built with ``softmax_cross_entropy()`` to share their programs."""
+    cached, signature = functools.cache(factory), inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> Loss:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # one key however the arguments are spelled
+        try:
+            return cached(*bound.args)
+        except TypeError:  # unhashable arguments: a fresh loss
+            return factory(*bound.args)
+
+    return make
+
+
+@_shared
 def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
     """Softmax cross-entropy on logits with integer labels.
 
@@ -224,6 +245,7 @@ def softmax_cross_entropy(label_smoothing: float = 0.0) -> Loss:
     return Loss(name, value, output_hessian, output_fisher_factor, sample_output_grad)
 
 
+@_shared
 def squared_error(scale: float = 0.5) -> Loss:
     """Squared error ℓ(f, y) = scale · Σ_k (f_k − y_k)².
 
@@ -263,6 +285,7 @@ def squared_error(scale: float = 0.5) -> Loss:
     return Loss(name, value, output_hessian, output_fisher_factor, sample_output_grad)
 
 
+@_shared
 def softmax_squared_error() -> Loss:
     """Squared error on the softmax: ℓ(f, y) = (1/K) Σ_k (softmax(f)_k − y_k)².
 
@@ -297,6 +320,7 @@ def softmax_squared_error() -> Loss:
     )
 
 
+@_shared
 def token_cross_entropy(normalisation: str = "mean") -> Loss:
     """Softmax cross-entropy over the last axis of a sequence of logits ``(T, V)``.
 

@@ -5,6 +5,7 @@ an NNX module on the batch, an equinox module under ``vmap``) on flattened param
 ``jax.hessian`` / ``jax.jacfwd`` / ``jax.jacrev`` of that; it shares no code with the adapters.
 """
 
+import re
 import sys
 
 import flax.linen as nn
@@ -207,6 +208,56 @@ def test_linen_train_mode_batch_norm_is_refused_with_eval_mode_message():
         sj.adapters.from_linen(module, variables, train=True, mutable="batch_stats")
     with pytest.raises(ValueError, match="not among"):
         sj.adapters.from_linen(module, variables, trainable="weights", train=False)
+
+
+def _largest_constant_bytes(text: str) -> int:
+    sizes = [len(m) // 2 for m in re.findall(r'dense<"0x([0-9A-Fa-f]*)"', text)]
+    sizes += [len(m) for m in re.findall(r"dense<\[([^>]*)\]>", text)]
+    return max(sizes, default=0)
+
+
+def test_fixed_state_is_an_operand_and_new_statistics_reuse_the_program():
+    """Adapters rebuilt at new BatchNorm statistics (linen) or new non-Param state (NNX) share
+    one compiled Lanczos; the state is a leaf of the objective, not a constant."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (16, 4), jnp.float64)
+    y = jax.random.randint(jax.random.PRNGKey(6), (16,), 0, 3)
+    module = _BatchNormNet()
+    variables = _to_f64(module.init(jax.random.PRNGKey(0), x.astype(jnp.float32), train=False))
+    mean_shift = jnp.arange(5.0, dtype=jnp.float64)
+    mean = variables["batch_stats"]["BatchNorm_0"]["mean"]
+    jitted = sj.linalg.lanczos_top_k.jitted
+    ops, values = [], []
+    for shift in (0.0, 1.0):
+        stats = {"BatchNorm_0": {**variables["batch_stats"]["BatchNorm_0"]}}
+        stats["BatchNorm_0"]["mean"] = mean + shift * mean_shift
+        predict, params = sj.adapters.from_linen(
+            module, {"params": variables["params"], "batch_stats": stats}, train=False
+        )
+        objective = sj.Objective(predict, sj.softmax_cross_entropy())
+        leaves = jax.tree_util.tree_leaves(objective)
+        assert any(leaf is stats["BatchNorm_0"]["mean"] for leaf in leaves)
+        ops.append(sj.hessian(objective, params, sj.Batch(x, y)))
+        before = jitted._cache_size()
+        values.append(sj.lanczos_top_k(ops[-1], params, k=2, num_iters=12).values)
+        flat, unravel = ravel_pytree(params)
+        dense = jax.hessian(lambda f: sj.loss_value(objective, unravel(f), sj.Batch(x, y)))(flat)
+        np.testing.assert_allclose(values[-1], np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-6)
+    assert jitted._cache_size() == before  # the second adapter's program was compiled already
+    assert not np.allclose(values[0], values[1])
+    text = jitted.lower(ops[1], params, k=2, num_iters=8).as_text()
+    assert _largest_constant_bytes(text) < 4096
+
+    def nnx_objective(scale):
+        net = nnx.Sequential(nnx.Linear(4, 5, rngs=nnx.Rngs(0)), nnx.BatchNorm(5, rngs=nnx.Rngs(1)))
+        net.layers[1].mean.value = scale * mean_shift.astype(jnp.float32)
+        net.eval()
+        predict, params = sj.adapters.from_nnx(net)
+        return sj.Objective(predict, sj.softmax_cross_entropy()), params
+
+    loss = jax.jit(lambda o, p: sj.loss_value(o, p, sj.Batch(x[:, :4].astype(jnp.float32), y)))
+    (o0, p0), (o1, p1) = nnx_objective(0.0), nnx_objective(1.0)
+    first, second = float(loss(o0, p0)), float(loss(o1, p1))
+    assert loss._cache_size() == 1 and first != second
 
 
 def test_linen_dropout_needs_a_flag_or_an_rng():

@@ -155,3 +155,10 @@ def test_label_classes_from_the_output_shape():
     assert sj.Objective(predict, sj.softmax_cross_entropy()).label_classes(params, inputs) == 4
     assert sj.Objective(predict, sj.squared_error()).label_classes(params, inputs) == 4
     assert sj.Objective(predict, lambda f, y: jnp.sum(f)).label_classes(params, inputs) is None
+
+
+def test_equal_losses_are_one_object_so_objectives_share_programs():
+    assert sj.softmax_cross_entropy() is sj.get_loss("cross_entropy")
+    assert sj.squared_error(0.5) is sj.squared_error(scale=0.5)
+    assert sj.squared_error(1.0) is not sj.squared_error()
+    assert sj.token_cross_entropy("sum") is not sj.token_cross_entropy("mean")
