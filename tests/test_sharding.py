@@ -44,3 +44,31 @@ def test_operators_on_a_sharded_batch_equal_single_device(chunk_size):
     multi = measure(p, sharded, v)
     for name in single:
         assert rel_err(flat(multi[name]), flat(single[name])) < 1e-6, name
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_factored_gram_and_trace_of_c_on_a_sharded_batch_equal_single_device(chunk_size):
+    """The factored n × n Gram of per-example gradients, exact tr(C) and the spectrum of C
+    from it, with the examples sharded over 4 devices."""
+    from sharpness_jax import gradient_gram
+
+    prob = mlp_problem("tanh", "cross_entropy", n=16)
+    o, p, b = prob.objective, prob.params, prob.batch
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    kw = dict(chunk_size=chunk_size, method="factored")
+
+    @jax.jit
+    def measure(p, b):
+        spec = gradient_gram.covariance_spectrum(o, p, b, chunk_size=chunk_size)
+        return {
+            "gram": gradient_gram.gradient_gram(o, p, b, **kw),
+            "trace": gradient_gram.covariance_trace(o, p, b, **kw)[0],
+            "eigenvalues": spec.eigenvalues,
+        }
+
+    single, multi = measure(p, b), measure(p, _shard(b, mesh))
+    for name in single:
+        assert rel_err(np.ravel(multi[name]), np.ravel(single[name])) < 1e-6, name
+    per = sj.per_example_grads(o, p, b)
+    grads = np.concatenate([np.reshape(a, (16, -1)) for a in jax.tree_util.tree_leaves(per)], 1)
+    np.testing.assert_allclose(single["gram"], grads @ grads.T, rtol=1e-8, atol=1e-12)
