@@ -347,6 +347,8 @@ fig = sj.plots.spectra(spectra, title=f"exact spectra of the {LAYER} block")
 #   and average-case (Gaussian) sharpness with its standard error. At a minimum (ḡ = 0) and
 #   small ρ the worst case is close to ρ²λ_max/2; here, a few steps into training, the
 #   first-order term ρ‖ḡ‖ dominates it.
+#   Its m-sharpness averages the worst case over batches of m examples; relative flatness
+#   (Petzka et al. 2021) weighs a layer's Hessian traces by its weights' inner products.
 # * **∇λ_max** (`sj.preconditioned.lambda_max_gradient`): the gradient of the top eigenvalue,
 #   behind self-stabilisation at the edge of stability.
 # * **Loss slices** (`sj.landscape`): L(θ + αu) along a filter-normalised random direction and
@@ -425,6 +427,15 @@ print(f"adaptive worst-case sharpness (ρ={RHO}): {float(adaptive.sharpness):.4g
 print(f"average sharpness: {float(average.value):.3g} ± {float(average.stderr):.2g}")
 grad_norm = float(jnp.linalg.norm(ravel_pytree(grad_top.gradient)[0]))
 print(f"λ_max = {lam:.4g},  ‖∇_θ λ_max‖ = {grad_norm:.4g}")
+# m-sharpness: the worst case of each batch of m examples, averaged (SAM's per-batch ascent);
+# relative flatness (Petzka et al. 2021) of the output layer, exact from its Hessian block.
+m = 16 if SMOKE else 50
+sharp_m = sj.worst_case.m_sharpness(objective, params, batch, m=m, rho=RHO)
+kappa = sj.worst_case.relative_flatness(
+    objective, params, batch, kernel=f"{LAYER}/kernel", chunk_size=CHUNK
+)
+print(f"m-sharpness (m={m}, ρ={RHO}): {float(sharp_m):.4g}")
+print(f"relative flatness of {LAYER}: {float(kappa):.4g}")
 
 # %%
 alphas = jnp.linspace(-1.0, 1.0, 11 if SMOKE else 41)

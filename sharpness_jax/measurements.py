@@ -67,6 +67,12 @@ name                                     row keys and quantity
                                          (option ``adaptive``: c = |θ| + ξ)
 ``average_sharpness``                    ``average_sharpness`` (± ``_stderr``): E_ε[L(θ+ε)] − L(θ),
                                          ε ∼ N(0, σ² diag c²), Monte Carlo
+``m_sharpness``                          ``m_sharpness``: worst-case sharpness of each batch of m
+                                         measurement examples, averaged (options ``m``, ``rho``)
+``relative_flatness``                    ``relative_flatness``: Σ_{s,s'} ⟨w_s, w_s'⟩ tr(H_{s,s'}) of
+                                         one layer (default the last kernel), exact
+``lambda_max_gradient``                  ``lambda_max_gradient_value`` λ_max, ``_norm`` ‖∇λ_max‖,
+                                         ``_cosine`` cos(∇λ_max, ḡ)
 ``loss_slice``                           arrays ``loss_slice_alphas``, ``loss_slice_values``:
                                          L(θ+αu) along a filter-normalised direction u
 ``takeuchi_information_criterion``       ``takeuchi_information_criterion`` (± ``_stderr``):
@@ -377,6 +383,24 @@ BUILTIN_MEASUREMENTS: tuple[Measurement, ...] = (
         perturbation.measure_average_sharpness,
         {"sigma": 0.01, "num_samples": 32, "adaptive": False},
         perturbation.check_average_sharpness,
+    ),
+    Measurement(
+        "m_sharpness",
+        perturbation.measure_m_sharpness,
+        {"m": 16, "rho": 0.05, "num_steps": 10, "adaptive": False, "xi": 0.0},
+        perturbation.check_m_sharpness,
+    ),
+    Measurement(
+        "relative_flatness",
+        perturbation.measure_relative_flatness,
+        {"kernel": None, "max_bytes": 2.0**30},
+        perturbation.check_relative_flatness,
+    ),
+    Measurement(
+        "lambda_max_gradient",
+        perturbation.measure_lambda_max_gradient,
+        {"num_iters": 100, "tol": 1e-8},
+        perturbation.check_lambda_max_gradient,
     ),
     Measurement(
         "loss_slice",

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sharpness_jax import inverse, landscape, operators, preconditioned, worst_case
+from sharpness_jax import inverse, landscape, operators, preconditioned, subsets, worst_case
 from sharpness_jax.checks import is_int as _is_int
 from sharpness_jax.checks import is_number as _is_number
 from sharpness_jax.checks import require as _require
@@ -30,16 +30,22 @@ if TYPE_CHECKING:
 __all__ = [
     "check_average_sharpness",
     "check_full_riemannian_sharpness",
+    "check_lambda_max_gradient",
     "check_loss_slice",
+    "check_m_sharpness",
     "check_natural_gradient",
     "check_preconditioned_sharpness",
+    "check_relative_flatness",
     "check_takeuchi_information_criterion",
     "check_worst_case_sharpness",
     "measure_average_sharpness",
     "measure_full_riemannian_sharpness",
+    "measure_lambda_max_gradient",
     "measure_loss_slice",
+    "measure_m_sharpness",
     "measure_natural_gradient",
     "measure_preconditioned_sharpness",
+    "measure_relative_flatness",
     "measure_takeuchi_information_criterion",
     "measure_worst_case_sharpness",
 ]
@@ -119,6 +125,113 @@ def measure_worst_case_sharpness(ctx: MeasureContext) -> dict[str, Any]:
 
     value, norm = ctx.jit(sharp)(ctx.objective, ctx.params, ctx.batch)
     return {"worst_case_sharpness": value, "worst_case_perturbation_norm": norm}
+
+
+def check_m_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
+    _positive("m_sharpness", "rho", options["rho"])
+    _count("m_sharpness", "num_steps", options["num_steps"], 0)
+    m = options["m"]
+    _count("m_sharpness", "m", m, 1)
+    _require(
+        info.num_measure % m == 0,
+        f"m_sharpness: m={m} must divide the measurement batch of {info.num_measure} examples",
+    )
+
+
+def measure_m_sharpness(ctx: MeasureContext) -> dict[str, Any]:
+    """m-sharpness (Foret et al. 2021; Andriushchenko et al. 2023): the worst-case sharpness
+    of each of the disjoint batches of ``m`` consecutive measurement examples, averaged."""
+    o = ctx.options
+
+    def sharp(objective, params, batch):
+        return worst_case.m_sharpness(
+            objective,
+            params,
+            batch,
+            m=o["m"],
+            rho=o["rho"],
+            num_steps=o["num_steps"],
+            adaptive=o["adaptive"],
+            xi=o["xi"],
+        )
+
+    return {"m_sharpness": ctx.jit(sharp)(ctx.objective, ctx.params, ctx.batch)}
+
+
+def _last_kernel(params: Any) -> str:
+    """The path of the last 2-D leaf named ``kernel`` (the output layer of a flax network)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    kernels = [
+        path
+        for path, leaf in zip(subsets.leaf_paths(params), leaves, strict=True)
+        if path.endswith("kernel") and leaf.ndim == 2
+    ]
+    if not kernels:
+        raise ValueError("relative_flatness: the model has no 2-D kernel; set option 'kernel'")
+    return kernels[-1]
+
+
+def check_relative_flatness(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    kernel = options["kernel"]
+    _require(
+        kernel is None or isinstance(kernel, str),
+        f"relative_flatness: kernel must be a parameter path or None, got {kernel!r}",
+    )
+    _positive("relative_flatness", "max_bytes", options["max_bytes"])
+
+
+def measure_relative_flatness(ctx: MeasureContext) -> dict[str, Any]:
+    """Petzka et al. (2021) relative flatness of one layer (default: the last 2-D kernel),
+    exactly from its dense Hessian block."""
+    o = ctx.options
+    kernel = o["kernel"] or _last_kernel(ctx.params)
+
+    def flatness(objective, params, batch):
+        return worst_case.relative_flatness(
+            objective,
+            params,
+            batch,
+            kernel=kernel,
+            chunk_size=ctx.chunk_size,
+            max_bytes=o["max_bytes"],
+        )
+
+    return {"relative_flatness": ctx.jit(flatness)(ctx.objective, ctx.params, ctx.batch)}
+
+
+def check_lambda_max_gradient(options: Mapping[str, Any], info: RunInfo) -> None:
+    del info
+    _count("lambda_max_gradient", "num_iters", options["num_iters"], 2)
+    tol = options["tol"]
+    _require(tol is None or (_is_number(tol) and tol > 0), "lambda_max_gradient: tol must be > 0")
+
+
+def measure_lambda_max_gradient(ctx: MeasureContext) -> dict[str, Any]:
+    """‖∇_θ λ_max‖ and its cosine with the loss gradient ḡ (self-stabilisation, Damian et al.
+    2023: at the edge of stability the step along −ḡ moves λ_max by −η ḡᵀ∇λ_max)."""
+    o = ctx.options
+
+    def terms(objective, params, batch):
+        res = preconditioned.lambda_max_gradient(
+            objective,
+            params,
+            batch,
+            num_iters=o["num_iters"],
+            tol=o["tol"],
+            chunk_size=ctx.chunk_size,
+        )
+        g = operators.gradient(objective, params, batch, chunk_size=ctx.chunk_size)
+        norm, g_norm = optax.tree.norm(res.gradient), optax.tree.norm(g)
+        cosine = optax.tree.vdot(res.gradient, g) / (norm * g_norm)
+        return res.value, norm, jnp.where(norm * g_norm > 0, cosine, jnp.nan)
+
+    value, norm, cosine = ctx.jit(terms)(ctx.objective, ctx.params, ctx.batch)
+    return {
+        "lambda_max_gradient_value": value,
+        "lambda_max_gradient_norm": norm,
+        "lambda_max_gradient_cosine": cosine,
+    }
 
 
 def check_average_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:

@@ -45,6 +45,9 @@ STUDY_MEASUREMENTS = (
     "takeuchi_information_criterion",
     "full_riemannian_sharpness",
     "natural_gradient",
+    "m_sharpness",
+    "relative_flatness",
+    "lambda_max_gradient",
 )
 
 

@@ -151,3 +151,43 @@ def test_natural_gradient_options_are_checked():
         options = {"natural_gradient": {key: bad}}
         with pytest.raises(ValueError, match=key):
             train(config(measure={"names": ("natural_gradient",), "options": options}))
+
+
+def test_m_sharpness_relative_flatness_and_lambda_max_gradient_measurements():
+    names = ("loss", "m_sharpness", "relative_flatness", "lambda_max_gradient")
+    c = config(max_steps=3, measure={"every": 3, "names": names})
+    result = train(c)
+    row = result.rows[-1]
+    problem = problem_from_config(c)
+    batch = sj.Batch(
+        jnp.asarray(problem.dataset.train.inputs), jnp.asarray(problem.dataset.train.targets)
+    )
+    obj, params = problem.objective, result.params
+    m = worst_case.m_sharpness(obj, params, batch, m=16, rho=0.05)
+    np.testing.assert_allclose(row["m_sharpness"], m, rtol=1e-8)
+    # The default layer is the output layer's kernel.
+    kappa = worst_case.relative_flatness(obj, params, batch, kernel="params/Dense_1/kernel")
+    np.testing.assert_allclose(row["relative_flatness"], kappa, rtol=1e-10)
+    dense = np.asarray(sj.linalg.dense(sj.hessian(obj, params, batch), params))
+    top = np.linalg.eigvalsh(dense)[-1]
+    np.testing.assert_allclose(row["lambda_max_gradient_value"], top, rtol=1e-8)
+    grad = preconditioned.lambda_max_gradient(obj, params, batch).gradient
+    g = ravel_pytree(sj.gradient(obj, params, batch))[0]
+    d = ravel_pytree(grad)[0]
+    np.testing.assert_allclose(row["lambda_max_gradient_norm"], np.linalg.norm(d), rtol=1e-6)
+    cosine = float(d @ g / (np.linalg.norm(d) * np.linalg.norm(g)))
+    np.testing.assert_allclose(row["lambda_max_gradient_cosine"], cosine, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("m_sharpness", {"m": 5}, "must divide the measurement batch of 64"),
+        ("m_sharpness", {"rho": 0.0}, "rho"),
+        ("relative_flatness", {"kernel": 3}, "kernel must be a parameter path"),
+        ("lambda_max_gradient", {"num_iters": 1}, "num_iters"),
+    ],
+)
+def test_new_perturbation_options_are_checked(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        train(config(max_steps=1, measure={"names": (name,), "options": {name: options}}))
