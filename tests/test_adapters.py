@@ -249,7 +249,7 @@ def test_fixed_state_is_an_operand_and_new_statistics_reuse_the_program():
 
     def nnx_objective(scale):
         net = nnx.Sequential(nnx.Linear(4, 5, rngs=nnx.Rngs(0)), nnx.BatchNorm(5, rngs=nnx.Rngs(1)))
-        net.layers[1].mean.value = scale * mean_shift.astype(jnp.float32)
+        net.layers[1].mean[...] = scale * mean_shift.astype(jnp.float32)
         net.eval()
         predict, params = sj.adapters.from_nnx(net)
         return sj.Objective(predict, sj.softmax_cross_entropy()), params
