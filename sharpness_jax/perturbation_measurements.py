@@ -100,6 +100,11 @@ def measure_preconditioned_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     }
 
 
+def _ascent(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The projected-ascent options shared by worst-case and m-sharpness."""
+    return {k: options[k] for k in ("rho", "num_steps", "adaptive", "xi")}
+
+
 def check_worst_case_sharpness(options: Mapping[str, Any], info: RunInfo) -> None:
     del info
     _positive("worst_case_sharpness", "rho", options["rho"])
@@ -112,14 +117,7 @@ def measure_worst_case_sharpness(ctx: MeasureContext) -> dict[str, Any]:
 
     def sharp(objective, params, batch):
         result = worst_case.worst_case_sharpness(
-            objective,
-            params,
-            batch,
-            rho=o["rho"],
-            num_steps=o["num_steps"],
-            adaptive=o["adaptive"],
-            xi=o["xi"],
-            chunk_size=ctx.chunk_size,
+            objective, params, batch, **_ascent(o), chunk_size=ctx.chunk_size
         )
         return result.sharpness, result.perturbation_norm
 
@@ -144,16 +142,7 @@ def measure_m_sharpness(ctx: MeasureContext) -> dict[str, Any]:
     o = ctx.options
 
     def sharp(objective, params, batch):
-        return worst_case.m_sharpness(
-            objective,
-            params,
-            batch,
-            m=o["m"],
-            rho=o["rho"],
-            num_steps=o["num_steps"],
-            adaptive=o["adaptive"],
-            xi=o["xi"],
-        )
+        return worst_case.m_sharpness(objective, params, batch, m=o["m"], **_ascent(o))
 
     return {"m_sharpness": ctx.jit(sharp)(ctx.objective, ctx.params, ctx.batch)}
 
